@@ -1,0 +1,413 @@
+//! The lazyblk image format: a manifest and a blob of independently compressed chunks.
+//!
+//! See `docs/FORMAT.md` for the byte layout. This module holds the one encoder and the one
+//! decoder of manifests, shared by `lazyblk build` and the chunk store; the decoder is fuzzed
+//! (`fuzz/fuzz_targets/manifest.rs`) and never trusts a length before checking it against the
+//! input size.
+
+use crate::error::{Error, Result};
+use sha2::{Digest, Sha256};
+use std::fmt;
+
+/// Magic bytes at the start of every manifest.
+pub const MAGIC: &[u8; 8] = b"LZBLKMAN";
+/// The manifest format version written and read by this build.
+pub const VERSION: u32 = 1;
+/// Size of the fixed header.
+pub const HEADER_LEN: usize = 64;
+/// Size of one unique-chunk entry.
+pub const ENTRY_LEN: usize = 48;
+/// Smallest chunk size allowed.
+pub const MIN_CHUNK_SIZE: u32 = 4096;
+/// Largest chunk size allowed.
+pub const MAX_CHUNK_SIZE: u32 = 64 << 20;
+/// Default chunk size (justified in `docs/FORMAT.md`).
+pub const DEFAULT_CHUNK_SIZE: u32 = 256 << 10;
+const COMPRESSION_ZSTD: u8 = 1;
+const DIGEST_BLAKE3: u8 = 1;
+
+/// How a unique chunk is stored in the blob.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Encoding {
+    /// A zstd frame.
+    Zstd,
+    /// The raw bytes (compression did not help).
+    Raw,
+}
+
+/// One stored (unique) chunk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// BLAKE3 digest of the uncompressed bytes.
+    pub digest: [u8; 32],
+    /// Offset of the stored bytes in the blob.
+    pub blob_offset: u64,
+    /// Length of the stored bytes in the blob.
+    pub stored_len: u32,
+    /// How the bytes are stored.
+    pub encoding: Encoding,
+}
+
+/// Where chunk `i` of the image comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChunkRef<'a> {
+    /// An all-zero chunk: not stored, reads as zeros.
+    Zero,
+    /// A stored chunk.
+    Stored(&'a Entry),
+}
+
+/// The identity of an image: the SHA-256 of its manifest bytes.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ImageId(pub [u8; 32]);
+
+impl ImageId {
+    /// Digest of manifest bytes.
+    pub fn of(manifest_bytes: &[u8]) -> ImageId {
+        ImageId(Sha256::digest(manifest_bytes).into())
+    }
+
+    /// Lower-case hex without the algorithm prefix.
+    pub fn hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    /// Parse `sha256:<64 hex>` (the prefix is optional).
+    pub fn parse(s: &str) -> Result<ImageId> {
+        let h = s.strip_prefix("sha256:").unwrap_or(s);
+        let bytes = hex::decode(h)
+            .ok()
+            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+            .ok_or_else(|| Error::Invalid(format!("not a sha256 digest: {s}")))?;
+        Ok(ImageId(bytes))
+    }
+}
+
+impl fmt::Display for ImageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sha256:{}", self.hex())
+    }
+}
+
+impl fmt::Debug for ImageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// A decoded manifest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Manifest {
+    /// Size of the raw image in bytes.
+    pub image_size: u64,
+    /// Chunk size in bytes (power of two).
+    pub chunk_size: u32,
+    /// Size of the blob in bytes.
+    pub blob_size: u64,
+    /// Name of the blob, relative to the manifest's location.
+    pub blob_name: String,
+    /// For each chunk: 0 for an all-zero chunk, `k` for `entries[k - 1]`.
+    pub map: Vec<u32>,
+    /// The unique stored chunks.
+    pub entries: Vec<Entry>,
+}
+
+fn bad(msg: impl Into<String>) -> Error {
+    Error::Manifest(msg.into())
+}
+
+fn pad8(n: usize) -> usize {
+    n.div_ceil(8) * 8
+}
+
+fn le_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn le_u64(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// Whether `name` is acceptable as a blob name (a single relative path component).
+pub fn valid_blob_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 255
+        && name != "."
+        && name != ".."
+        && !name.contains('/')
+        && !name.contains('\\')
+        && name.chars().all(|c| !c.is_control())
+}
+
+impl Manifest {
+    /// Number of chunks in the image.
+    pub fn chunk_count(&self) -> u64 {
+        self.map.len() as u64
+    }
+
+    /// Uncompressed length of chunk `i` (the last one may be short).
+    pub fn chunk_len(&self, i: u64) -> u32 {
+        let start = i * u64::from(self.chunk_size);
+        (self.image_size - start).min(u64::from(self.chunk_size)) as u32
+    }
+
+    /// Byte offset of chunk `i` in the image.
+    pub fn chunk_offset(&self, i: u64) -> u64 {
+        i * u64::from(self.chunk_size)
+    }
+
+    /// Where chunk `i` comes from.
+    pub fn chunk(&self, i: u64) -> ChunkRef<'_> {
+        match self.map[i as usize] {
+            0 => ChunkRef::Zero,
+            k => ChunkRef::Stored(&self.entries[k as usize - 1]),
+        }
+    }
+
+    /// Sum of stored bytes of all unique chunks.
+    pub fn stored_bytes(&self) -> u64 {
+        self.entries.iter().map(|e| u64::from(e.stored_len)).sum()
+    }
+
+    /// Encode to bytes (the image identity is [`ImageId::of`] these bytes).
+    pub fn encode(&self) -> Vec<u8> {
+        let name = self.blob_name.as_bytes();
+        let map_at = pad8(HEADER_LEN + name.len());
+        let entries_at = pad8(map_at + 4 * self.map.len());
+        let total = entries_at + ENTRY_LEN * self.entries.len();
+        let mut out = vec![0u8; total];
+        out[0..8].copy_from_slice(MAGIC);
+        out[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        out[16..20].copy_from_slice(&self.chunk_size.to_le_bytes());
+        out[20] = COMPRESSION_ZSTD;
+        out[21] = DIGEST_BLAKE3;
+        out[24..32].copy_from_slice(&self.image_size.to_le_bytes());
+        out[32..40].copy_from_slice(&(self.map.len() as u64).to_le_bytes());
+        out[40..48].copy_from_slice(&(self.entries.len() as u64).to_le_bytes());
+        out[48..56].copy_from_slice(&self.blob_size.to_le_bytes());
+        out[56..58].copy_from_slice(&(name.len() as u16).to_le_bytes());
+        out[HEADER_LEN..HEADER_LEN + name.len()].copy_from_slice(name);
+        for (i, k) in self.map.iter().enumerate() {
+            out[map_at + 4 * i..map_at + 4 * i + 4].copy_from_slice(&k.to_le_bytes());
+        }
+        for (i, e) in self.entries.iter().enumerate() {
+            let at = entries_at + ENTRY_LEN * i;
+            out[at..at + 32].copy_from_slice(&e.digest);
+            out[at + 32..at + 40].copy_from_slice(&e.blob_offset.to_le_bytes());
+            out[at + 40..at + 44].copy_from_slice(&e.stored_len.to_le_bytes());
+            out[at + 44] = match e.encoding {
+                Encoding::Zstd => 1,
+                Encoding::Raw => 2,
+            };
+        }
+        out
+    }
+
+    /// Decode and fully validate manifest bytes.
+    pub fn decode(b: &[u8]) -> Result<Manifest> {
+        if b.len() < HEADER_LEN {
+            return Err(bad(format!("{} bytes is shorter than the header", b.len())));
+        }
+        if &b[0..8] != MAGIC {
+            return Err(bad("bad magic (not a lazyblk manifest)"));
+        }
+        let version = le_u32(b, 8);
+        if version != VERSION {
+            return Err(Error::ManifestVersion {
+                found: version,
+                supported: VERSION,
+            });
+        }
+        if le_u32(b, 12) != 0 {
+            return Err(bad("unknown flags set"));
+        }
+        let chunk_size = le_u32(b, 16);
+        if !chunk_size.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size)
+        {
+            return Err(bad(format!("invalid chunk size {chunk_size}")));
+        }
+        if b[20] != COMPRESSION_ZSTD || b[21] != DIGEST_BLAKE3 {
+            return Err(bad("unknown compression or digest algorithm"));
+        }
+        if b[22..24] != [0, 0] || b[58..64].iter().any(|&x| x != 0) {
+            return Err(bad("reserved header bytes are not zero"));
+        }
+        let image_size = le_u64(b, 24);
+        let chunk_count = le_u64(b, 32);
+        let unique = le_u64(b, 40);
+        let blob_size = le_u64(b, 48);
+        let name_len = usize::from(u16::from_le_bytes([b[56], b[57]]));
+        if chunk_count != image_size.div_ceil(u64::from(chunk_size)) {
+            return Err(bad(format!(
+                "chunk count {chunk_count} does not fit image size {image_size}"
+            )));
+        }
+        if chunk_count > u64::from(u32::MAX) || unique > chunk_count {
+            return Err(bad("too many chunks"));
+        }
+        // Check the total length before allocating anything.
+        let map_at = pad8(HEADER_LEN + name_len);
+        let entries_at = (map_at as u64)
+            .checked_add(4 * chunk_count)
+            .map(|x| x.div_ceil(8) * 8);
+        let total = entries_at.and_then(|e| e.checked_add(ENTRY_LEN as u64 * unique));
+        let (entries_at, total) = match (entries_at, total) {
+            (Some(e), Some(t)) => (e as usize, t),
+            _ => return Err(bad("size overflow")),
+        };
+        if total != b.len() as u64 {
+            return Err(bad(format!(
+                "length is {} bytes, the header implies {total}",
+                b.len()
+            )));
+        }
+        let blob_name = std::str::from_utf8(&b[HEADER_LEN..HEADER_LEN + name_len])
+            .map_err(|_| bad("blob name is not UTF-8"))?
+            .to_string();
+        if !valid_blob_name(&blob_name) {
+            return Err(bad(format!("invalid blob name {blob_name:?}")));
+        }
+        if b[HEADER_LEN + name_len..map_at].iter().any(|&x| x != 0)
+            || b[map_at + 4 * chunk_count as usize..entries_at]
+                .iter()
+                .any(|&x| x != 0)
+        {
+            return Err(bad("padding bytes are not zero"));
+        }
+        let mut map = Vec::with_capacity(chunk_count as usize);
+        let mut used = vec![false; unique as usize];
+        for i in 0..chunk_count as usize {
+            let k = le_u32(b, map_at + 4 * i);
+            if u64::from(k) > unique {
+                return Err(bad(format!("chunk {i} refers to missing entry {k}")));
+            }
+            if k > 0 {
+                used[k as usize - 1] = true;
+            }
+            map.push(k);
+        }
+        if used.iter().any(|u| !u) {
+            return Err(bad("an entry is referenced by no chunk"));
+        }
+        let max_stored = u64::from(chunk_size) + (u64::from(chunk_size) >> 7) + 4096;
+        let mut entries = Vec::with_capacity(unique as usize);
+        for i in 0..unique as usize {
+            let at = entries_at + ENTRY_LEN * i;
+            let digest: [u8; 32] = b[at..at + 32].try_into().expect("32 bytes");
+            let blob_offset = le_u64(b, at + 32);
+            let stored_len = le_u32(b, at + 40);
+            let encoding = match b[at + 44] {
+                1 => Encoding::Zstd,
+                2 => Encoding::Raw,
+                e => return Err(bad(format!("entry {i}: unknown encoding {e}"))),
+            };
+            if b[at + 45..at + 48] != [0, 0, 0] {
+                return Err(bad(format!("entry {i}: reserved bytes are not zero")));
+            }
+            if stored_len == 0 || u64::from(stored_len) > max_stored {
+                return Err(bad(format!("entry {i}: invalid stored length {stored_len}")));
+            }
+            match blob_offset.checked_add(u64::from(stored_len)) {
+                Some(end) if end <= blob_size => {}
+                _ => return Err(bad(format!("entry {i} lies beyond the blob size {blob_size}"))),
+            }
+            entries.push(Entry {
+                digest,
+                blob_offset,
+                stored_len,
+                encoding,
+            });
+        }
+        let m = Manifest {
+            image_size,
+            chunk_size,
+            blob_size,
+            blob_name,
+            map,
+            entries,
+        };
+        // A raw entry's length must equal the length of every chunk that uses it.
+        for i in 0..m.chunk_count() {
+            if let ChunkRef::Stored(e) = m.chunk(i) {
+                if e.encoding == Encoding::Raw && e.stored_len != m.chunk_len(i) {
+                    return Err(bad(format!("chunk {i}: raw entry has the wrong length")));
+                }
+            }
+        }
+        Ok(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Manifest {
+        Manifest {
+            image_size: 3 * 4096 + 100,
+            chunk_size: 4096,
+            blob_size: 300,
+            blob_name: "blob".into(),
+            map: vec![1, 0, 1, 2],
+            entries: vec![
+                Entry {
+                    digest: [7; 32],
+                    blob_offset: 0,
+                    stored_len: 200,
+                    encoding: Encoding::Zstd,
+                },
+                Entry {
+                    digest: [9; 32],
+                    blob_offset: 200,
+                    stored_len: 100,
+                    encoding: Encoding::Raw,
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn roundtrip() {
+        let m = sample();
+        let b = m.encode();
+        assert_eq!(Manifest::decode(&b).unwrap(), m);
+        assert_eq!(m.chunk_len(3), 100);
+        assert_eq!(m.chunk(1), ChunkRef::Zero);
+    }
+
+    #[test]
+    fn rejects_every_truncation_and_bad_fields() {
+        let b = sample().encode();
+        for n in 0..b.len() {
+            assert!(Manifest::decode(&b[..n]).is_err(), "truncated to {n}");
+        }
+        let mut v = b.clone();
+        v[8] = 2;
+        assert!(matches!(
+            Manifest::decode(&v),
+            Err(Error::ManifestVersion { found: 2, .. })
+        ));
+        let mut v = b.clone();
+        v[0] = b'X';
+        assert!(Manifest::decode(&v).unwrap_err().to_string().contains("magic"));
+        // entry beyond blob
+        let mut m = sample();
+        m.blob_size = 250;
+        assert!(Manifest::decode(&m.encode()).is_err());
+        // dangling map reference
+        let mut m = sample();
+        m.map[1] = 3;
+        assert!(Manifest::decode(&m.encode()).is_err());
+        // raw entry with wrong length
+        let mut m = sample();
+        m.map = vec![2, 0, 1, 1];
+        assert!(Manifest::decode(&m.encode()).is_err());
+    }
+
+    #[test]
+    fn image_id_parse_display() {
+        let id = ImageId::of(b"x");
+        assert_eq!(ImageId::parse(&id.to_string()).unwrap(), id);
+        assert!(ImageId::parse("sha256:zz").is_err());
+    }
+}

@@ -1,0 +1,53 @@
+//! A blob on a local path (or a network file system mounted locally).
+
+use super::{BlobInfo, BoxFuture, Remote, RemoteError};
+use bytes::Bytes;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+
+/// Reads ranges of a local file.
+pub struct LocalRemote {
+    path: PathBuf,
+}
+
+impl LocalRemote {
+    /// A remote for `path`.
+    pub fn new(path: PathBuf) -> Self {
+        LocalRemote { path }
+    }
+}
+
+impl Remote for LocalRemote {
+    fn location(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    fn probe(&self) -> BoxFuture<'_, Result<BlobInfo, RemoteError>> {
+        Box::pin(async move {
+            let meta = std::fs::metadata(&self.path)
+                .map_err(|e| RemoteError::permanent(self.location(), e.to_string()))?;
+            Ok(BlobInfo {
+                size: meta.len(),
+                etag: None,
+            })
+        })
+    }
+
+    fn read_range(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Bytes, RemoteError>> {
+        let path = self.path.clone();
+        Box::pin(async move {
+            let loc = path.display().to_string();
+            tokio::task::spawn_blocking(move || {
+                let f = std::fs::File::open(&path)
+                    .map_err(|e| RemoteError::permanent(&loc, e.to_string()))?;
+                let mut buf = vec![0u8; len as usize];
+                f.read_exact_at(&mut buf, offset).map_err(|e| {
+                    RemoteError::permanent(&loc, format!("read {offset}+{len}: {e}"))
+                })?;
+                Ok(Bytes::from(buf))
+            })
+            .await
+            .map_err(|e| RemoteError::transient("local read", e.to_string()))?
+        })
+    }
+}

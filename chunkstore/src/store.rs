@@ -1,0 +1,943 @@
+//! The chunk store: a verified, crash-consistent local cache of one image.
+//!
+//! A cache directory per image (`<cache root>/<manifest sha256>/`) holds `manifest` (a copy),
+//! `data` (a sparse file the size of the image, chunk `i` at offset `i * chunk_size`), `bitmap`
+//! (see [`crate::bitmap`]), `meta.json` and `lock`.
+//!
+//! A miss runs: fetch (coalesced range request) -> verify (decompress, BLAKE3) -> `pwrite` into
+//! `data` -> set the in-memory presence bit and wake waiters -> (group commit, on the persister
+//! thread) `fdatasync(data)` -> set the on-disk bit -> `fdatasync(bitmap)`. A bit on disk
+//! therefore only ever covers verified data that was durable before the bit was written. Misses
+//! on the same chunk share one fetch (single-flight); misses on different chunks run in parallel
+//! up to `max_requests` range requests.
+
+use crate::bitmap::{BitmapFile, Trust};
+use crate::error::{Error, Result};
+use crate::format::{ChunkRef, Encoding, Entry, ImageId, Manifest};
+use crate::remote::{open_remote, read_whole, HttpOptions, Location, Remote, RemoteError};
+use bitvec::prelude::*;
+use bytes::Bytes;
+use lazyblk_blocksource::{check_range, BlockError, BlockSource, Completion, Geometry, Located};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// Block size exposed to frontends; the data file is rounded up to it.
+pub const BLOCK_SIZE: u32 = 4096;
+/// Largest manifest accepted.
+pub const MAX_MANIFEST_BYTES: u64 = 256 << 20;
+
+/// Options of [`ChunkStore::open`].
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// Directory holding one cache directory per image.
+    pub cache_root: PathBuf,
+    /// When set, the manifest must have this digest.
+    pub expected_id: Option<ImageId>,
+    /// HTTP tunables.
+    pub http: HttpOptions,
+    /// Range requests in flight at once.
+    pub max_requests: usize,
+    /// Largest coalesced range request.
+    pub max_request_bytes: u64,
+    /// Chunks fetched ahead of a miss (sequential readahead window).
+    pub readahead_chunks: u64,
+    /// How long a read may wait for a missing chunk while the remote fails transiently;
+    /// `None` retries forever.
+    pub io_deadline: Option<Duration>,
+    /// Fetcher threads.
+    pub fetch_threads: usize,
+    /// Number of attempts at a chunk whose bytes fail verification before giving up.
+    pub corrupt_attempts: u32,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            cache_root: PathBuf::from("/var/cache/lazyblk"),
+            expected_id: None,
+            http: HttpOptions::default(),
+            max_requests: 8,
+            max_request_bytes: 2 << 20,
+            readahead_chunks: 4,
+            io_deadline: Some(Duration::from_secs(300)),
+            fetch_threads: 2,
+            corrupt_attempts: 3,
+        }
+    }
+}
+
+/// Counters, readable while the store runs.
+#[derive(Default)]
+struct Stats {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    requests: AtomicU64,
+    retries: AtomicU64,
+    bytes_fetched: AtomicU64,
+    chunks_fetched: AtomicU64,
+    verify_failures: AtomicU64,
+    failed_ios: AtomicU64,
+    fetch_micros_total: AtomicU64,
+    fetch_micros_max: AtomicU64,
+}
+
+/// A point-in-time copy of the store's counters.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    /// Image identity.
+    pub image: String,
+    /// Reads served without fetching.
+    pub hits: u64,
+    /// Reads that had to wait for a fetch.
+    pub misses: u64,
+    /// Range requests sent (including retries).
+    pub requests: u64,
+    /// Retries after transient failures.
+    pub retries: u64,
+    /// Compressed bytes received.
+    pub bytes_fetched: u64,
+    /// Chunks fetched and verified.
+    pub chunks_fetched: u64,
+    /// Chunks whose bytes failed verification.
+    pub verify_failures: u64,
+    /// Reads failed back to the frontend.
+    pub failed_ios: u64,
+    /// Mean range request latency in microseconds.
+    pub fetch_latency_us_mean: u64,
+    /// Max range request latency in microseconds.
+    pub fetch_latency_us_max: u64,
+    /// Chunks present (including all-zero chunks).
+    pub present_chunks: u64,
+    /// Chunks in the image.
+    pub total_chunks: u64,
+}
+
+/// What opening found in the cache.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct OpenReport {
+    /// The cache directory was created now.
+    pub fresh: bool,
+    /// Why an existing cache was discarded, if it was.
+    pub discarded: Option<String>,
+    /// Chunks re-verified because the cache was not closed cleanly.
+    pub reverified: u64,
+    /// Chunks found bad during re-verification (now fetched again on demand).
+    pub dropped: u64,
+    /// Open proceeded without reaching the remote (cache-only until it returns).
+    pub offline: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Default)]
+struct Meta {
+    manifest: String,
+    blob: String,
+    etag: Option<String>,
+}
+
+/// Lock-free presence bits for the hot path.
+struct AtomicBits(Vec<AtomicU64>);
+
+impl AtomicBits {
+    fn new(n: u64) -> Self {
+        AtomicBits((0..n.div_ceil(64)).map(|_| AtomicU64::new(0)).collect())
+    }
+    fn get(&self, i: u64) -> bool {
+        self.0[(i / 64) as usize].load(Ordering::Acquire) & (1 << (i % 64)) != 0
+    }
+    fn set(&self, i: u64) {
+        self.0[(i / 64) as usize].fetch_or(1 << (i % 64), Ordering::Release);
+    }
+    fn count(&self) -> u64 {
+        self.0
+            .iter()
+            .map(|w| u64::from(w.load(Ordering::Relaxed).count_ones()))
+            .sum()
+    }
+}
+
+struct Waiter {
+    remaining: AtomicUsize,
+    error: Mutex<Option<BlockError>>,
+    done: Mutex<Option<Completion>>,
+}
+
+impl Waiter {
+    fn new(done: Completion) -> Arc<Waiter> {
+        Arc::new(Waiter {
+            remaining: AtomicUsize::new(1),
+            error: Mutex::new(None),
+            done: Mutex::new(Some(done)),
+        })
+    }
+
+    fn chunk_done(&self, err: Option<&BlockError>) {
+        if let Some(e) = err {
+            let mut slot = self.error.lock().expect("lock");
+            if slot.is_none() {
+                *slot = Some(e.duplicate());
+            }
+        }
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let err = self.error.lock().expect("lock").take();
+            if let Some(done) = self.done.lock().expect("lock").take() {
+                done(err.map_or(Ok(()), Err));
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct Persist {
+    pending: Vec<u64>,
+    queued: u64,
+    persisted: u64,
+    shutdown: bool,
+    last_error: Option<String>,
+}
+
+/// A run of stored chunks fetched with one range request.
+struct Run {
+    blob_offset: u64,
+    len: u64,
+    parts: Vec<(Entry, Vec<u64>)>,
+    deadline: Option<Instant>,
+}
+
+impl Run {
+    fn chunks(&self) -> Vec<u64> {
+        self.parts.iter().flat_map(|(_, c)| c.iter().copied()).collect()
+    }
+}
+
+struct Inner {
+    id: ImageId,
+    manifest: Manifest,
+    dir: PathBuf,
+    data_path: PathBuf,
+    data: File,
+    device_size: u64,
+    present: AtomicBits,
+    inflight: Mutex<HashMap<u64, Vec<Arc<Waiter>>>>,
+    remote: Box<dyn Remote>,
+    requests: tokio::sync::Semaphore,
+    opts: StoreOptions,
+    stats: Stats,
+    persist: Mutex<Persist>,
+    persist_cv: Condvar,
+    shutdown: AtomicBool,
+    handle: tokio::runtime::Handle,
+}
+
+/// A verified, crash-consistent local cache of one image, fetching missing chunks on demand.
+pub struct ChunkStore {
+    inner: Arc<Inner>,
+    report: OpenReport,
+    bitmap: Arc<Mutex<Option<BitmapFile>>>,
+    persister: Option<std::thread::JoinHandle<()>>,
+    runtime: Option<tokio::runtime::Runtime>,
+    _lock: File,
+}
+
+fn lock_dir(dir: &Path) -> Result<File> {
+    let p = dir.join("lock");
+    let f = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&p)
+        .map_err(|e| Error::io(&p, e))?;
+    // SAFETY: flock on a file descriptor we own; no memory is involved.
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r != 0 {
+        return Err(Error::Cache {
+            path: dir.to_path_buf(),
+            detail: "in use by another lazyblk process".into(),
+        });
+    }
+    Ok(f)
+}
+
+fn backoff(attempt: u32) -> Duration {
+    let base = 100u64.saturating_mul(1 << attempt.min(6)).min(5000);
+    let jittered = rand::thread_rng().gen_range(base / 2..=base);
+    Duration::from_millis(jittered)
+}
+
+impl ChunkStore {
+    /// Open (or create) the cache for the image whose manifest is at `manifest`.
+    pub fn open(manifest: &Location, opts: StoreOptions) -> Result<ChunkStore> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(opts.fetch_threads.max(1))
+            .thread_name("lazyblk-fetch")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::io("tokio runtime", e))?;
+        let mut report = OpenReport::default();
+
+        // 1. The manifest: from the cache when its digest is pinned and cached, else the remote.
+        let cached = opts.expected_id.and_then(|id| {
+            let p = opts.cache_root.join(id.hex()).join("manifest");
+            std::fs::read(p).ok().filter(|b| ImageId::of(b) == id)
+        });
+        let bytes = match cached {
+            Some(b) => b,
+            None => runtime
+                .block_on(fetch_manifest(manifest, &opts.http))
+                .map_err(|e| match e {
+                    Error::Remote(r) => Error::Remote(RemoteError {
+                        message: format!("cannot read the manifest: {}", r.message),
+                        ..r
+                    }),
+                    other => other,
+                })?,
+        };
+        let id = ImageId::of(&bytes);
+        if let Some(want) = opts.expected_id {
+            if want != id {
+                return Err(Error::ManifestDigest {
+                    expected: want.to_string(),
+                    actual: id.to_string(),
+                });
+            }
+        }
+        let m = Manifest::decode(&bytes)?;
+
+        // 2. The cache directory.
+        let dir = opts.cache_root.join(id.hex());
+        report.fresh = !dir.join("manifest").exists();
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let lock = lock_dir(&dir)?;
+        if report.fresh {
+            crate::builder::write_atomic(&dir.join("manifest"), &bytes)?;
+        }
+
+        // 3. The blob.
+        let blob_loc = manifest.sibling(&m.blob_name);
+        let remote = open_remote(&blob_loc, &opts.http)?;
+        let meta_path = dir.join("meta.json");
+        let old_meta: Option<Meta> = std::fs::read(&meta_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let mut etag = old_meta.as_ref().and_then(|m| m.etag.clone());
+        match runtime.block_on(remote.probe()) {
+            Ok(info) => {
+                if info.size != m.blob_size {
+                    return Err(Error::BlobMismatch {
+                        location: remote.location(),
+                        detail: format!(
+                            "size is {} bytes, the manifest says {}",
+                            info.size, m.blob_size
+                        ),
+                    });
+                }
+                if let (Some(old), Some(new)) = (&etag, &info.etag) {
+                    if old != new {
+                        tracing::warn!(
+                            "blob {} has a new ETag ({old} -> {new}); chunks are still verified by digest",
+                            remote.location()
+                        );
+                    }
+                }
+                etag = info.etag;
+            }
+            Err(e) if e.is_transient() && !report.fresh => {
+                tracing::warn!("remote unreachable at open, serving from cache until it returns: {e}");
+                report.offline = Some(e.to_string());
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let meta = Meta {
+            manifest: manifest.to_string(),
+            blob: blob_loc.to_string(),
+            etag,
+        };
+        crate::builder::write_atomic(
+            &meta_path,
+            &serde_json::to_vec_pretty(&meta).expect("meta serializes"),
+        )?;
+
+        // 4. Data file and bitmap; repair rather than trust.
+        let device_size = m.image_size.div_ceil(u64::from(BLOCK_SIZE)) * u64::from(BLOCK_SIZE);
+        let data_path = dir.join("data");
+        let data = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&data_path)
+            .map_err(|e| Error::io(&data_path, e))?;
+        let data_len = data.metadata().map_err(|e| Error::io(&data_path, e))?.len();
+        let bitmap_path = dir.join("bitmap");
+        let n = m.chunk_count();
+        let opened = if report.fresh || !bitmap_path.exists() {
+            None
+        } else if data_len != device_size {
+            report.discarded = Some(format!(
+                "data file is {data_len} bytes, expected {device_size}"
+            ));
+            None
+        } else {
+            match BitmapFile::open(&bitmap_path, id, n) {
+                Ok(x) => Some(x),
+                Err(e) => {
+                    report.discarded = Some(e.to_string());
+                    None
+                }
+            }
+        };
+        if let Some(why) = &report.discarded {
+            tracing::warn!("discarding the cache in {}: {why}", dir.display());
+        }
+        let mut bitmap = match opened {
+            Some((b, Trust::Clean)) => b,
+            Some((mut b, Trust::Verify)) => {
+                let (bits, checked, bad) = reverify(&m, &data, b.bits());
+                report.reverified = checked;
+                report.dropped = bad;
+                if bad > 0 {
+                    tracing::warn!("{bad} of {checked} cached chunks failed re-verification; they will be fetched again");
+                }
+                b.replace(bits)?;
+                b
+            }
+            None => {
+                data.set_len(0)
+                    .and_then(|_| data.set_len(device_size))
+                    .map_err(|e| Error::io(&data_path, e))?;
+                BitmapFile::create(&bitmap_path, id, n)?
+            }
+        };
+        if data_len != device_size && report.discarded.is_none() {
+            data.set_len(device_size)
+                .map_err(|e| Error::io(&data_path, e))?;
+        }
+        let present = AtomicBits::new(n);
+        for i in 0..n {
+            if bitmap.bits()[i as usize] || m.chunk(i) == ChunkRef::Zero {
+                present.set(i);
+            }
+        }
+        // Zero chunks are holes in the sparse file; record them so the bitmap tells the truth.
+        let zeros: Vec<u64> = (0..n)
+            .filter(|&i| m.chunk(i) == ChunkRef::Zero && !bitmap.bits()[i as usize])
+            .collect();
+        bitmap.update(&zeros, &[])?;
+
+        let inner = Arc::new(Inner {
+            id,
+            manifest: m,
+            dir: dir.clone(),
+            data_path,
+            data,
+            device_size,
+            present,
+            inflight: Mutex::new(HashMap::new()),
+            remote,
+            requests: tokio::sync::Semaphore::new(opts.max_requests.max(1)),
+            opts,
+            stats: Stats::default(),
+            persist: Mutex::new(Persist::default()),
+            persist_cv: Condvar::new(),
+            shutdown: AtomicBool::new(false),
+            handle: runtime.handle().clone(),
+        });
+        let bitmap = Arc::new(Mutex::new(Some(bitmap)));
+        let persister = {
+            let inner = inner.clone();
+            let bitmap = bitmap.clone();
+            std::thread::Builder::new()
+                .name("lazyblk-persist".into())
+                .spawn(move || persister(&inner, &bitmap))
+                .map_err(|e| Error::io("persister thread", e))?
+        };
+        Ok(ChunkStore {
+            inner,
+            report,
+            bitmap,
+            persister: Some(persister),
+            runtime: Some(runtime),
+            _lock: lock,
+        })
+    }
+
+    /// The image identity.
+    pub fn id(&self) -> ImageId {
+        self.inner.id
+    }
+
+    /// The manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.inner.manifest
+    }
+
+    /// The cache directory.
+    pub fn cache_dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// What opening found.
+    pub fn open_report(&self) -> &OpenReport {
+        &self.report
+    }
+
+    /// Whether chunk `i` is present.
+    pub fn chunk_present(&self, i: u64) -> bool {
+        self.inner.present.get(i)
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> StatsSnapshot {
+        let s = &self.inner.stats;
+        let req = s.requests.load(Ordering::Relaxed);
+        StatsSnapshot {
+            image: self.inner.id.to_string(),
+            hits: s.hits.load(Ordering::Relaxed),
+            misses: s.misses.load(Ordering::Relaxed),
+            requests: req,
+            retries: s.retries.load(Ordering::Relaxed),
+            bytes_fetched: s.bytes_fetched.load(Ordering::Relaxed),
+            chunks_fetched: s.chunks_fetched.load(Ordering::Relaxed),
+            verify_failures: s.verify_failures.load(Ordering::Relaxed),
+            failed_ios: s.failed_ios.load(Ordering::Relaxed),
+            fetch_latency_us_mean: s.fetch_micros_total.load(Ordering::Relaxed) / req.max(1),
+            fetch_latency_us_max: s.fetch_micros_max.load(Ordering::Relaxed),
+            present_chunks: self.inner.present.count(),
+            total_chunks: self.inner.manifest.chunk_count(),
+        }
+    }
+
+    /// Fetch these chunks in the background (prefetch, hydration), in the order given.
+    pub fn prefetch(&self, chunks: impl IntoIterator<Item = u64>) {
+        let inner = &self.inner;
+        let mut todo = Vec::new();
+        {
+            let mut inflight = inner.inflight.lock().expect("lock");
+            for c in chunks {
+                if c < inner.manifest.chunk_count()
+                    && !inner.present.get(c)
+                    && !inflight.contains_key(&c)
+                {
+                    inflight.insert(c, Vec::new());
+                    todo.push(c);
+                }
+            }
+        }
+        inner.schedule(todo, false);
+    }
+
+    /// Wait until every chunk fetched so far is durable and recorded in the on-disk bitmap.
+    pub fn flush(&self) -> Result<()> {
+        self.inner.flush()
+    }
+
+    /// Path of the data file (present chunks at their image offsets).
+    pub fn data_path(&self) -> &Path {
+        &self.inner.data_path
+    }
+}
+
+impl Drop for ChunkStore {
+    fn drop(&mut self) {
+        let inner = &self.inner;
+        inner.shutdown.store(true, Ordering::SeqCst);
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_timeout(Duration::from_secs(2));
+        }
+        // Fail whatever still waits.
+        let waiters: Vec<_> = inner
+            .inflight
+            .lock()
+            .expect("lock")
+            .drain()
+            .flat_map(|(_, w)| w)
+            .collect();
+        for w in waiters {
+            w.chunk_done(Some(&BlockError::ShuttingDown));
+        }
+        {
+            let mut p = inner.persist.lock().expect("lock");
+            p.shutdown = true;
+            inner.persist_cv.notify_all();
+        }
+        if let Some(h) = self.persister.take() {
+            let _ = h.join();
+        }
+        let ok = inner.persist.lock().expect("lock").last_error.is_none();
+        if let Some(b) = self.bitmap.lock().expect("lock").take() {
+            if ok && inner.data.sync_data().is_ok() {
+                if let Err(e) = b.close_clean() {
+                    tracing::warn!("closing the bitmap: {e}");
+                }
+            }
+        }
+    }
+}
+
+async fn fetch_manifest(loc: &Location, http: &HttpOptions) -> Result<Vec<u8>> {
+    let mut attempt = 0;
+    loop {
+        match read_whole(loc, http, MAX_MANIFEST_BYTES).await {
+            Ok(b) => return Ok(b),
+            Err(e) if e.is_transient() && attempt < 3 => {
+                tokio::time::sleep(backoff(attempt)).await;
+                attempt += 1;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Re-hash every chunk `claimed` says is present; return the bits that hold, checked, bad.
+fn reverify(m: &Manifest, data: &File, claimed: &BitSlice<u8, Lsb0>) -> (BitVec<u8, Lsb0>, u64, u64) {
+    let list: Vec<u64> = claimed.iter_ones().map(|i| i as u64).collect();
+    let good = Mutex::new(bitvec![u8, Lsb0; 0; claimed.len()]);
+    let bad = AtomicU64::new(0);
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).min(4);
+    std::thread::scope(|s| {
+        for part in list.chunks(list.len().div_ceil(threads).max(1)) {
+            let (good, bad) = (&good, &bad);
+            s.spawn(move || {
+                let mut buf = vec![0u8; m.chunk_size as usize];
+                for &i in part {
+                    let ok = match m.chunk(i) {
+                        ChunkRef::Zero => true,
+                        ChunkRef::Stored(e) => {
+                            let len = m.chunk_len(i) as usize;
+                            data.read_exact_at(&mut buf[..len], m.chunk_offset(i)).is_ok()
+                                && *blake3::hash(&buf[..len]).as_bytes() == e.digest
+                        }
+                    };
+                    if ok {
+                        good.lock().expect("lock").set(i as usize, true);
+                    } else {
+                        bad.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+    });
+    (
+        good.into_inner().expect("lock"),
+        list.len() as u64,
+        bad.into_inner(),
+    )
+}
+
+fn persister(inner: &Inner, bitmap: &Mutex<Option<BitmapFile>>) {
+    loop {
+        let (batch, upto) = {
+            let mut p = inner.persist.lock().expect("lock");
+            while p.pending.is_empty() && !p.shutdown {
+                p = inner.persist_cv.wait(p).expect("lock");
+            }
+            if p.pending.is_empty() {
+                return;
+            }
+            (std::mem::take(&mut p.pending), p.queued)
+        };
+        // Data first, then the bits that cover it.
+        let r = inner
+            .data
+            .sync_data()
+            .map_err(|e| Error::io(&inner.data_path, e))
+            .and_then(|_| match bitmap.lock().expect("lock").as_mut() {
+                Some(b) => b.update(&batch, &[]),
+                None => Ok(()),
+            });
+        let mut p = inner.persist.lock().expect("lock");
+        if let Err(e) = r {
+            tracing::error!("persisting presence bits failed (chunks will be fetched again after a restart): {e}");
+            p.last_error = Some(e.to_string());
+        }
+        p.persisted = upto;
+        inner.persist_cv.notify_all();
+    }
+}
+
+impl Inner {
+    fn chunk_range(&self, offset: u64, len: u64) -> (u64, u64) {
+        let cs = u64::from(self.manifest.chunk_size);
+        let last_chunk = self.manifest.chunk_count().saturating_sub(1);
+        let first = (offset / cs).min(last_chunk);
+        let last = ((offset + len - 1) / cs).min(last_chunk);
+        (first, last)
+    }
+
+    fn all_present(&self, first: u64, last: u64) -> bool {
+        (first..=last).all(|i| self.present.get(i))
+    }
+
+    fn flush(&self) -> Result<()> {
+        let mut p = self.persist.lock().expect("lock");
+        let target = p.queued;
+        while p.persisted < target && !p.shutdown {
+            p = self.persist_cv.wait(p).expect("lock");
+        }
+        match &p.last_error {
+            Some(e) => Err(Error::Cache {
+                path: self.dir.clone(),
+                detail: format!("persisting presence bits failed: {e}"),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    fn fetch(self: &Arc<Self>, offset: u64, len: u64, done: Completion) {
+        if let Err(e) = check_range(self.device_size, offset, len) {
+            return done(Err(e));
+        }
+        if len == 0 || self.manifest.chunk_count() == 0 {
+            return done(Ok(()));
+        }
+        let (first, last) = self.chunk_range(offset, len);
+        if self.all_present(first, last) {
+            self.stats.hits.fetch_add(1, Ordering::Relaxed);
+            return done(Ok(()));
+        }
+        if self.shutdown.load(Ordering::Relaxed) {
+            return done(Err(BlockError::ShuttingDown));
+        }
+        self.stats.misses.fetch_add(1, Ordering::Relaxed);
+        let waiter = Waiter::new(done);
+        let mut todo = Vec::new();
+        {
+            let mut inflight = self.inflight.lock().expect("lock");
+            for i in first..=last {
+                if self.present.get(i) {
+                    continue;
+                }
+                waiter.remaining.fetch_add(1, Ordering::Relaxed);
+                match inflight.entry(i) {
+                    std::collections::hash_map::Entry::Occupied(mut o) => {
+                        o.get_mut().push(waiter.clone())
+                    }
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        v.insert(vec![waiter.clone()]);
+                        todo.push(i);
+                    }
+                }
+            }
+            // Sequential readahead behind a real miss.
+            let end = (last + 1 + self.opts.readahead_chunks).min(self.manifest.chunk_count());
+            for i in last + 1..end {
+                if !self.present.get(i) && !inflight.contains_key(&i) {
+                    inflight.insert(i, Vec::new());
+                    todo.push(i);
+                }
+            }
+        }
+        self.schedule(todo, true);
+        waiter.chunk_done(None);
+    }
+
+    /// Group chunks into coalesced range requests and start them.
+    fn schedule(self: &Arc<Self>, chunks: Vec<u64>, with_deadline: bool) {
+        if chunks.is_empty() {
+            return;
+        }
+        let mut by_offset: BTreeMap<u64, (Entry, Vec<u64>)> = BTreeMap::new();
+        for c in chunks {
+            match self.manifest.chunk(c) {
+                ChunkRef::Stored(e) => by_offset.entry(e.blob_offset).or_insert((*e, vec![])).1.push(c),
+                ChunkRef::Zero => self.complete(&[c], None),
+            }
+        }
+        let deadline = if with_deadline {
+            self.opts.io_deadline.map(|d| Instant::now() + d)
+        } else {
+            None
+        };
+        let mut runs: Vec<Run> = Vec::new();
+        for (off, (e, cs)) in by_offset {
+            let len = u64::from(e.stored_len);
+            match runs.last_mut() {
+                Some(r)
+                    if r.blob_offset + r.len == off
+                        && r.len + len <= self.opts.max_request_bytes =>
+                {
+                    r.len += len;
+                    r.parts.push((e, cs));
+                }
+                _ => runs.push(Run {
+                    blob_offset: off,
+                    len,
+                    parts: vec![(e, cs)],
+                    deadline,
+                }),
+            }
+        }
+        for run in runs {
+            let inner = self.clone();
+            self.handle.spawn(async move { inner.fetch_run(run).await });
+        }
+    }
+
+    async fn fetch_run(self: Arc<Self>, run: Run) {
+        let _permit = match self.requests.acquire().await {
+            Ok(p) => p,
+            Err(_) => return self.complete(&run.chunks(), Some(&BlockError::ShuttingDown)),
+        };
+        let mut attempt = 0u32;
+        let mut corrupt = 0u32;
+        let run = Arc::new(run);
+        loop {
+            if self.shutdown.load(Ordering::Relaxed) {
+                return self.complete(&run.chunks(), Some(&BlockError::ShuttingDown));
+            }
+            let t0 = Instant::now();
+            self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            let got = self.remote.read_range(run.blob_offset, run.len).await;
+            let micros = t0.elapsed().as_micros() as u64;
+            self.stats.fetch_micros_total.fetch_add(micros, Ordering::Relaxed);
+            self.stats.fetch_micros_max.fetch_max(micros, Ordering::Relaxed);
+            let err = match got {
+                Ok(bytes) => {
+                    self.stats.bytes_fetched.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    let inner = self.clone();
+                    let r2 = run.clone();
+                    let stored = tokio::task::spawn_blocking(move || inner.store_run(&r2, &bytes))
+                        .await
+                        .unwrap_or_else(|e| Err(Error::Invalid(format!("store task failed: {e}"))));
+                    match stored {
+                        Ok(()) => return self.complete(&run.chunks(), None),
+                        Err(e @ Error::ChunkCorrupt { .. }) => {
+                            self.stats.verify_failures.fetch_add(1, Ordering::Relaxed);
+                            corrupt += 1;
+                            tracing::warn!("{} (attempt {corrupt} of {})", e, self.opts.corrupt_attempts);
+                            if corrupt >= self.opts.corrupt_attempts {
+                                return self.fail(&run, e);
+                            }
+                            e.to_string()
+                        }
+                        Err(e) => return self.fail(&run, e),
+                    }
+                }
+                Err(e) if e.is_transient() => {
+                    tracing::warn!("transient fetch failure, will retry: {e}");
+                    e.to_string()
+                }
+                Err(e) => return self.fail(&run, e.into()),
+            };
+            let pause = backoff(attempt);
+            if let Some(d) = run.deadline {
+                if Instant::now() + pause >= d {
+                    let secs = self.opts.io_deadline.map_or(0, |d| d.as_secs());
+                    tracing::error!("giving up on {} chunk(s) after {secs}s: {err}", run.chunks().len());
+                    return self.fail(&run, Error::Deadline { secs, last: err });
+                }
+            }
+            self.stats.retries.fetch_add(1, Ordering::Relaxed);
+            attempt += 1;
+            tokio::time::sleep(pause).await;
+        }
+    }
+
+    fn fail(&self, run: &Run, e: Error) {
+        tracing::error!("fetch of blob range {}+{} failed: {e}", run.blob_offset, run.len);
+        let be: BlockError = e.into();
+        self.complete(&run.chunks(), Some(&be));
+    }
+
+    /// Verify and write every chunk of a fetched run. Runs on a blocking thread.
+    fn store_run(&self, run: &Run, bytes: &Bytes) -> Result<()> {
+        for (e, chunks) in &run.parts {
+            let missing: Vec<u64> = chunks.iter().copied().filter(|&c| !self.present.get(c)).collect();
+            if missing.is_empty() {
+                continue;
+            }
+            let start = (e.blob_offset - run.blob_offset) as usize;
+            let stored = &bytes[start..start + e.stored_len as usize];
+            let want = self.manifest.chunk_len(missing[0]) as usize;
+            let corrupt = |detail: String| Error::ChunkCorrupt {
+                index: missing[0],
+                detail,
+            };
+            let plain: std::borrow::Cow<'_, [u8]> = match e.encoding {
+                Encoding::Raw => stored.into(),
+                Encoding::Zstd => zstd::bulk::decompress(stored, want)
+                    .map_err(|err| corrupt(format!("zstd: {err}")))?
+                    .into(),
+            };
+            if plain.len() != want {
+                return Err(corrupt(format!("{} bytes, expected {want}", plain.len())));
+            }
+            let got = blake3::hash(&plain);
+            if *got.as_bytes() != e.digest {
+                return Err(corrupt(format!(
+                    "digest mismatch: expected blake3:{}, got blake3:{}",
+                    hex::encode(e.digest),
+                    got.to_hex()
+                )));
+            }
+            for &c in &missing {
+                self.data
+                    .write_all_at(&plain, self.manifest.chunk_offset(c))
+                    .map_err(|err| Error::io(&self.data_path, err))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Finish chunks: mark present (on success), queue persistence, wake waiters.
+    fn complete(&self, chunks: &[u64], err: Option<&BlockError>) {
+        if err.is_none() {
+            for &c in chunks {
+                self.present.set(c);
+            }
+            self.stats.chunks_fetched.fetch_add(chunks.len() as u64, Ordering::Relaxed);
+            let mut p = self.persist.lock().expect("lock");
+            p.pending.extend_from_slice(chunks);
+            p.queued += 1;
+            self.persist_cv.notify_all();
+        }
+        let waiters: Vec<Arc<Waiter>> = {
+            let mut inflight = self.inflight.lock().expect("lock");
+            chunks.iter().flat_map(|c| inflight.remove(c).unwrap_or_default()).collect()
+        };
+        if err.is_some() {
+            self.stats.failed_ios.fetch_add(waiters.len() as u64, Ordering::Relaxed);
+        }
+        for w in waiters {
+            w.chunk_done(err);
+        }
+    }
+}
+
+impl BlockSource for ChunkStore {
+    fn geometry(&self) -> Geometry {
+        Geometry {
+            size: self.inner.device_size,
+            block_size: BLOCK_SIZE,
+            read_only: true,
+        }
+    }
+
+    fn locate(&self, offset: u64, len: u64) -> Option<Located> {
+        let inner = &self.inner;
+        check_range(inner.device_size, offset, len).ok()?;
+        if len > 0 && inner.manifest.chunk_count() > 0 {
+            let (first, last) = inner.chunk_range(offset, len);
+            if !inner.all_present(first, last) {
+                return None;
+            }
+        }
+        inner.stats.hits.fetch_add(1, Ordering::Relaxed);
+        Some(Located {
+            fd: inner.data.as_raw_fd(),
+            offset,
+        })
+    }
+
+    fn fetch(&self, offset: u64, len: u64, done: Completion) {
+        self.inner.fetch(offset, len, done)
+    }
+}

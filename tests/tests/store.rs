@@ -1,0 +1,463 @@
+//! The chunk store against a real nginx and against the fault-injecting server.
+
+use lazyblk_blocksource::{BlockError, BlockSource};
+use lazyblk_chunkstore::builder::{build_image, BuildOptions};
+use lazyblk_chunkstore::remote::HttpOptions;
+use lazyblk_chunkstore::{ChunkStore, Error, ImageId, Location, StoreOptions};
+use lazyblk_tests::fault::{Fault, FaultServer};
+use lazyblk_tests::nginx::Nginx;
+use lazyblk_tests::sample_image;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    serve: PathBuf,
+    image: Vec<u8>,
+    id: ImageId,
+}
+
+fn fixture(size: usize, chunk_size: u32, seed: u64) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let image = sample_image(size, seed);
+    std::fs::write(root.join("raw.img"), &image).unwrap();
+    let serve = root.join("www");
+    let s = build_image(
+        &root.join("raw.img"),
+        &serve,
+        &BuildOptions {
+            chunk_size,
+            ..Default::default()
+        },
+        |_| {},
+    )
+    .unwrap();
+    Fixture {
+        _dir: dir,
+        root,
+        serve,
+        image,
+        id: s.id,
+    }
+}
+
+fn opts(f: &Fixture) -> StoreOptions {
+    StoreOptions {
+        cache_root: f.root.join("cache"),
+        http: HttpOptions {
+            connect_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(2),
+            ..Default::default()
+        },
+        io_deadline: Some(Duration::from_secs(20)),
+        ..Default::default()
+    }
+}
+
+fn padded(image: &[u8]) -> Arc<Vec<u8>> {
+    let mut v = image.to_vec();
+    v.resize(image.len().div_ceil(4096) * 4096, 0);
+    Arc::new(v)
+}
+
+fn read_all(store: &ChunkStore, len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    for (i, c) in buf.chunks_mut(300_000).enumerate() {
+        store.read_at(i as u64 * 300_000, c).unwrap();
+    }
+    buf
+}
+
+#[test]
+fn nginx_lazy_reads_equal_the_image_and_fetch_only_what_is_read() {
+    let f = fixture(6 << 20, 64 << 10, 1);
+    let ng = Nginx::start(&f.serve, &f.root.join("nginx"));
+    let loc = Location::parse(&ng.url("manifest"));
+    let store = ChunkStore::open(&loc, opts(&f)).unwrap();
+    assert_eq!(store.id(), f.id);
+    let (_, before) = ng.served();
+    // A small read fetches a small part of the blob.
+    let mut buf = vec![0u8; 4096];
+    store.read_at(3 << 20, &mut buf).unwrap();
+    assert_eq!(&buf[..], &f.image[3 << 20..(3 << 20) + 4096]);
+    let (_, after_small) = ng.served();
+    let blob = std::fs::metadata(f.serve.join("blob")).unwrap().len();
+    assert!(
+        after_small - before < blob / 4,
+        "a 4 KiB read fetched {} of {blob} blob bytes",
+        after_small - before
+    );
+    // Everything, concurrently, through the shared conformance suite.
+    lazyblk_blocksource::testing::check_reads(
+        Arc::new(store) as Arc<dyn BlockSource>,
+        padded(&f.image),
+        7,
+        64,
+    );
+}
+
+#[test]
+fn restart_does_not_refetch_present_chunks() {
+    let f = fixture(4 << 20, 64 << 10, 2);
+    let srv = FaultServer::start(&f.serve, "blob");
+    let loc = Location::parse(&srv.url("manifest"));
+    let half = 2 << 20;
+    {
+        let store = ChunkStore::open(&loc, opts(&f)).unwrap();
+        let mut buf = vec![0u8; half];
+        store.read_at(0, &mut buf).unwrap();
+        assert_eq!(buf, f.image[..half]);
+    }
+    let before = srv.target_requests();
+    let store = ChunkStore::open(&loc, opts(&f)).unwrap();
+    assert!(!store.open_report().fresh);
+    assert_eq!(store.open_report().reverified, 0, "clean close must be trusted");
+    let probe_requests = srv.target_requests() - before;
+    let mut buf = vec![0u8; half];
+    store.read_at(0, &mut buf).unwrap();
+    assert_eq!(buf, f.image[..half]);
+    assert_eq!(
+        srv.target_requests() - before,
+        probe_requests,
+        "present chunks were fetched again"
+    );
+    // The rest still comes from the remote.
+    let all = read_all(&store, f.image.len());
+    assert_eq!(all, f.image);
+    assert!(srv.target_requests() > before + probe_requests);
+}
+
+#[test]
+fn transient_faults_are_retried_and_never_cached_bad() {
+    for fault in [
+        Fault::Status(500),
+        Fault::Status(503),
+        Fault::Reset,
+        Fault::Truncate,
+        Fault::FlipByte,
+        Fault::WrongRange,
+        Fault::TooLong,
+        Fault::Hang,
+    ] {
+        let f = fixture(1 << 20, 64 << 10, 3);
+        let srv = FaultServer::start(&f.serve, "blob");
+        let store = ChunkStore::open(&Location::parse(&srv.url("manifest")), opts(&f)).unwrap();
+        srv.push(fault.clone());
+        srv.push(fault.clone());
+        let all = read_all(&store, f.image.len());
+        assert_eq!(all, f.image, "{fault:?}");
+        let s = store.stats();
+        assert!(s.retries >= 2, "{fault:?}: {s:?}");
+        if fault == Fault::FlipByte {
+            assert!(s.verify_failures >= 2, "{s:?}");
+        }
+        drop(store);
+        // Every chunk the bitmap claims is byte-identical to the source.
+        let store = ChunkStore::open(&Location::parse(&srv.url("manifest")), opts(&f)).unwrap();
+        let data = std::fs::read(store.data_path()).unwrap();
+        for i in 0..store.manifest().chunk_count() {
+            if store.chunk_present(i) {
+                let a = (i * 65536) as usize;
+                let b = (a + 65536).min(f.image.len());
+                assert_eq!(&data[a..b], &f.image[a..b], "{fault:?}: chunk {i}");
+            }
+        }
+    }
+}
+
+#[test]
+fn persistent_corruption_fails_clearly_and_marks_nothing() {
+    let f = fixture(1 << 20, 64 << 10, 4);
+    let srv = FaultServer::start(&f.serve, "blob");
+    let store = ChunkStore::open(&Location::parse(&srv.url("manifest")), opts(&f)).unwrap();
+    for _ in 0..3 {
+        srv.push(Fault::FlipByte);
+    }
+    let mut buf = vec![0u8; 4096];
+    // Find a stored chunk.
+    let stored = (0..store.manifest().chunk_count())
+        .find(|&i| !store.chunk_present(i))
+        .unwrap();
+    let err = store.read_at(stored * 65536, &mut buf).unwrap_err();
+    assert!(err.to_string().contains("digest mismatch"), "{err}");
+    assert_eq!(err.errno(), libc::EIO);
+    assert!(!store.chunk_present(stored));
+    // The server heals: the same read works.
+    store.read_at(stored * 65536, &mut buf).unwrap();
+    assert_eq!(&buf[..], &f.image[stored as usize * 65536..][..4096]);
+}
+
+#[test]
+fn server_without_range_support_is_refused_at_open() {
+    let f = fixture(256 << 10, 64 << 10, 5);
+    let srv = FaultServer::start(&f.serve, "blob");
+    srv.set_always(Some(Fault::IgnoreRange));
+    let err = ChunkStore::open(&Location::parse(&srv.url("manifest")), opts(&f))
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("does not support range requests"), "{err}");
+}
+
+#[test]
+fn range_ignored_after_open_fails_the_read_without_retry_storm() {
+    let f = fixture(512 << 10, 64 << 10, 6);
+    let srv = FaultServer::start(&f.serve, "blob");
+    let store = ChunkStore::open(&Location::parse(&srv.url("manifest")), opts(&f)).unwrap();
+    srv.push(Fault::IgnoreRange);
+    let stored = (0..store.manifest().chunk_count())
+        .find(|&i| !store.chunk_present(i))
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let err = store.read_at(stored * 65536, &mut buf).unwrap_err();
+    assert!(err.to_string().contains("ignored the Range header"), "{err}");
+    assert!(!store.chunk_present(stored));
+}
+
+#[test]
+fn offhost_redirect_is_refused() {
+    let f = fixture(256 << 10, 64 << 10, 7);
+    let srv = FaultServer::start(&f.serve, "blob");
+    srv.set_always(Some(Fault::RedirectOffHost));
+    let err = ChunkStore::open(&Location::parse(&srv.url("manifest")), opts(&f))
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("another host"), "{err}");
+}
+
+#[test]
+fn blob_replaced_on_server_is_detected() {
+    let f = fixture(512 << 10, 64 << 10, 8);
+    let srv = FaultServer::start(&f.serve, "blob");
+    let store = ChunkStore::open(&Location::parse(&srv.url("manifest")), opts(&f)).unwrap();
+    srv.set_etag("\"something-else\"");
+    let stored = (0..store.manifest().chunk_count())
+        .find(|&i| !store.chunk_present(i))
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let err = store.read_at(stored * 65536, &mut buf).unwrap_err();
+    assert!(err.to_string().contains("changed on the server"), "{err}");
+}
+
+#[test]
+fn outage_blocks_then_completes_and_deadline_gives_eio() {
+    let f = fixture(512 << 10, 64 << 10, 9);
+    let srv = FaultServer::start(&f.serve, "blob");
+    let loc = Location::parse(&srv.url("manifest"));
+    let store = Arc::new(ChunkStore::open(&loc, opts(&f)).unwrap());
+    srv.set_down(true);
+    let s2 = store.clone();
+    let reader = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 512 << 10];
+        s2.read_at(0, &mut buf).map(|_| buf)
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(!reader.is_finished(), "the read must wait during the outage");
+    srv.set_down(false);
+    let buf = reader.join().unwrap().unwrap();
+    assert_eq!(buf, f.image[..512 << 10]);
+    drop(store);
+
+    // A short deadline turns a long outage into EIO.
+    let g = fixture(512 << 10, 64 << 10, 10);
+    let srv = FaultServer::start(&g.serve, "blob");
+    let mut o = opts(&g);
+    o.io_deadline = Some(Duration::from_secs(1));
+    let store = ChunkStore::open(&Location::parse(&srv.url("manifest")), o).unwrap();
+    srv.set_down(true);
+    let stored = (0..store.manifest().chunk_count())
+        .find(|&i| !store.chunk_present(i))
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let err = store.read_at(stored * 65536, &mut buf).unwrap_err();
+    assert!(matches!(err, BlockError::TimedOut(_)), "{err}");
+    assert_eq!(err.errno(), libc::EIO);
+}
+
+#[test]
+fn bad_input_gets_one_clear_line() {
+    let f = fixture(256 << 10, 64 << 10, 11);
+    let srv = FaultServer::start(&f.serve, "blob");
+    let msg = |r: Result<ChunkStore, Error>| r.err().expect("must fail").to_string();
+    // Missing manifest.
+    let e = msg(ChunkStore::open(&Location::parse(&srv.url("nope")), opts(&f)));
+    assert!(e.contains("cannot read the manifest") && e.contains("404"), "{e}");
+    // Corrupt manifest.
+    std::fs::write(f.serve.join("corrupt"), b"LZBLKMAN garbage").unwrap();
+    let e = msg(ChunkStore::open(&Location::parse(&srv.url("corrupt")), opts(&f)));
+    assert!(e.starts_with("malformed manifest"), "{e}");
+    // Unknown version.
+    let mut m = std::fs::read(f.serve.join("manifest")).unwrap();
+    m[8] = 9;
+    std::fs::write(f.serve.join("v9"), &m).unwrap();
+    let e = msg(ChunkStore::open(&Location::parse(&srv.url("v9")), opts(&f)));
+    assert!(e.contains("unsupported manifest version 9"), "{e}");
+    // Wrong pinned digest.
+    let mut o = opts(&f);
+    o.expected_id = Some(ImageId([1; 32]));
+    let e = msg(ChunkStore::open(&Location::parse(&srv.url("manifest")), o));
+    assert!(e.contains("manifest digest mismatch"), "{e}");
+    // Blob size mismatch.
+    let blob = std::fs::read(f.serve.join("blob")).unwrap();
+    std::fs::write(f.serve.join("blob"), &blob[..blob.len() - 1]).unwrap();
+    let e = msg(ChunkStore::open(&Location::parse(&srv.url("manifest")), opts(&f)));
+    assert!(e.contains("does not match the manifest") && e.contains("size"), "{e}");
+    std::fs::write(f.serve.join("blob"), &blob).unwrap();
+    // Unreachable host.
+    let port = lazyblk_tests::free_port();
+    let e = msg(ChunkStore::open(
+        &Location::parse(&format!("http://127.0.0.1:{port}/manifest")),
+        opts(&f),
+    ));
+    assert!(e.contains("cannot read the manifest") && e.contains("127.0.0.1"), "{e}");
+    for e in [&e] {
+        assert!(!e.contains('\n'), "one line: {e}");
+    }
+}
+
+fn mount_tmpfs(dir: &Path, size: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(dir)
+        .status()
+        .expect("run mount");
+    assert!(st.success(), "mounting a tmpfs for the disk-full test failed (run as root)");
+}
+
+#[test]
+fn disk_full_fails_reads_clearly_and_marks_nothing() {
+    let f = fixture(4 << 20, 64 << 10, 12);
+    let srv = FaultServer::start(&f.serve, "blob");
+    let cache = f.root.join("smallcache");
+    mount_tmpfs(&cache, "256k");
+    let mut o = opts(&f);
+    o.cache_root = cache.clone();
+    let res = std::panic::catch_unwind(|| {
+        let store = ChunkStore::open(&Location::parse(&srv.url("manifest")), o.clone()).unwrap();
+        let mut buf = vec![0u8; 4 << 20];
+        let err = store.read_at(0, &mut buf).unwrap_err();
+        assert!(err.to_string().contains("disk full while writing the cache file"), "{err}");
+        let present: Vec<u64> = (0..store.manifest().chunk_count())
+            .filter(|&i| store.chunk_present(i))
+            .collect();
+        let data = std::fs::read(store.data_path()).unwrap();
+        for i in present {
+            let a = (i * 65536) as usize;
+            let b = (a + 65536).min(f.image.len());
+            assert_eq!(&data[a..b], &f.image[a..b], "chunk {i}");
+        }
+    });
+    let _ = std::process::Command::new("umount").arg(&cache).status();
+    res.unwrap();
+}
+
+#[test]
+fn bad_local_state_is_repaired_not_trusted() {
+    let f = fixture(1 << 20, 64 << 10, 13);
+    let srv = FaultServer::start(&f.serve, "blob");
+    let loc = Location::parse(&srv.url("manifest"));
+    let cache_dir = {
+        let store = ChunkStore::open(&loc, opts(&f)).unwrap();
+        assert_eq!(read_all(&store, f.image.len()), f.image);
+        store.cache_dir().to_path_buf()
+    };
+    // Corrupt cached data: a clean bitmap says present, but the checksum still matches, so
+    // flip data AND mark the bitmap dirty (as after a crash): re-verification must catch it.
+    let data_path = cache_dir.join("data");
+    let mut data = std::fs::read(&data_path).unwrap();
+    let victim = (0..16).find(|i| f.image[i * 65536..(i + 1) * 65536].iter().any(|&b| b != 0)).unwrap();
+    data[victim * 65536 + 100] ^= 0xff;
+    std::fs::write(&data_path, &data).unwrap();
+    let mut bm = std::fs::read(cache_dir.join("bitmap")).unwrap();
+    bm[12] = 0; // clear the clean flag
+    std::fs::write(cache_dir.join("bitmap"), &bm).unwrap();
+    {
+        let store = ChunkStore::open(&loc, opts(&f)).unwrap();
+        assert_eq!(store.open_report().dropped, 1, "{:?}", store.open_report());
+        assert!(!store.chunk_present(victim as u64));
+        assert_eq!(read_all(&store, f.image.len()), f.image);
+    }
+    // Truncated bitmap: discarded with a reason, then everything still reads right.
+    let bm = std::fs::read(cache_dir.join("bitmap")).unwrap();
+    std::fs::write(cache_dir.join("bitmap"), &bm[..bm.len() / 2]).unwrap();
+    {
+        let store = ChunkStore::open(&loc, opts(&f)).unwrap();
+        let why = store.open_report().discarded.clone().unwrap();
+        assert!(why.contains("bitmap"), "{why}");
+        assert_eq!(read_all(&store, f.image.len()), f.image);
+    }
+    // Truncated data file.
+    std::fs::OpenOptions::new().write(true).open(&data_path).unwrap().set_len(1000).unwrap();
+    {
+        let store = ChunkStore::open(&loc, opts(&f)).unwrap();
+        assert!(store.open_report().discarded.is_some());
+        assert_eq!(read_all(&store, f.image.len()), f.image);
+    }
+    // A bitmap from another image.
+    let g = fixture(1 << 20, 64 << 10, 14);
+    let other = opts(&g).cache_root.join(g.id.hex());
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::copy(cache_dir.join("bitmap"), other.join("bitmap")).unwrap();
+    std::fs::copy(cache_dir.join("data"), other.join("data")).unwrap();
+    std::fs::write(other.join("manifest"), std::fs::read(g.serve.join("manifest")).unwrap()).unwrap();
+    let srv2 = FaultServer::start(&g.serve, "blob");
+    let store = ChunkStore::open(&Location::parse(&srv2.url("manifest")), opts(&g)).unwrap();
+    let why = store.open_report().discarded.clone().unwrap();
+    assert!(why.contains("another image"), "{why}");
+    assert_eq!(read_all(&store, g.image.len()), g.image);
+}
+
+#[test]
+fn same_chunk_misses_fetch_once() {
+    let f = fixture(1 << 20, 1 << 20, 15);
+    let srv = FaultServer::start(&f.serve, "blob");
+    let store = Arc::new(ChunkStore::open(&Location::parse(&srv.url("manifest")), opts(&f)).unwrap());
+    let before = srv.target_requests();
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let s = store.clone();
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 4096];
+                s.read_at(t * 8192, &mut buf).unwrap();
+                buf
+            })
+        })
+        .collect();
+    for (t, h) in threads.into_iter().enumerate() {
+        assert_eq!(h.join().unwrap(), f.image[t * 8192..t * 8192 + 4096]);
+    }
+    assert_eq!(srv.target_requests() - before, 1, "one chunk, one request");
+}
+
+#[test]
+fn a_cache_in_use_is_refused() {
+    let f = fixture(256 << 10, 64 << 10, 16);
+    let srv = FaultServer::start(&f.serve, "blob");
+    let loc = Location::parse(&srv.url("manifest"));
+    let _a = ChunkStore::open(&loc, opts(&f)).unwrap();
+    let e = ChunkStore::open(&loc, opts(&f)).err().unwrap().to_string();
+    assert!(e.contains("in use by another lazyblk process"), "{e}");
+}
+
+#[test]
+fn local_path_remote_works_offline_after_hydration() {
+    let f = fixture(1 << 20, 64 << 10, 17);
+    let loc = Location::parse(f.serve.join("manifest").to_str().unwrap());
+    let store = ChunkStore::open(&loc, opts(&f)).unwrap();
+    assert_eq!(read_all(&store, f.image.len()), f.image);
+    drop(store);
+    // Remote gone, cache complete: still serves.
+    let moved = f.root.join("moved");
+    std::fs::rename(f.serve.join("blob"), &moved).unwrap();
+    let mut o = opts(&f);
+    o.expected_id = Some(f.id);
+    let e = ChunkStore::open(&loc, o.clone()).err().map(|e| e.to_string());
+    // A local path that is gone is a permanent error: say so.
+    assert!(e.unwrap().contains("blob"));
+    std::fs::rename(&moved, f.serve.join("blob")).unwrap();
+    let store = ChunkStore::open(&loc, o).unwrap();
+    assert_eq!(read_all(&store, f.image.len()), f.image);
+}
