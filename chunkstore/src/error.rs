@@ -42,7 +42,7 @@ pub enum Error {
         detail: String,
     },
     /// Fetching from the remote failed.
-    #[error("{0}")]
+    #[error(transparent)]
     Remote(#[from] crate::remote::RemoteError),
     /// The cache directory is unusable.
     #[error("cache {path}: {detail}")]

@@ -1,1 +1,446 @@
-//! stub
+//! lazyblk's ublk frontend: serve any [`BlockSource`] as `/dev/ublkbN`.
+//!
+//! One thread per hardware queue runs a single-threaded executor over libublk's per-queue
+//! io_uring. Each of the queue's `depth` tags is an async task: it takes an IO command from the
+//! kernel, serves it, commits the result and waits for the next one.
+//!
+//! * A read whose range is local ([`BlockSource::locate`]) is a plain `read` on the queue's own
+//!   ring, straight from the cache file into the IO buffer.
+//! * A read with missing data calls [`BlockSource::fetch`] and parks the tag. The fetch finishes
+//!   on a fetcher thread, which posts `(tag, result)` to the queue's [`notify::Notifier`] and
+//!   writes its eventfd. A `POLL_ADD` on that eventfd is kept armed in the ring, so the queue
+//!   thread, asleep in `io_uring_enter`, wakes, drains the posts and resumes the parked tags.
+//!   Only the queue thread ever completes its IOs; many misses on one queue run in parallel.
+//!
+//! Devices are created with `UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE`, so a new
+//! daemon can take over a device whose daemon died ([`Options::recover`]) without the kernel
+//! failing IO or unmounting anything.
+
+mod notify;
+
+use lazyblk_blocksource::BlockSource;
+use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
+use libublk::helpers::IoBuf;
+use libublk::io::{UblkDev, UblkQueue};
+use libublk::uring_async::ublk_submit_sqe_async;
+use libublk::{BufDesc, UblkError, UblkFlags, UblkUringData};
+use notify::Notifier;
+use std::path::Path;
+use std::rc::Rc;
+use std::sync::Arc;
+
+/// Errors of the ublk frontend.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The kernel has no ublk driver.
+    #[error("this kernel has no ublk: /dev/ublk-control is missing (load it with `modprobe ublk_drv`; needs CONFIG_BLK_DEV_UBLK, Linux 6.0 or later)")]
+    NoUblk,
+    /// Not allowed to open the control device.
+    #[error("permission denied on /dev/ublk-control: run as root")]
+    NotRoot,
+    /// The requested device id is in use.
+    #[error("ublk device id {0} is already taken")]
+    IdTaken(u32),
+    /// No such device.
+    #[error("no ublk device with id {0}")]
+    NoDevice(u32),
+    /// The device cannot be recovered.
+    #[error("ublk device {id} cannot be recovered: {why}")]
+    NotRecoverable {
+        /// Device id.
+        id: u32,
+        /// Why not.
+        why: String,
+    },
+    /// libublk reported an error.
+    #[error("ublk: {0}")]
+    Ublk(String),
+}
+
+impl Error {
+    /// The positive errno closest to this error.
+    pub fn errno(&self) -> i32 {
+        match self {
+            Error::NoUblk => libc::ENODEV,
+            Error::NotRoot => libc::EPERM,
+            Error::IdTaken(_) => libc::EEXIST,
+            Error::NoDevice(_) => libc::ENOENT,
+            Error::NotRecoverable { .. } => libc::EINVAL,
+            Error::Ublk(_) => libc::EIO,
+        }
+    }
+}
+
+fn ublk_err(e: UblkError) -> Error {
+    Error::Ublk(e.to_string())
+}
+
+/// How to create (or recover) a device.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Device id to use; `None` lets the kernel choose.
+    pub id: Option<u32>,
+    /// Hardware queues.
+    pub queues: u16,
+    /// Queue depth.
+    pub depth: u16,
+    /// Largest IO in bytes.
+    pub io_buf_bytes: u32,
+    /// Take over an existing, quiesced device instead of adding one.
+    pub recover: bool,
+    /// Opaque JSON stored with the device (for `list` and `recover`).
+    pub target_data: serde_json::Value,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            id: None,
+            queues: 2,
+            depth: 64,
+            io_buf_bytes: 512 << 10,
+            recover: false,
+            target_data: serde_json::Value::Null,
+        }
+    }
+}
+
+/// A device that is live.
+#[derive(Clone, Debug)]
+pub struct LiveDevice {
+    /// Device id (N in `/dev/ublkbN`).
+    pub id: u32,
+    /// Block device path.
+    pub bdev: String,
+    /// Feature flags the kernel accepted.
+    pub flags: u64,
+}
+
+impl LiveDevice {
+    /// Whether the kernel accepted user recovery for this device.
+    pub fn recoverable(&self) -> bool {
+        self.flags & u64::from(libublk::sys::UBLK_F_USER_RECOVERY) != 0
+    }
+}
+
+/// Device states as reported by the driver.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DevState {
+    /// Not started or stopped.
+    Dead,
+    /// Serving IO.
+    Live,
+    /// The daemon died; IO is parked, waiting for `recover`.
+    Quiesced,
+    /// The daemon died; IO fails.
+    FailIo,
+    /// Unknown state value.
+    Other(u16),
+}
+
+/// Name of the target type stored with devices.
+pub const TARGET_NAME: &str = "lazyblk";
+
+/// Fail early when device id `id` is already in use.
+pub fn check_id_free(id: u32) -> Result<(), Error> {
+    if Path::new(&format!("/sys/class/ublk-char/ublkc{id}")).exists() {
+        return Err(Error::IdTaken(id));
+    }
+    Ok(())
+}
+
+/// Fail early with a clear error when ublk is not usable here.
+pub fn check_kernel() -> Result<(), Error> {
+    let p = Path::new("/dev/ublk-control");
+    if !p.exists() {
+        return Err(Error::NoUblk);
+    }
+    match std::fs::OpenOptions::new().read(true).write(true).open(p) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Err(Error::NotRoot),
+        Err(e) => Err(Error::Ublk(format!("/dev/ublk-control: {e}"))),
+    }
+}
+
+fn state_of(v: u16) -> DevState {
+    match u32::from(v) {
+        libublk::sys::UBLK_S_DEV_DEAD => DevState::Dead,
+        libublk::sys::UBLK_S_DEV_LIVE => DevState::Live,
+        libublk::sys::UBLK_S_DEV_QUIESCED => DevState::Quiesced,
+        libublk::sys::UBLK_S_DEV_FAIL_IO => DevState::FailIo,
+        _ => DevState::Other(v),
+    }
+}
+
+fn open_ctrl(id: u32) -> Result<UblkCtrl, Error> {
+    check_kernel()?;
+    if !Path::new(&format!("/sys/class/ublk-char/ublkc{id}")).exists() {
+        return Err(Error::NoDevice(id));
+    }
+    UblkCtrl::new_simple(id as i32).map_err(|_| Error::NoDevice(id))
+}
+
+/// The driver's state for device `id`, and the target data stored with it.
+pub fn device_state(id: u32) -> Result<(DevState, Option<serde_json::Value>), Error> {
+    let ctrl = open_ctrl(id)?;
+    let info = ctrl.dev_info();
+    Ok((state_of(info.state), ctrl.get_target_data_from_json()))
+}
+
+/// Ids of all ublk devices.
+pub fn device_ids() -> Vec<u32> {
+    let mut ids = Vec::new();
+    if let Ok(rd) = std::fs::read_dir("/sys/class/ublk-char") {
+        for e in rd.flatten() {
+            if let Some(n) = e.file_name().to_str().and_then(|n| n.strip_prefix("ublkc")) {
+                if let Ok(id) = n.parse() {
+                    ids.push(id);
+                }
+            }
+        }
+    }
+    ids.sort();
+    ids
+}
+
+/// Stop device `id` (its daemon's queues exit; the device stays until deleted).
+pub fn stop(id: u32) -> Result<(), Error> {
+    open_ctrl(id)?.kill_dev().map(|_| ()).map_err(ublk_err)
+}
+
+/// Delete device `id`.
+pub fn delete(id: u32) -> Result<(), Error> {
+    open_ctrl(id)?.del_dev().map(|_| ()).map_err(ublk_err)
+}
+
+/// Create (or recover) a device over `source` and serve it until it is stopped or deleted.
+/// `on_live` runs once the block device exists.
+pub fn serve(
+    source: Arc<dyn BlockSource>,
+    opts: &Options,
+    on_live: impl FnOnce(&LiveDevice) + Send + Sync + 'static,
+) -> Result<(), Error> {
+    check_kernel()?;
+    let geo = source.geometry();
+    let recovery_flags =
+        u64::from(libublk::sys::UBLK_F_USER_RECOVERY | libublk::sys::UBLK_F_USER_RECOVERY_REISSUE);
+    let (id, dev_flags) = if opts.recover {
+        let id = opts.id.ok_or_else(|| Error::Ublk("recover needs a device id".into()))?;
+        let ctrl = open_ctrl(id)?;
+        let info = ctrl.dev_info();
+        if info.flags & u64::from(libublk::sys::UBLK_F_USER_RECOVERY) == 0 {
+            return Err(Error::NotRecoverable {
+                id,
+                why: "it was created without UBLK_F_USER_RECOVERY".into(),
+            });
+        }
+        match state_of(info.state) {
+            DevState::Quiesced | DevState::FailIo => {}
+            s => {
+                return Err(Error::NotRecoverable {
+                    id,
+                    why: format!("its daemon is not dead (state {s:?})"),
+                })
+            }
+        }
+        ctrl.start_user_recover().map_err(ublk_err)?;
+        (id as i32, UblkFlags::UBLK_DEV_F_RECOVER_DEV)
+    } else {
+        if let Some(id) = opts.id {
+            check_id_free(id)?;
+        }
+        (opts.id.map_or(-1, |i| i as i32), UblkFlags::UBLK_DEV_F_ADD_DEV)
+    };
+    let ctrl = UblkCtrlBuilder::default()
+        .name(TARGET_NAME)
+        .id(id)
+        .nr_queues(opts.queues.max(1))
+        .depth(opts.depth.max(1))
+        .io_buf_bytes(opts.io_buf_bytes)
+        .ctrl_flags(recovery_flags)
+        .dev_flags(dev_flags)
+        .build()
+        .map_err(|e| match e {
+            UblkError::UringIOError(r) if r == -libc::EEXIST => Error::IdTaken(id as u32),
+            other => ublk_err(other),
+        })?;
+    let target_data = opts.target_data.clone();
+    let read_only = geo.read_only;
+    let tgt_init = move |dev: &mut UblkDev| {
+        let max_sectors = dev.dev_info.max_io_buf_bytes >> 9;
+        let tgt = &mut dev.tgt;
+        tgt.dev_size = geo.size;
+        let shift = geo.block_size.trailing_zeros() as u8;
+        tgt.params = libublk::sys::ublk_params {
+            types: libublk::sys::UBLK_PARAM_TYPE_BASIC,
+            basic: libublk::sys::ublk_param_basic {
+                attrs: if read_only { libublk::sys::UBLK_ATTR_READ_ONLY } else { 0 },
+                logical_bs_shift: shift,
+                physical_bs_shift: shift,
+                io_opt_shift: shift,
+                io_min_shift: shift,
+                max_sectors,
+                dev_sectors: geo.size >> 9,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        dev.set_target_json(serde_json::json!({ TARGET_NAME: target_data }));
+        Ok(())
+    };
+    let src = source.clone();
+    let q_fn = move |qid: u16, dev: &UblkDev| queue_main(qid, dev, src.clone());
+    let wh = move |c: &UblkCtrl| {
+        let info = c.dev_info();
+        on_live(&LiveDevice {
+            id: info.dev_id,
+            bdev: c.get_bdev_path(),
+            flags: info.flags,
+        });
+    };
+    ctrl.run_target(tgt_init, q_fn, wh).map_err(ublk_err)?;
+    Ok(())
+}
+
+fn queue_main(qid: u16, dev: &UblkDev, source: Arc<dyn BlockSource>) {
+    let depth = dev.dev_info.queue_depth;
+    let q = match UblkQueue::new(qid, dev) {
+        Ok(q) => Rc::new(q),
+        Err(e) => {
+            tracing::error!("queue {qid}: {e}");
+            return;
+        }
+    };
+    let notifier = match Notifier::new(depth) {
+        Ok(n) => Arc::new(n),
+        Err(e) => {
+            tracing::error!("queue {qid}: eventfd: {e}");
+            return;
+        }
+    };
+    let exe = smol::LocalExecutor::new();
+    let mut tasks = Vec::new();
+    for tag in 0..depth {
+        let (q, n, s) = (q.clone(), notifier.clone(), source.clone());
+        tasks.push(exe.spawn(async move {
+            match io_task(&q, tag, &n, &*s).await {
+                Ok(()) | Err(UblkError::QueueIsDown) => {}
+                Err(e) => tracing::error!("queue {qid} tag {tag}: {e}"),
+            }
+        }));
+    }
+    {
+        let (q, n) = (q.clone(), notifier.clone());
+        exe.spawn(async move { n.run(&q).await }).detach();
+    }
+    smol::block_on(exe.run(async {
+        let run_ops = || while exe.try_tick() {};
+        let done = || tasks.iter().all(|t| t.is_finished());
+        if let Err(e) = libublk::wait_and_handle_io_events(&q, Some(20), run_ops, done).await {
+            if !matches!(e, UblkError::QueueIsDown) {
+                tracing::error!("queue {qid}: {e}");
+            }
+        }
+    }));
+}
+
+async fn io_task(
+    q: &UblkQueue<'_>,
+    tag: u16,
+    notifier: &Arc<Notifier>,
+    source: &dyn BlockSource,
+) -> Result<(), UblkError> {
+    let mut buf = IoBuf::<u8>::new(q.dev.dev_info.max_io_buf_bytes as usize);
+    q.submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), 0, Some(&buf))
+        .await?;
+    loop {
+        let res = handle_io(q, tag, notifier, source, buf.as_mut_slice()).await;
+        q.submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res)
+            .await?;
+    }
+}
+
+async fn handle_io(
+    q: &UblkQueue<'_>,
+    tag: u16,
+    notifier: &Arc<Notifier>,
+    source: &dyn BlockSource,
+    buf: &mut [u8],
+) -> i32 {
+    let iod = q.get_iod(tag);
+    let op = iod.op_flags & 0xff;
+    let off = iod.start_sector << 9;
+    let len = (iod.nr_sectors as usize) << 9;
+    match op {
+        libublk::sys::UBLK_IO_OP_READ => {
+            if len > buf.len() {
+                return -libc::EINVAL;
+            }
+            let loc = match source.locate(off, len as u64) {
+                Some(loc) => loc,
+                None => {
+                    let n = notifier.clone();
+                    source.fetch(
+                        off,
+                        len as u64,
+                        Box::new(move |r| n.post(tag, r.map_err(|e| e.errno()))),
+                    );
+                    if let Err(errno) = notifier.wait(tag).await {
+                        tracing::warn!("read {off}+{len} failed: errno {errno}");
+                        return -errno;
+                    }
+                    match source.locate(off, len as u64) {
+                        Some(loc) => loc,
+                        None => return -libc::EIO,
+                    }
+                }
+            };
+            read_local(loc.fd, loc.offset, &mut buf[..len]).await
+        }
+        libublk::sys::UBLK_IO_OP_FLUSH => match source.flush() {
+            Ok(()) => 0,
+            Err(e) => -e.errno(),
+        },
+        libublk::sys::UBLK_IO_OP_WRITE => match source.write_at(off, &buf[..len.min(buf.len())]) {
+            Ok(()) => len as i32,
+            Err(e) => -e.errno(),
+        },
+        libublk::sys::UBLK_IO_OP_DISCARD | libublk::sys::UBLK_IO_OP_WRITE_ZEROES => {
+            match source.discard(off, len as u64) {
+                Ok(()) => 0,
+                Err(e) => -e.errno(),
+            }
+        }
+        _ => -libc::EOPNOTSUPP,
+    }
+}
+
+/// Read `buf.len()` bytes at `offset` of `fd` on the queue's ring, retrying short reads.
+async fn read_local(fd: i32, offset: u64, buf: &mut [u8]) -> i32 {
+    let mut done = 0usize;
+    while done < buf.len() {
+        let rest = &mut buf[done..];
+        let sqe = io_uring::opcode::Read::new(
+            io_uring::types::Fd(fd),
+            rest.as_mut_ptr(),
+            rest.len() as u32,
+        )
+        .offset(offset + done as u64)
+        .build();
+        let r = ublk_submit_sqe_async(sqe, UblkUringData::Target as u64)
+            .await
+            .unwrap_or(-libc::EIO);
+        if r == -libc::EAGAIN || r == -libc::EINTR {
+            continue;
+        }
+        if r < 0 {
+            return r;
+        }
+        if r == 0 {
+            rest.fill(0);
+            break;
+        }
+        done += r as usize;
+    }
+    buf.len() as i32
+}

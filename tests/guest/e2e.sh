@@ -1,0 +1,93 @@
+# Guest: the end-to-end suite of issue 3 (ublk device, erofs + overlay, lazy loading, two
+# devices, del, re-add). Data: /www/img1, /www/img2 (built on the host), /expected/*.txt.
+. /guest/lib.sh
+export LAZYBLK_CACHE_DIR=/var/cache/lazyblk
+start_nginx /www 8080
+BLOB1_SIZE=$(wc -c < /www/img1/blob)
+
+step "add image 1"
+DEV1=$(lazyblk add http://127.0.0.1:8080/img1/manifest) || die "lazyblk add"
+echo "device: $DEV1"
+check "add printed a ublk block device" test -b "$DEV1"
+mkdir -p /mnt/img1
+mount -t erofs -o ro "$DEV1" /mnt/img1 || die "mount erofs"
+ok "erofs mounted from $DEV1"
+
+step "lazy: reading a few small files fetches a small fraction"
+cat /mnt/img1/small/d3/f10.txt /mnt/img1/deep/level0/level1/level2/level3/level4/level5/level6/level7/level8/level9/level10/level11/level12/level13/level14/level15/level16/level17/level18/level19/level20/level21/level22/level23/bottom.txt > /dev/null
+ls -l /mnt/img1/large > /dev/null
+SMALL=$(served_bytes 8080 /img1/blob)
+echo "blob bytes served after a few small reads: $SMALL of $BLOB1_SIZE"
+check "a small read fetched under 25% of the blob" [ $((SMALL * 4)) -lt "$BLOB1_SIZE" ]
+
+step "every file and all metadata match the source"
+lazyblk-testkit digest-tree /mnt/img1 > /tmp/got1.txt
+if ! diff /expected/img1.txt /tmp/got1.txt; then die "tree 1 differs from the source"; fi
+ok "tree 1: sha256 of every file, modes, sizes, link targets, hardlinks, xattrs match"
+lazyblk list
+lazyblk status "${DEV1#/dev/ublkb}"
+FULL=$(served_bytes 8080 /img1/blob)
+echo "blob bytes served after reading everything: $FULL of $BLOB1_SIZE"
+
+step "overlay on top accepts writes, renames and deletes"
+mkdir -p /tmp/ov/upper /tmp/ov/work /mnt/merged
+mount -t overlay overlay -o lowerdir=/mnt/img1,upperdir=/tmp/ov/upper,workdir=/tmp/ov/work /mnt/merged || die "mount overlay"
+echo "new data" > /mnt/merged/small/d0/new.txt
+echo "appended" >> /mnt/merged/large/text.txt
+mv /mnt/merged/small/d1/f0.txt /mnt/merged/small/d1/renamed.txt
+rm /mnt/merged/small/d2/f1.txt
+rm -r /mnt/merged/deep
+check "new file readable" grep -q "new data" /mnt/merged/small/d0/new.txt
+check "append visible" sh -c 'tail -n 1 /mnt/merged/large/text.txt | grep -q appended'
+check "rename visible" test -f /mnt/merged/small/d1/renamed.txt -a ! -e /mnt/merged/small/d1/f0.txt
+check "delete visible" test ! -e /mnt/merged/small/d2/f1.txt -a ! -e /mnt/merged/deep
+check "lower layer untouched" test -f /mnt/img1/small/d1/f0.txt -a -d /mnt/img1/deep
+umount /mnt/merged
+
+step "two devices from two images at once"
+DEV2=$(lazyblk add http://127.0.0.1:8080/img2/manifest --queues 1 --depth 16) || die "add image 2"
+check "second device differs" [ "$DEV1" != "$DEV2" ]
+mkdir -p /mnt/img2
+mount -t erofs -o ro "$DEV2" /mnt/img2 || die "mount image 2"
+lazyblk-testkit digest-tree /mnt/img2 > /tmp/got2.txt
+if ! diff /expected/img2.txt /tmp/got2.txt; then die "tree 2 differs"; fi
+ok "tree 2 matches while tree 1 is mounted"
+lazyblk-testkit digest-tree /mnt/img1 > /tmp/got1b.txt
+check "tree 1 still matches" cmp -s /expected/img1.txt /tmp/got1b.txt
+lazyblk list | tee /tmp/list.txt
+check "list shows both devices live" [ "$(grep -c ' live' /tmp/list.txt)" -eq 2 ]
+
+step "errors are one clear line"
+if lazyblk status 99 2> /tmp/err.txt; then die "status of an unknown device succeeded"; fi
+cat /tmp/err.txt
+check "unknown device id named" grep -q "no ublk device with id 99" /tmp/err.txt
+check "one line" [ "$(wc -l < /tmp/err.txt)" -eq 1 ]
+if lazyblk add http://127.0.0.1:8080/nothing/manifest 2> /tmp/err.txt; then die "add of a missing image succeeded"; fi
+cat /tmp/err.txt
+check "unreachable image named" grep -q "cannot read the manifest.*404" /tmp/err.txt
+if lazyblk add http://127.0.0.1:8080/img1/manifest --id "${DEV2#/dev/ublkb}" 2> /tmp/err.txt; then die "add with a taken id succeeded"; fi
+cat /tmp/err.txt
+check "taken id named" grep -q "ublk device id ${DEV2#/dev/ublkb} is already taken" /tmp/err.txt
+
+step "unmount and del leave no device behind"
+umount /mnt/img1
+umount /mnt/img2
+lazyblk del "${DEV1#/dev/ublkb}" || die "del 1"
+lazyblk del --all || die "del --all"
+sleep 0.5
+check "no /dev/ublkb* left" no_ublk_devices
+check "list is empty" [ "$(lazyblk list | wc -l)" -eq 1 ]
+
+step "re-add after del fetches nothing already present"
+BEFORE=$(served_requests 8080 /img1/blob)
+DEV1=$(lazyblk add http://127.0.0.1:8080/img1/manifest) || die "re-add"
+mount -t erofs -o ro "$DEV1" /mnt/img1 || die "remount"
+lazyblk-testkit digest-tree /mnt/img1 > /tmp/got1c.txt
+check "tree 1 matches after re-add" cmp -s /expected/img1.txt /tmp/got1c.txt
+AFTER=$(served_requests 8080 /img1/blob)
+echo "blob range requests before re-add: $BEFORE, after a full read: $AFTER"
+check "no blob range requests after re-add" [ "$AFTER" -eq "$BEFORE" ]
+umount /mnt/img1
+lazyblk del --all
+check "clean at the end" no_ublk_devices
+summary
