@@ -43,7 +43,9 @@ pub struct Decoded {
 }
 
 fn checksum(bits: &[u8]) -> [u8; 8] {
-    blake3::hash(bits).as_bytes()[..8].try_into().expect("8 bytes")
+    blake3::hash(bits).as_bytes()[..8]
+        .try_into()
+        .expect("8 bytes")
 }
 
 /// Encode a header.
@@ -239,7 +241,9 @@ mod tests {
         bytes[HEADER_LEN] ^= 0x4;
         assert_eq!(decode(&bytes, &id, 20).unwrap().trust, Trust::Verify);
         // Another image, truncation, wrong chunk count.
-        assert!(decode(&bytes, &ImageId([4; 32]), 20).unwrap_err().contains("another image"));
+        assert!(decode(&bytes, &ImageId([4; 32]), 20)
+            .unwrap_err()
+            .contains("another image"));
         assert!(decode(&bytes[..66], &id, 20).is_err());
         assert!(decode(&bytes, &id, 21).is_err());
         // Reopen marks dirty again.

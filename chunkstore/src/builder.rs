@@ -1,7 +1,9 @@
 //! Cut a raw image into chunks: the blob and the manifest (`lazyblk build`).
 
 use crate::error::{Error, Result};
-use crate::format::{valid_blob_name, Encoding, Entry, ImageId, Manifest, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
+use crate::format::{
+    valid_blob_name, Encoding, Entry, ImageId, Manifest, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE,
+};
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};
@@ -70,7 +72,10 @@ pub fn build_image(
         )));
     }
     if !valid_blob_name(&opts.blob_name) || opts.blob_name == MANIFEST_FILE {
-        return Err(Error::Invalid(format!("invalid blob name {:?}", opts.blob_name)));
+        return Err(Error::Invalid(format!(
+            "invalid blob name {:?}",
+            opts.blob_name
+        )));
     }
     let mut input = File::open(image).map_err(|e| Error::io(image, e))?;
     let image_size = input.metadata().map_err(|e| Error::io(image, e))?.len();
@@ -90,7 +95,8 @@ pub fn build_image(
     let mut buf = vec![0u8; cs];
     let mut blob_off = 0u64;
     let mut zero_chunks = 0;
-    let mut compressor = zstd::bulk::Compressor::new(opts.level).map_err(|e| Error::io(image, e))?;
+    let mut compressor =
+        zstd::bulk::Compressor::new(opts.level).map_err(|e| Error::io(image, e))?;
     for i in 0..chunks {
         let len = (image_size - i * cs as u64).min(cs as u64) as usize;
         input
@@ -126,7 +132,9 @@ pub fn build_image(
         }
         progress((i * cs as u64 + len as u64).min(image_size));
     }
-    let blob_file = blob.into_inner().map_err(|e| Error::io(&tmp_blob, e.into_error()))?;
+    let blob_file = blob
+        .into_inner()
+        .map_err(|e| Error::io(&tmp_blob, e.into_error()))?;
     blob_file.sync_all().map_err(|e| Error::io(&tmp_blob, e))?;
     std::fs::rename(&tmp_blob, &blob_path).map_err(|e| Error::io(&blob_path, e))?;
     let manifest = Manifest {

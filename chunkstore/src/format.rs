@@ -15,14 +15,17 @@ pub const MAGIC: &[u8; 8] = b"LZBLKMAN";
 pub const VERSION: u32 = 1;
 /// Size of the fixed header.
 pub const HEADER_LEN: usize = 64;
-/// Size of one unique-chunk entry.
-pub const ENTRY_LEN: usize = 48;
+/// Size of one unique-chunk entry: a 32-byte digest and a `u32` whose top bit marks a raw
+/// (uncompressed) chunk and whose low 31 bits are the stored length. Blob offsets are implied:
+/// entries are stored in blob order, back to back.
+pub const ENTRY_LEN: usize = 36;
+const RAW_FLAG: u32 = 1 << 31;
 /// Smallest chunk size allowed.
 pub const MIN_CHUNK_SIZE: u32 = 4096;
 /// Largest chunk size allowed.
 pub const MAX_CHUNK_SIZE: u32 = 64 << 20;
 /// Default chunk size (justified in `docs/FORMAT.md`).
-pub const DEFAULT_CHUNK_SIZE: u32 = 256 << 10;
+pub const DEFAULT_CHUNK_SIZE: u32 = 128 << 10;
 const COMPRESSION_ZSTD: u8 = 1;
 const DIGEST_BLAKE3: u8 = 1;
 
@@ -40,7 +43,7 @@ pub enum Encoding {
 pub struct Entry {
     /// BLAKE3 digest of the uncompressed bytes.
     pub digest: [u8; 32],
-    /// Offset of the stored bytes in the blob.
+    /// Offset of the stored bytes in the blob (implied by the entry order in the encoding).
     pub blob_offset: u64,
     /// Length of the stored bytes in the blob.
     pub stored_len: u32,
@@ -164,6 +167,16 @@ impl Manifest {
         }
     }
 
+    /// Whether entries are back to back from offset 0 (the only layout the encoding can hold).
+    pub fn entries_contiguous(&self) -> bool {
+        let mut at = 0u64;
+        self.entries.iter().all(|e| {
+            let ok = e.blob_offset == at;
+            at += u64::from(e.stored_len);
+            ok
+        }) && at == self.blob_size
+    }
+
     /// Sum of stored bytes of all unique chunks.
     pub fn stored_bytes(&self) -> u64 {
         self.entries.iter().map(|e| u64::from(e.stored_len)).sum()
@@ -193,12 +206,12 @@ impl Manifest {
         for (i, e) in self.entries.iter().enumerate() {
             let at = entries_at + ENTRY_LEN * i;
             out[at..at + 32].copy_from_slice(&e.digest);
-            out[at + 32..at + 40].copy_from_slice(&e.blob_offset.to_le_bytes());
-            out[at + 40..at + 44].copy_from_slice(&e.stored_len.to_le_bytes());
-            out[at + 44] = match e.encoding {
-                Encoding::Zstd => 1,
-                Encoding::Raw => 2,
-            };
+            let word = e.stored_len
+                | match e.encoding {
+                    Encoding::Zstd => 0,
+                    Encoding::Raw => RAW_FLAG,
+                };
+            out[at + 32..at + 36].copy_from_slice(&word.to_le_bytes());
         }
         out
     }
@@ -291,25 +304,21 @@ impl Manifest {
         }
         let max_stored = u64::from(chunk_size) + (u64::from(chunk_size) >> 7) + 4096;
         let mut entries = Vec::with_capacity(unique as usize);
+        let mut blob_offset = 0u64;
         for i in 0..unique as usize {
             let at = entries_at + ENTRY_LEN * i;
             let digest: [u8; 32] = b[at..at + 32].try_into().expect("32 bytes");
-            let blob_offset = le_u64(b, at + 32);
-            let stored_len = le_u32(b, at + 40);
-            let encoding = match b[at + 44] {
-                1 => Encoding::Zstd,
-                2 => Encoding::Raw,
-                e => return Err(bad(format!("entry {i}: unknown encoding {e}"))),
+            let word = le_u32(b, at + 32);
+            let stored_len = word & !RAW_FLAG;
+            let encoding = if word & RAW_FLAG != 0 {
+                Encoding::Raw
+            } else {
+                Encoding::Zstd
             };
-            if b[at + 45..at + 48] != [0, 0, 0] {
-                return Err(bad(format!("entry {i}: reserved bytes are not zero")));
-            }
             if stored_len == 0 || u64::from(stored_len) > max_stored {
-                return Err(bad(format!("entry {i}: invalid stored length {stored_len}")));
-            }
-            match blob_offset.checked_add(u64::from(stored_len)) {
-                Some(end) if end <= blob_size => {}
-                _ => return Err(bad(format!("entry {i} lies beyond the blob size {blob_size}"))),
+                return Err(bad(format!(
+                    "entry {i}: invalid stored length {stored_len}"
+                )));
             }
             entries.push(Entry {
                 digest,
@@ -317,6 +326,12 @@ impl Manifest {
                 stored_len,
                 encoding,
             });
+            blob_offset += u64::from(stored_len);
+        }
+        if blob_offset != blob_size {
+            return Err(bad(format!(
+                "entries add up to {blob_offset} blob bytes, the header says {blob_size}"
+            )));
         }
         let m = Manifest {
             image_size,
@@ -389,7 +404,10 @@ mod tests {
         ));
         let mut v = b.clone();
         v[0] = b'X';
-        assert!(Manifest::decode(&v).unwrap_err().to_string().contains("magic"));
+        assert!(Manifest::decode(&v)
+            .unwrap_err()
+            .to_string()
+            .contains("magic"));
         // entry beyond blob
         let mut m = sample();
         m.blob_size = 250;
@@ -409,5 +427,83 @@ mod tests {
         let id = ImageId::of(b"x");
         assert_eq!(ImageId::parse(&id.to_string()).unwrap(), id);
         assert!(ImageId::parse("sha256:zz").is_err());
+    }
+}
+
+/// Magic bytes of a prefetch list.
+pub const PREFETCH_MAGIC: &[u8; 8] = b"LZBLKPF1";
+/// File name of the prefetch list, served next to the manifest.
+pub const PREFETCH_FILE: &str = "prefetch";
+
+/// Chunks to fetch first, in order (recorded by `lazyblk trace`). Layout: magic `LZBLKPF1`,
+/// image id (32 bytes), count (`u32`), then `count` chunk indices (`u32`), little endian.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PrefetchList {
+    /// The image the list belongs to.
+    pub image: ImageId,
+    /// Chunk indices in first-access order.
+    pub chunks: Vec<u32>,
+}
+
+impl PrefetchList {
+    /// Encode to bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(44 + 4 * self.chunks.len());
+        out.extend_from_slice(PREFETCH_MAGIC);
+        out.extend_from_slice(&self.image.0);
+        out.extend_from_slice(&(self.chunks.len() as u32).to_le_bytes());
+        for c in &self.chunks {
+            out.extend_from_slice(&c.to_le_bytes());
+        }
+        out
+    }
+
+    /// Decode and validate against the image it must belong to.
+    pub fn decode(b: &[u8], image: &ImageId, chunk_count: u64) -> Result<PrefetchList> {
+        let bad = |m: String| Error::Invalid(format!("malformed prefetch list: {m}"));
+        if b.len() < 44 || &b[0..8] != PREFETCH_MAGIC {
+            return Err(bad("bad magic or truncated header".into()));
+        }
+        if b[8..40] != image.0 {
+            return Err(bad(format!(
+                "it belongs to image sha256:{}",
+                hex::encode(&b[8..40])
+            )));
+        }
+        let n = le_u32(b, 40) as usize;
+        if b.len() != 44 + 4 * n {
+            return Err(bad(format!("{} bytes for {n} entries", b.len())));
+        }
+        let mut chunks = Vec::with_capacity(n);
+        for i in 0..n {
+            let c = le_u32(b, 44 + 4 * i);
+            if u64::from(c) >= chunk_count {
+                return Err(bad(format!("chunk {c} is beyond the image")));
+            }
+            chunks.push(c);
+        }
+        Ok(PrefetchList {
+            image: *image,
+            chunks,
+        })
+    }
+}
+
+#[cfg(test)]
+mod prefetch_tests {
+    use super::*;
+
+    #[test]
+    fn prefetch_roundtrip_and_checks() {
+        let id = ImageId([5; 32]);
+        let p = PrefetchList {
+            image: id,
+            chunks: vec![3, 1, 2],
+        };
+        let b = p.encode();
+        assert_eq!(PrefetchList::decode(&b, &id, 4).unwrap(), p);
+        assert!(PrefetchList::decode(&b, &id, 3).is_err());
+        assert!(PrefetchList::decode(&b, &ImageId([6; 32]), 4).is_err());
+        assert!(PrefetchList::decode(&b[..b.len() - 1], &id, 4).is_err());
     }
 }

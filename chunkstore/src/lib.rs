@@ -17,4 +17,4 @@ pub mod store;
 pub use error::{Error, Result};
 pub use format::{ImageId, Manifest};
 pub use remote::Location;
-pub use store::{ChunkStore, OpenReport, StatsSnapshot, StoreOptions};
+pub use store::{gc, ChunkStore, GcEntry, OpenReport, StatsSnapshot, StoreOptions};

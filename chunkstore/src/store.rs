@@ -56,6 +56,17 @@ pub struct StoreOptions {
     pub fetch_threads: usize,
     /// Number of attempts at a chunk whose bytes fail verification before giving up.
     pub corrupt_attempts: u32,
+    /// Keep at most this many bytes of fetched chunks; cold chunks are evicted (they can be
+    /// fetched again). `None`: no limit.
+    pub cache_limit: Option<u64>,
+    /// How long an evicted chunk's bytes stay readable before its space is reclaimed, so a read
+    /// that located the chunk just before the eviction still reads valid data.
+    pub evict_grace: Duration,
+    /// Range requests in flight for background work (prefetch, hydration), on top of
+    /// `max_requests`, so on-demand misses never queue behind them.
+    pub background_requests: usize,
+    /// Fetch the prefetch list published next to the manifest, if any.
+    pub use_prefetch_list: bool,
 }
 
 impl Default for StoreOptions {
@@ -70,6 +81,10 @@ impl Default for StoreOptions {
             io_deadline: Some(Duration::from_secs(300)),
             fetch_threads: 2,
             corrupt_attempts: 3,
+            cache_limit: None,
+            evict_grace: Duration::from_secs(10),
+            background_requests: 2,
+            use_prefetch_list: true,
         }
     }
 }
@@ -87,6 +102,8 @@ struct Stats {
     failed_ios: AtomicU64,
     fetch_micros_total: AtomicU64,
     fetch_micros_max: AtomicU64,
+    evicted: AtomicU64,
+    background_chunks: AtomicU64,
 }
 
 /// A point-in-time copy of the store's counters.
@@ -118,6 +135,16 @@ pub struct StatsSnapshot {
     pub present_chunks: u64,
     /// Chunks in the image.
     pub total_chunks: u64,
+    /// Bytes of fetched (non-zero) chunks held in the cache.
+    pub cached_bytes: u64,
+    /// The cache limit in bytes (0: none).
+    pub cache_limit: u64,
+    /// Chunks evicted to stay under the limit.
+    pub evicted_chunks: u64,
+    /// Chunks fetched by prefetch or hydration.
+    pub background_chunks: u64,
+    /// Background work (prefetch list, hydration) has finished.
+    pub background_done: bool,
 }
 
 /// What opening found in the cache.
@@ -154,6 +181,13 @@ impl AtomicBits {
     }
     fn set(&self, i: u64) {
         self.0[(i / 64) as usize].fetch_or(1 << (i % 64), Ordering::Release);
+    }
+    /// Set bit `i`; returns whether it was already set.
+    fn test_and_set(&self, i: u64) -> bool {
+        self.0[(i / 64) as usize].fetch_or(1 << (i % 64), Ordering::AcqRel) & (1 << (i % 64)) != 0
+    }
+    fn clear(&self, i: u64) {
+        self.0[(i / 64) as usize].fetch_and(!(1 << (i % 64)), Ordering::AcqRel);
     }
     fn count(&self) -> u64 {
         self.0
@@ -209,11 +243,15 @@ struct Run {
     len: u64,
     parts: Vec<(Entry, Vec<u64>)>,
     deadline: Option<Instant>,
+    background: bool,
 }
 
 impl Run {
     fn chunks(&self) -> Vec<u64> {
-        self.parts.iter().flat_map(|(_, c)| c.iter().copied()).collect()
+        self.parts
+            .iter()
+            .flat_map(|(_, c)| c.iter().copied())
+            .collect()
     }
 }
 
@@ -234,6 +272,18 @@ struct Inner {
     persist_cv: Condvar,
     shutdown: AtomicBool,
     handle: tokio::runtime::Handle,
+    /// Clock "referenced" bits for eviction.
+    referenced: AtomicBits,
+    /// Chunks accessed since open, and their first-access order (for `lazyblk trace`).
+    accessed: AtomicBits,
+    trace: Mutex<Vec<u32>>,
+    /// Bytes of present non-zero chunks.
+    cached_bytes: AtomicU64,
+    background: tokio::sync::Semaphore,
+    background_done: AtomicBool,
+    epoch: Instant,
+    last_miss_ms: AtomicU64,
+    prefetch_list: Option<Vec<u32>>,
 }
 
 /// A verified, crash-consistent local cache of one image, fetching missing chunks on demand.
@@ -242,6 +292,7 @@ pub struct ChunkStore {
     report: OpenReport,
     bitmap: Arc<Mutex<Option<BitmapFile>>>,
     persister: Option<std::thread::JoinHandle<()>>,
+    maintenance: Option<std::thread::JoinHandle<()>>,
     runtime: Option<tokio::runtime::Runtime>,
     _lock: File,
 }
@@ -350,7 +401,9 @@ impl ChunkStore {
                 etag = info.etag;
             }
             Err(e) if e.is_transient() && !report.fresh => {
-                tracing::warn!("remote unreachable at open, serving from cache until it returns: {e}");
+                tracing::warn!(
+                    "remote unreachable at open, serving from cache until it returns: {e}"
+                );
                 report.offline = Some(e.to_string());
             }
             Err(e) => return Err(e.into()),
@@ -364,6 +417,13 @@ impl ChunkStore {
             &meta_path,
             &serde_json::to_vec_pretty(&meta).expect("meta serializes"),
         )?;
+
+        // The prefetch list published next to the manifest (optional).
+        let prefetch_list = if opts.use_prefetch_list {
+            load_prefetch(&runtime, manifest, &opts.http, &dir, &id, m.chunk_count())
+        } else {
+            None
+        };
 
         // 4. Data file and bitmap; repair rather than trust.
         let device_size = m.image_size.div_ceil(u64::from(BLOCK_SIZE)) * u64::from(BLOCK_SIZE);
@@ -431,7 +491,12 @@ impl ChunkStore {
             .filter(|&i| m.chunk(i) == ChunkRef::Zero && !bitmap.bits()[i as usize])
             .collect();
         bitmap.update(&zeros, &[])?;
+        let cached: u64 = (0..n)
+            .filter(|&i| present.get(i) && m.chunk(i) != ChunkRef::Zero)
+            .map(|i| u64::from(m.chunk_len(i)))
+            .sum();
 
+        let opts_copy = opts.clone();
         let inner = Arc::new(Inner {
             id,
             manifest: m,
@@ -449,6 +514,15 @@ impl ChunkStore {
             persist_cv: Condvar::new(),
             shutdown: AtomicBool::new(false),
             handle: runtime.handle().clone(),
+            referenced: AtomicBits::new(n),
+            accessed: AtomicBits::new(n),
+            trace: Mutex::new(Vec::new()),
+            cached_bytes: AtomicU64::new(cached),
+            background: tokio::sync::Semaphore::new(opts_background(&opts_copy)),
+            background_done: AtomicBool::new(false),
+            epoch: Instant::now(),
+            last_miss_ms: AtomicU64::new(0),
+            prefetch_list,
         });
         let bitmap = Arc::new(Mutex::new(Some(bitmap)));
         let persister = {
@@ -459,11 +533,20 @@ impl ChunkStore {
                 .spawn(move || persister(&inner, &bitmap))
                 .map_err(|e| Error::io("persister thread", e))?
         };
+        let maintenance = {
+            let inner = inner.clone();
+            let bitmap = bitmap.clone();
+            std::thread::Builder::new()
+                .name("lazyblk-evict".into())
+                .spawn(move || maintenance(&inner, &bitmap))
+                .map_err(|e| Error::io("maintenance thread", e))?
+        };
         Ok(ChunkStore {
             inner,
             report,
             bitmap,
             persister: Some(persister),
+            maintenance: Some(maintenance),
             runtime: Some(runtime),
             _lock: lock,
         })
@@ -512,6 +595,11 @@ impl ChunkStore {
             fetch_latency_us_max: s.fetch_micros_max.load(Ordering::Relaxed),
             present_chunks: self.inner.present.count(),
             total_chunks: self.inner.manifest.chunk_count(),
+            cached_bytes: self.inner.cached_bytes.load(Ordering::Relaxed),
+            cache_limit: self.inner.opts.cache_limit.unwrap_or(0),
+            evicted_chunks: s.evicted.load(Ordering::Relaxed),
+            background_chunks: s.background_chunks.load(Ordering::Relaxed),
+            background_done: self.inner.background_done.load(Ordering::Relaxed),
         }
     }
 
@@ -531,7 +619,26 @@ impl ChunkStore {
                 }
             }
         }
-        inner.schedule(todo, false);
+        inner.schedule(todo, false, true);
+    }
+
+    /// The chunks read since open, in first-access order (what `lazyblk trace` records).
+    pub fn access_trace(&self) -> Vec<u32> {
+        self.inner.trace.lock().expect("lock").clone()
+    }
+
+    /// The prefetch list published with the image, if one was found.
+    pub fn prefetch_list(&self) -> Option<&[u32]> {
+        self.inner.prefetch_list.as_deref()
+    }
+
+    /// Start background work: fetch `order` first, in order, then (with `hydrate`) every other
+    /// missing chunk, at most `rate` bytes per second, always yielding to on-demand misses.
+    pub fn start_background(&self, order: Vec<u64>, hydrate: bool, rate: Option<u64>) {
+        let inner = self.inner.clone();
+        self.inner.handle.spawn(async move {
+            inner.background_work(order, hydrate, rate).await;
+        });
     }
 
     /// Wait until every chunk fetched so far is durable and recorded in the on-disk bitmap.
@@ -549,6 +656,9 @@ impl Drop for ChunkStore {
     fn drop(&mut self) {
         let inner = &self.inner;
         inner.shutdown.store(true, Ordering::SeqCst);
+        if let Some(h) = self.maintenance.take() {
+            let _ = h.join();
+        }
         if let Some(rt) = self.runtime.take() {
             rt.shutdown_timeout(Duration::from_secs(2));
         }
@@ -597,11 +707,17 @@ async fn fetch_manifest(loc: &Location, http: &HttpOptions) -> Result<Vec<u8>> {
 }
 
 /// Re-hash every chunk `claimed` says is present; return the bits that hold, checked, bad.
-fn reverify(m: &Manifest, data: &File, claimed: &BitSlice<u8, Lsb0>) -> (BitVec<u8, Lsb0>, u64, u64) {
+fn reverify(
+    m: &Manifest,
+    data: &File,
+    claimed: &BitSlice<u8, Lsb0>,
+) -> (BitVec<u8, Lsb0>, u64, u64) {
     let list: Vec<u64> = claimed.iter_ones().map(|i| i as u64).collect();
     let good = Mutex::new(bitvec![u8, Lsb0; 0; claimed.len()]);
     let bad = AtomicU64::new(0);
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).min(4);
+    let threads = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .min(4);
     std::thread::scope(|s| {
         for part in list.chunks(list.len().div_ceil(threads).max(1)) {
             let (good, bad) = (&good, &bad);
@@ -612,7 +728,8 @@ fn reverify(m: &Manifest, data: &File, claimed: &BitSlice<u8, Lsb0>) -> (BitVec<
                         ChunkRef::Zero => true,
                         ChunkRef::Stored(e) => {
                             let len = m.chunk_len(i) as usize;
-                            data.read_exact_at(&mut buf[..len], m.chunk_offset(i)).is_ok()
+                            data.read_exact_at(&mut buf[..len], m.chunk_offset(i))
+                                .is_ok()
                                 && *blake3::hash(&buf[..len]).as_bytes() == e.digest
                         }
                     };
@@ -630,6 +747,180 @@ fn reverify(m: &Manifest, data: &File, claimed: &BitSlice<u8, Lsb0>) -> (BitVec<
         list.len() as u64,
         bad.into_inner(),
     )
+}
+
+fn opts_background(o: &StoreOptions) -> usize {
+    o.background_requests.max(1)
+}
+
+/// Fetch the optional prefetch list next to the manifest (falling back to the cached copy).
+fn load_prefetch(
+    rt: &tokio::runtime::Runtime,
+    manifest: &Location,
+    http: &HttpOptions,
+    dir: &Path,
+    id: &ImageId,
+    chunk_count: u64,
+) -> Option<Vec<u32>> {
+    let loc = manifest.sibling(crate::format::PREFETCH_FILE);
+    let cached = dir.join(crate::format::PREFETCH_FILE);
+    let bytes = match rt.block_on(read_whole(&loc, http, 4 * chunk_count + 64)) {
+        Ok(b) => {
+            let _ = crate::builder::write_atomic(&cached, &b);
+            b
+        }
+        Err(e) => {
+            tracing::debug!("no prefetch list at {loc}: {e}");
+            std::fs::read(&cached).ok()?
+        }
+    };
+    match crate::format::PrefetchList::decode(&bytes, id, chunk_count) {
+        Ok(p) => {
+            tracing::info!("prefetch list: {} chunks", p.chunks.len());
+            Some(p.chunks)
+        }
+        Err(e) => {
+            tracing::warn!("ignoring the prefetch list at {loc}: {e}");
+            None
+        }
+    }
+}
+
+/// Keep the cache under its limit: clock (second chance) over present chunks. An evicted
+/// chunk leaves the in-memory bitmap first (new reads fetch it again), then the on-disk bitmap
+/// (made durable), and only after `evict_grace` is its space punched out of the data file, and
+/// only if it was not fetched again meanwhile.
+fn maintenance(inner: &Inner, bitmap: &Mutex<Option<BitmapFile>>) {
+    let n = inner.manifest.chunk_count();
+    let mut hand = 0u64;
+    let mut doomed: std::collections::VecDeque<(u64, Instant)> = Default::default();
+    while !inner.shutdown.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(100));
+        let Some(limit) = inner.opts.cache_limit else {
+            continue;
+        };
+        if inner.cached_bytes.load(Ordering::Relaxed) > limit && n > 0 {
+            let target = limit - limit / 10;
+            let mut cleared = Vec::new();
+            let mut scanned = 0u64;
+            while inner.cached_bytes.load(Ordering::Relaxed) > target && scanned < 2 * n {
+                let c = hand;
+                hand = (hand + 1) % n;
+                scanned += 1;
+                if !inner.present.get(c) || inner.manifest.chunk(c) == ChunkRef::Zero {
+                    continue;
+                }
+                if inner.referenced.get(c) {
+                    inner.referenced.clear(c);
+                    continue;
+                }
+                let inflight = inner.inflight.lock().expect("lock");
+                if inflight.contains_key(&c) {
+                    continue;
+                }
+                inner.present.clear(c);
+                drop(inflight);
+                inner
+                    .cached_bytes
+                    .fetch_sub(u64::from(inner.manifest.chunk_len(c)), Ordering::Relaxed);
+                inner.stats.evicted.fetch_add(1, Ordering::Relaxed);
+                cleared.push(c);
+            }
+            if !cleared.is_empty() {
+                if let Some(b) = bitmap.lock().expect("lock").as_mut() {
+                    if let Err(e) = b.update(&[], &cleared) {
+                        tracing::error!("recording evictions: {e}");
+                    }
+                }
+                let now = Instant::now();
+                doomed.extend(cleared.into_iter().map(|c| (c, now)));
+            }
+        }
+        while let Some(&(c, t)) = doomed.front() {
+            if t.elapsed() < inner.opts.evict_grace && !inner.shutdown.load(Ordering::Relaxed) {
+                break;
+            }
+            doomed.pop_front();
+            let inflight = inner.inflight.lock().expect("lock");
+            if inner.present.get(c) || inflight.contains_key(&c) {
+                continue; // fetched again meanwhile: its bytes are live
+            }
+            let off = inner.manifest.chunk_offset(c);
+            let len = u64::from(inner.manifest.chunk_len(c));
+            // SAFETY: fallocate on a file descriptor we own; no memory is involved.
+            let r = unsafe {
+                libc::fallocate(
+                    inner.data.as_raw_fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    off as libc::off_t,
+                    len as libc::off_t,
+                )
+            };
+            if r != 0 {
+                tracing::warn!("punching evicted chunk {c}: {}", std::io::Error::last_os_error());
+            }
+        }
+    }
+}
+
+/// One cache directory found by [`gc`].
+#[derive(Clone, Debug)]
+pub struct GcEntry {
+    /// The directory.
+    pub dir: PathBuf,
+    /// Bytes it occupies on disk.
+    pub bytes: u64,
+    /// Whether a running store holds it (then it is kept).
+    pub in_use: bool,
+    /// Whether it was removed.
+    pub removed: bool,
+}
+
+/// Remove the caches under `cache_root` that no running store holds, except those of the
+/// images in `keep`. With `dry_run`, only report.
+pub fn gc(cache_root: &Path, keep: &[ImageId], dry_run: bool) -> Result<Vec<GcEntry>> {
+    let mut out = Vec::new();
+    let rd = match std::fs::read_dir(cache_root) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(Error::io(cache_root, e)),
+    };
+    for e in rd.flatten() {
+        let dir = e.path();
+        let name = e.file_name().to_string_lossy().to_string();
+        let Ok(id) = ImageId::parse(&name) else {
+            continue;
+        };
+        if !dir.join("manifest").exists() && !dir.join("bitmap").exists() {
+            continue;
+        }
+        let bytes = disk_usage(&dir);
+        let lock = lock_dir(&dir);
+        let in_use = lock.is_err();
+        let removed = !in_use && !dry_run && !keep.contains(&id);
+        if removed {
+            std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        }
+        out.push(GcEntry {
+            dir,
+            bytes,
+            in_use,
+            removed,
+        });
+    }
+    Ok(out)
+}
+
+fn disk_usage(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.blocks() * 512)
+                .sum()
+        })
+        .unwrap_or(0)
 }
 
 fn persister(inner: &Inner, bitmap: &Mutex<Option<BitmapFile>>) {
@@ -676,6 +967,101 @@ impl Inner {
         (first..=last).all(|i| self.present.get(i))
     }
 
+    /// Record an access: first-access order for the trace, referenced bits for eviction.
+    fn note_access(&self, first: u64, last: u64) {
+        for i in first..=last {
+            if !self.accessed.get(i) && !self.accessed.test_and_set(i) {
+                self.trace.lock().expect("lock").push(i as u32);
+            }
+            if self.opts.cache_limit.is_some() && !self.referenced.get(i) {
+                self.referenced.set(i);
+            }
+        }
+    }
+
+    fn ms_since_open(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Prefetch list first (in order), then (with `hydrate`) everything else.
+    async fn background_work(self: Arc<Self>, order: Vec<u64>, hydrate: bool, rate: Option<u64>) {
+        let n = self.manifest.chunk_count();
+        let rest = hydrate.then_some(0..n).into_iter().flatten();
+        let mut it = order.into_iter().filter(|&c| c < n).chain(rest).peekable();
+        let t0 = Instant::now();
+        let mut sent = 0u64;
+        while it.peek().is_some() {
+            if self.shutdown.load(Ordering::Relaxed) {
+                return;
+            }
+            // Yield to on-demand misses: wait until none happened for 50 ms.
+            loop {
+                let last = self.last_miss_ms.load(Ordering::Relaxed);
+                if last == 0 || self.ms_since_open().saturating_sub(last) >= 50 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            // Next batch: consecutive list items not present nor in flight, up to one request.
+            let mut batch = Vec::new();
+            let mut bytes = 0u64;
+            {
+                let mut inflight = self.inflight.lock().expect("lock");
+                while let Some(&c) = it.peek() {
+                    let len = match self.manifest.chunk(c) {
+                        ChunkRef::Stored(e) => u64::from(e.stored_len),
+                        ChunkRef::Zero => 0,
+                    };
+                    if !batch.is_empty() && bytes + len > self.opts.max_request_bytes {
+                        break;
+                    }
+                    it.next();
+                    if self.present.get(c) || inflight.contains_key(&c) {
+                        continue;
+                    }
+                    inflight.insert(c, Vec::new());
+                    batch.push(c);
+                    bytes += len;
+                }
+            }
+            if batch.is_empty() {
+                continue;
+            }
+            // Wait until a background slot is free before queueing more (keeps the order and
+            // bounds memory); the run itself takes the slot in `fetch_run`.
+            while self.background.available_permits() == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let before = self.background.available_permits();
+            self.schedule(batch, false, true);
+            // Let the run take its slot before looking at the next batch.
+            let t = Instant::now();
+            while self.background.available_permits() >= before
+                && t.elapsed() < Duration::from_millis(200)
+            {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            sent += bytes;
+            if let Some(r) = rate.filter(|&r| r > 0) {
+                let due = Duration::from_secs_f64(sent as f64 / r as f64);
+                if let Some(wait) = due.checked_sub(t0.elapsed()) {
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+        // Wait for the last requests, then report.
+        while self.background.available_permits() < opts_background(&self.opts) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.background_done.store(true, Ordering::SeqCst);
+        if hydrate && self.present.count() == n {
+            tracing::info!("hydration complete: the image is fully present, no network needed");
+        } else {
+            tracing::info!("prefetch complete");
+        }
+    }
+
+
     fn flush(&self) -> Result<()> {
         let mut p = self.persist.lock().expect("lock");
         let target = p.queued;
@@ -707,6 +1093,9 @@ impl Inner {
             return done(Err(BlockError::ShuttingDown));
         }
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
+        self.last_miss_ms
+            .store(self.ms_since_open().max(1), Ordering::Relaxed);
+        self.note_access(first, last);
         let waiter = Waiter::new(done);
         let mut todo = Vec::new();
         {
@@ -735,19 +1124,23 @@ impl Inner {
                 }
             }
         }
-        self.schedule(todo, true);
+        self.schedule(todo, true, false);
         waiter.chunk_done(None);
     }
 
     /// Group chunks into coalesced range requests and start them.
-    fn schedule(self: &Arc<Self>, chunks: Vec<u64>, with_deadline: bool) {
+    fn schedule(self: &Arc<Self>, chunks: Vec<u64>, with_deadline: bool, background: bool) {
         if chunks.is_empty() {
             return;
         }
         let mut by_offset: BTreeMap<u64, (Entry, Vec<u64>)> = BTreeMap::new();
         for c in chunks {
             match self.manifest.chunk(c) {
-                ChunkRef::Stored(e) => by_offset.entry(e.blob_offset).or_insert((*e, vec![])).1.push(c),
+                ChunkRef::Stored(e) => by_offset
+                    .entry(e.blob_offset)
+                    .or_insert((*e, vec![]))
+                    .1
+                    .push(c),
                 ChunkRef::Zero => self.complete(&[c], None),
             }
         }
@@ -772,6 +1165,7 @@ impl Inner {
                     len,
                     parts: vec![(e, cs)],
                     deadline,
+                    background,
                 }),
             }
         }
@@ -782,7 +1176,12 @@ impl Inner {
     }
 
     async fn fetch_run(self: Arc<Self>, run: Run) {
-        let _permit = match self.requests.acquire().await {
+        let pool = if run.background {
+            &self.background
+        } else {
+            &self.requests
+        };
+        let _permit = match pool.acquire().await {
             Ok(p) => p,
             Err(_) => return self.complete(&run.chunks(), Some(&BlockError::ShuttingDown)),
         };
@@ -797,22 +1196,39 @@ impl Inner {
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
             let got = self.remote.read_range(run.blob_offset, run.len).await;
             let micros = t0.elapsed().as_micros() as u64;
-            self.stats.fetch_micros_total.fetch_add(micros, Ordering::Relaxed);
-            self.stats.fetch_micros_max.fetch_max(micros, Ordering::Relaxed);
+            self.stats
+                .fetch_micros_total
+                .fetch_add(micros, Ordering::Relaxed);
+            self.stats
+                .fetch_micros_max
+                .fetch_max(micros, Ordering::Relaxed);
             let err = match got {
                 Ok(bytes) => {
-                    self.stats.bytes_fetched.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    self.stats
+                        .bytes_fetched
+                        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
                     let inner = self.clone();
                     let r2 = run.clone();
                     let stored = tokio::task::spawn_blocking(move || inner.store_run(&r2, &bytes))
                         .await
                         .unwrap_or_else(|e| Err(Error::Invalid(format!("store task failed: {e}"))));
                     match stored {
-                        Ok(()) => return self.complete(&run.chunks(), None),
+                        Ok(()) => {
+                            if run.background {
+                                self.stats
+                                    .background_chunks
+                                    .fetch_add(run.chunks().len() as u64, Ordering::Relaxed);
+                            }
+                            return self.complete(&run.chunks(), None);
+                        }
                         Err(e @ Error::ChunkCorrupt { .. }) => {
                             self.stats.verify_failures.fetch_add(1, Ordering::Relaxed);
                             corrupt += 1;
-                            tracing::warn!("{} (attempt {corrupt} of {})", e, self.opts.corrupt_attempts);
+                            tracing::warn!(
+                                "{} (attempt {corrupt} of {})",
+                                e,
+                                self.opts.corrupt_attempts
+                            );
                             if corrupt >= self.opts.corrupt_attempts {
                                 return self.fail(&run, e);
                             }
@@ -831,7 +1247,10 @@ impl Inner {
             if let Some(d) = run.deadline {
                 if Instant::now() + pause >= d {
                     let secs = self.opts.io_deadline.map_or(0, |d| d.as_secs());
-                    tracing::error!("giving up on {} chunk(s) after {secs}s: {err}", run.chunks().len());
+                    tracing::error!(
+                        "giving up on {} chunk(s) after {secs}s: {err}",
+                        run.chunks().len()
+                    );
                     return self.fail(&run, Error::Deadline { secs, last: err });
                 }
             }
@@ -842,7 +1261,11 @@ impl Inner {
     }
 
     fn fail(&self, run: &Run, e: Error) {
-        tracing::error!("fetch of blob range {}+{} failed: {e}", run.blob_offset, run.len);
+        tracing::error!(
+            "fetch of blob range {}+{} failed: {e}",
+            run.blob_offset,
+            run.len
+        );
         let be: BlockError = e.into();
         self.complete(&run.chunks(), Some(&be));
     }
@@ -850,7 +1273,11 @@ impl Inner {
     /// Verify and write every chunk of a fetched run. Runs on a blocking thread.
     fn store_run(&self, run: &Run, bytes: &Bytes) -> Result<()> {
         for (e, chunks) in &run.parts {
-            let missing: Vec<u64> = chunks.iter().copied().filter(|&c| !self.present.get(c)).collect();
+            let missing: Vec<u64> = chunks
+                .iter()
+                .copied()
+                .filter(|&c| !self.present.get(c))
+                .collect();
             if missing.is_empty() {
                 continue;
             }
@@ -890,10 +1317,16 @@ impl Inner {
     /// Finish chunks: mark present (on success), queue persistence, wake waiters.
     fn complete(&self, chunks: &[u64], err: Option<&BlockError>) {
         if err.is_none() {
+            let mut bytes = 0u64;
             for &c in chunks {
-                self.present.set(c);
+                if !self.present.test_and_set(c) && self.manifest.chunk(c) != ChunkRef::Zero {
+                    bytes += u64::from(self.manifest.chunk_len(c));
+                }
             }
-            self.stats.chunks_fetched.fetch_add(chunks.len() as u64, Ordering::Relaxed);
+            self.cached_bytes.fetch_add(bytes, Ordering::Relaxed);
+            self.stats
+                .chunks_fetched
+                .fetch_add(chunks.len() as u64, Ordering::Relaxed);
             let mut p = self.persist.lock().expect("lock");
             p.pending.extend_from_slice(chunks);
             p.queued += 1;
@@ -901,10 +1334,15 @@ impl Inner {
         }
         let waiters: Vec<Arc<Waiter>> = {
             let mut inflight = self.inflight.lock().expect("lock");
-            chunks.iter().flat_map(|c| inflight.remove(c).unwrap_or_default()).collect()
+            chunks
+                .iter()
+                .flat_map(|c| inflight.remove(c).unwrap_or_default())
+                .collect()
         };
         if err.is_some() {
-            self.stats.failed_ios.fetch_add(waiters.len() as u64, Ordering::Relaxed);
+            self.stats
+                .failed_ios
+                .fetch_add(waiters.len() as u64, Ordering::Relaxed);
         }
         for w in waiters {
             w.chunk_done(err);
@@ -929,6 +1367,7 @@ impl BlockSource for ChunkStore {
             if !inner.all_present(first, last) {
                 return None;
             }
+            inner.note_access(first, last);
         }
         inner.stats.hits.fetch_add(1, Ordering::Relaxed);
         Some(Located {

@@ -230,7 +230,10 @@ fn serve(stream: TcpStream, st: &State) {
                 continue;
             }
         }
-        let Some((a, b)) = range.as_deref().and_then(|r| parse_range(r, data.len() as u64)) else {
+        let Some((a, b)) = range
+            .as_deref()
+            .and_then(|r| parse_range(r, data.len() as u64))
+        else {
             if respond(&mut out, st, "200 OK", &[format!("ETag: {etag}")], &data).is_err() {
                 return;
             }
@@ -243,7 +246,9 @@ fn serve(stream: TcpStream, st: &State) {
                 let mid = body.len() / 2;
                 body[mid] ^= 0x5a;
             }
-            Some(Fault::WrongRange) => cr = format!("Content-Range: bytes {}-{}/{}", a + 1, b + 1, data.len()),
+            Some(Fault::WrongRange) => {
+                cr = format!("Content-Range: bytes {}-{}/{}", a + 1, b + 1, data.len())
+            }
             Some(Fault::TooLong) => body.extend(std::iter::repeat_n(0x42, 4096)),
             Some(Fault::Truncate) => {
                 let hdr = format!(
@@ -259,7 +264,15 @@ fn serve(stream: TcpStream, st: &State) {
             }
             _ => {}
         }
-        if respond(&mut out, st, "206 Partial Content", &[cr, format!("ETag: {etag}")], &body).is_err() {
+        if respond(
+            &mut out,
+            st,
+            "206 Partial Content",
+            &[cr, format!("ETag: {etag}")],
+            &body,
+        )
+        .is_err()
+        {
             return;
         }
     }
@@ -268,12 +281,25 @@ fn serve(stream: TcpStream, st: &State) {
 fn parse_range(r: &str, len: u64) -> Option<(u64, u64)> {
     let (a, b) = r.strip_prefix("bytes=")?.split_once('-')?;
     let a: u64 = a.parse().ok()?;
-    let b: u64 = if b.is_empty() { len.checked_sub(1)? } else { b.parse().ok()? };
+    let b: u64 = if b.is_empty() {
+        len.checked_sub(1)?
+    } else {
+        b.parse().ok()?
+    };
     (a <= b && b < len).then_some((a, b))
 }
 
-fn respond(out: &mut TcpStream, st: &State, status: &str, extra: &[String], body: &[u8]) -> std::io::Result<()> {
-    let mut h = format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\nAccept-Ranges: bytes\r\n", body.len());
+fn respond(
+    out: &mut TcpStream,
+    st: &State,
+    status: &str,
+    extra: &[String],
+    body: &[u8],
+) -> std::io::Result<()> {
+    let mut h = format!(
+        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nAccept-Ranges: bytes\r\n",
+        body.len()
+    );
     for e in extra {
         h.push_str(e);
         h.push_str("\r\n");

@@ -55,7 +55,10 @@ impl Nginx {
         };
         let t0 = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(t0.elapsed() < Duration::from_secs(10), "nginx did not start");
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "nginx did not start"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         n

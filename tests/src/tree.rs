@@ -64,13 +64,23 @@ pub fn generate(root: &Path, seed: u64, scale: u64) -> Result<()> {
     fs::hard_link(root.join("small/d0/f1.txt"), root.join("links/hard1"))?;
     fs::hard_link(root.join("small/d0/f1.txt"), root.join("links/hard2"))?;
     // Modes.
-    fs::set_permissions(root.join("small/d1/f2.txt"), fs::Permissions::from_mode(0o600))?;
-    fs::set_permissions(root.join("small/d1/f3.txt"), fs::Permissions::from_mode(0o755))?;
+    fs::set_permissions(
+        root.join("small/d1/f2.txt"),
+        fs::Permissions::from_mode(0o600),
+    )?;
+    fs::set_permissions(
+        root.join("small/d1/f3.txt"),
+        fs::Permissions::from_mode(0o755),
+    )?;
     // xattrs.
     xattr::set(root.join("small/d2/f4.txt"), "user.lazyblk", b"hello xattr")
         .context("setting a user xattr (does the file system support xattrs?)")?;
     xattr::set(root.join("large"), "user.dirattr", b"on a directory")?;
-    xattr::set(root.join("small/d2/f5.txt"), "trusted.secret", &[0u8, 1, 2, 255])?;
+    xattr::set(
+        root.join("small/d2/f5.txt"),
+        "trusted.secret",
+        &[0u8, 1, 2, 255],
+    )?;
     Ok(())
 }
 
@@ -132,16 +142,32 @@ fn walk(
         } else if ft.is_file() {
             let data = fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
             if md.nlink() > 1 {
-                inodes.entry((md.dev(), md.ino())).or_default().push(rel.clone());
+                inodes
+                    .entry((md.dev(), md.ino()))
+                    .or_default()
+                    .push(rel.clone());
             }
-            format!("file size={} sha256={}", md.len(), hex::encode(Sha256::digest(&data)))
+            format!(
+                "file size={} sha256={}",
+                md.len(),
+                hex::encode(Sha256::digest(&data))
+            )
         } else {
             format!("special {:o}", md.mode())
         };
-        let mode_s = if ft.is_symlink() { String::new() } else { format!(" mode={mode:o}") };
+        let mode_s = if ft.is_symlink() {
+            String::new()
+        } else {
+            format!(" mode={mode:o}")
+        };
         lines.insert(
             rel.clone(),
-            format!("{rel}: {what}{mode_s} uid={} gid={} xattrs=[{}]", md.uid(), md.gid(), xs.join(",")),
+            format!(
+                "{rel}: {what}{mode_s} uid={} gid={} xattrs=[{}]",
+                md.uid(),
+                md.gid(),
+                xs.join(",")
+            ),
         );
         if ft.is_dir() {
             walk(root, &p, lines, inodes)?;
@@ -160,12 +186,19 @@ mod tests {
         let root = d.path().join("t");
         generate(&root, 1, 1).unwrap();
         let a = digest(&root).unwrap();
-        assert!(a.contains("links=[links/hard1,links/hard2,small/d0/f1.txt]"), "{a}");
+        assert!(
+            a.contains("links=[links/hard1,links/hard2,small/d0/f1.txt]"),
+            "{a}"
+        );
         assert!(a.contains("user.lazyblk="));
         fs::write(root.join("small/d3/f7.txt"), b"changed").unwrap();
         let b = digest(&root).unwrap();
         assert_ne!(a, b);
-        fs::set_permissions(root.join("small/d3/f8.txt"), fs::Permissions::from_mode(0o640)).unwrap();
+        fs::set_permissions(
+            root.join("small/d3/f8.txt"),
+            fs::Permissions::from_mode(0o640),
+        )
+        .unwrap();
         assert_ne!(b, digest(&root).unwrap());
     }
 }

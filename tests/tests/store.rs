@@ -114,7 +114,11 @@ fn restart_does_not_refetch_present_chunks() {
     let before = srv.target_requests();
     let store = ChunkStore::open(&loc, opts(&f)).unwrap();
     assert!(!store.open_report().fresh);
-    assert_eq!(store.open_report().reverified, 0, "clean close must be trusted");
+    assert_eq!(
+        store.open_report().reverified,
+        0,
+        "clean close must be trusted"
+    );
     let probe_requests = srv.target_requests() - before;
     let mut buf = vec![0u8; half];
     store.read_at(0, &mut buf).unwrap();
@@ -198,7 +202,10 @@ fn server_without_range_support_is_refused_at_open() {
     let err = ChunkStore::open(&Location::parse(&srv.url("manifest")), opts(&f))
         .err()
         .unwrap();
-    assert!(err.to_string().contains("does not support range requests"), "{err}");
+    assert!(
+        err.to_string().contains("does not support range requests"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -212,7 +219,10 @@ fn range_ignored_after_open_fails_the_read_without_retry_storm() {
         .unwrap();
     let mut buf = vec![0u8; 4096];
     let err = store.read_at(stored * 65536, &mut buf).unwrap_err();
-    assert!(err.to_string().contains("ignored the Range header"), "{err}");
+    assert!(
+        err.to_string().contains("ignored the Range header"),
+        "{err}"
+    );
     assert!(!store.chunk_present(stored));
 }
 
@@ -254,7 +264,10 @@ fn outage_blocks_then_completes_and_deadline_gives_eio() {
         s2.read_at(0, &mut buf).map(|_| buf)
     });
     std::thread::sleep(Duration::from_millis(1500));
-    assert!(!reader.is_finished(), "the read must wait during the outage");
+    assert!(
+        !reader.is_finished(),
+        "the read must wait during the outage"
+    );
     srv.set_down(false);
     let buf = reader.join().unwrap().unwrap();
     assert_eq!(buf, f.image[..512 << 10]);
@@ -280,13 +293,26 @@ fn outage_blocks_then_completes_and_deadline_gives_eio() {
 fn bad_input_gets_one_clear_line() {
     let f = fixture(256 << 10, 64 << 10, 11);
     let srv = FaultServer::start(&f.serve, "blob");
-    let msg = |r: Result<ChunkStore, Error>| r.err().expect("must fail").to_string();
+    let msg = |r: Result<ChunkStore, Error>| {
+        let e = r.err().expect("must fail").to_string();
+        assert!(!e.contains('\n'), "one line: {e}");
+        e
+    };
     // Missing manifest.
-    let e = msg(ChunkStore::open(&Location::parse(&srv.url("nope")), opts(&f)));
-    assert!(e.contains("cannot read the manifest") && e.contains("404"), "{e}");
+    let e = msg(ChunkStore::open(
+        &Location::parse(&srv.url("nope")),
+        opts(&f),
+    ));
+    assert!(
+        e.contains("cannot read the manifest") && e.contains("404"),
+        "{e}"
+    );
     // Corrupt manifest.
     std::fs::write(f.serve.join("corrupt"), b"LZBLKMAN garbage").unwrap();
-    let e = msg(ChunkStore::open(&Location::parse(&srv.url("corrupt")), opts(&f)));
+    let e = msg(ChunkStore::open(
+        &Location::parse(&srv.url("corrupt")),
+        opts(&f),
+    ));
     assert!(e.starts_with("malformed manifest"), "{e}");
     // Unknown version.
     let mut m = std::fs::read(f.serve.join("manifest")).unwrap();
@@ -302,8 +328,14 @@ fn bad_input_gets_one_clear_line() {
     // Blob size mismatch.
     let blob = std::fs::read(f.serve.join("blob")).unwrap();
     std::fs::write(f.serve.join("blob"), &blob[..blob.len() - 1]).unwrap();
-    let e = msg(ChunkStore::open(&Location::parse(&srv.url("manifest")), opts(&f)));
-    assert!(e.contains("does not match the manifest") && e.contains("size"), "{e}");
+    let e = msg(ChunkStore::open(
+        &Location::parse(&srv.url("manifest")),
+        opts(&f),
+    ));
+    assert!(
+        e.contains("does not match the manifest") && e.contains("size"),
+        "{e}"
+    );
     std::fs::write(f.serve.join("blob"), &blob).unwrap();
     // Unreachable host.
     let port = lazyblk_tests::free_port();
@@ -311,10 +343,10 @@ fn bad_input_gets_one_clear_line() {
         &Location::parse(&format!("http://127.0.0.1:{port}/manifest")),
         opts(&f),
     ));
-    assert!(e.contains("cannot read the manifest") && e.contains("127.0.0.1"), "{e}");
-    for e in [&e] {
-        assert!(!e.contains('\n'), "one line: {e}");
-    }
+    assert!(
+        e.contains("cannot read the manifest") && e.contains("127.0.0.1"),
+        "{e}"
+    );
 }
 
 fn mount_tmpfs(dir: &Path, size: &str) {
@@ -324,7 +356,10 @@ fn mount_tmpfs(dir: &Path, size: &str) {
         .arg(dir)
         .status()
         .expect("run mount");
-    assert!(st.success(), "mounting a tmpfs for the disk-full test failed (run as root)");
+    assert!(
+        st.success(),
+        "mounting a tmpfs for the disk-full test failed (run as root)"
+    );
 }
 
 #[test]
@@ -339,7 +374,11 @@ fn disk_full_fails_reads_clearly_and_marks_nothing() {
         let store = ChunkStore::open(&Location::parse(&srv.url("manifest")), o.clone()).unwrap();
         let mut buf = vec![0u8; 4 << 20];
         let err = store.read_at(0, &mut buf).unwrap_err();
-        assert!(err.to_string().contains("disk full while writing the cache file"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("disk full while writing the cache file"),
+            "{err}"
+        );
         let present: Vec<u64> = (0..store.manifest().chunk_count())
             .filter(|&i| store.chunk_present(i))
             .collect();
@@ -368,7 +407,9 @@ fn bad_local_state_is_repaired_not_trusted() {
     // flip data AND mark the bitmap dirty (as after a crash): re-verification must catch it.
     let data_path = cache_dir.join("data");
     let mut data = std::fs::read(&data_path).unwrap();
-    let victim = (0..16).find(|i| f.image[i * 65536..(i + 1) * 65536].iter().any(|&b| b != 0)).unwrap();
+    let victim = (0..16)
+        .find(|i| f.image[i * 65536..(i + 1) * 65536].iter().any(|&b| b != 0))
+        .unwrap();
     data[victim * 65536 + 100] ^= 0xff;
     std::fs::write(&data_path, &data).unwrap();
     let mut bm = std::fs::read(cache_dir.join("bitmap")).unwrap();
@@ -390,7 +431,12 @@ fn bad_local_state_is_repaired_not_trusted() {
         assert_eq!(read_all(&store, f.image.len()), f.image);
     }
     // Truncated data file.
-    std::fs::OpenOptions::new().write(true).open(&data_path).unwrap().set_len(1000).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&data_path)
+        .unwrap()
+        .set_len(1000)
+        .unwrap();
     {
         let store = ChunkStore::open(&loc, opts(&f)).unwrap();
         assert!(store.open_report().discarded.is_some());
@@ -402,7 +448,11 @@ fn bad_local_state_is_repaired_not_trusted() {
     std::fs::create_dir_all(&other).unwrap();
     std::fs::copy(cache_dir.join("bitmap"), other.join("bitmap")).unwrap();
     std::fs::copy(cache_dir.join("data"), other.join("data")).unwrap();
-    std::fs::write(other.join("manifest"), std::fs::read(g.serve.join("manifest")).unwrap()).unwrap();
+    std::fs::write(
+        other.join("manifest"),
+        std::fs::read(g.serve.join("manifest")).unwrap(),
+    )
+    .unwrap();
     let srv2 = FaultServer::start(&g.serve, "blob");
     let store = ChunkStore::open(&Location::parse(&srv2.url("manifest")), opts(&g)).unwrap();
     let why = store.open_report().discarded.clone().unwrap();
@@ -414,7 +464,8 @@ fn bad_local_state_is_repaired_not_trusted() {
 fn same_chunk_misses_fetch_once() {
     let f = fixture(1 << 20, 1 << 20, 15);
     let srv = FaultServer::start(&f.serve, "blob");
-    let store = Arc::new(ChunkStore::open(&Location::parse(&srv.url("manifest")), opts(&f)).unwrap());
+    let store =
+        Arc::new(ChunkStore::open(&Location::parse(&srv.url("manifest")), opts(&f)).unwrap());
     let before = srv.target_requests();
     let threads: Vec<_> = (0..8)
         .map(|t| {
@@ -454,10 +505,136 @@ fn local_path_remote_works_offline_after_hydration() {
     std::fs::rename(f.serve.join("blob"), &moved).unwrap();
     let mut o = opts(&f);
     o.expected_id = Some(f.id);
-    let e = ChunkStore::open(&loc, o.clone()).err().map(|e| e.to_string());
+    let e = ChunkStore::open(&loc, o.clone())
+        .err()
+        .map(|e| e.to_string());
     // A local path that is gone is a permanent error: say so.
     assert!(e.unwrap().contains("blob"));
     std::fs::rename(&moved, f.serve.join("blob")).unwrap();
     let store = ChunkStore::open(&loc, o).unwrap();
     assert_eq!(read_all(&store, f.image.len()), f.image);
+}
+
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let t0 = std::time::Instant::now();
+    while !cond() {
+        assert!(t0.elapsed() < Duration::from_secs(30), "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn cache_limit_evicts_cold_chunks_and_reads_stay_correct() {
+    use std::os::unix::fs::MetadataExt;
+    let f = fixture(4 << 20, 64 << 10, 20);
+    let srv = FaultServer::start(&f.serve, "blob");
+    let loc = Location::parse(&srv.url("manifest"));
+    let limit = 1 << 20;
+    let mut o = opts(&f);
+    o.cache_limit = Some(limit);
+    o.evict_grace = Duration::from_millis(200);
+    o.readahead_chunks = 0;
+    let store = ChunkStore::open(&loc, o.clone()).unwrap();
+    for _ in 0..2 {
+        assert_eq!(read_all(&store, f.image.len()), f.image);
+    }
+    wait_for("eviction under the limit", || store.stats().cached_bytes <= limit);
+    let s = store.stats();
+    assert!(s.evicted_chunks > 0, "{s:?}");
+    // Space is given back after the grace period.
+    let data = store.data_path().to_path_buf();
+    wait_for("punched space", || {
+        std::fs::metadata(&data).unwrap().blocks() * 512 <= limit + (256 << 10)
+    });
+    drop(store);
+    // Whatever the bitmap still claims is correct.
+    let store = ChunkStore::open(&loc, o).unwrap();
+    let bytes = std::fs::read(store.data_path()).unwrap();
+    for i in 0..store.manifest().chunk_count() {
+        if store.chunk_present(i) {
+            let a = (i * 65536) as usize;
+            let b = (a + 65536).min(f.image.len());
+            assert_eq!(&bytes[a..b], &f.image[a..b], "chunk {i}");
+        }
+    }
+    assert_eq!(read_all(&store, f.image.len()), f.image);
+}
+
+#[test]
+fn gc_removes_unused_caches_only() {
+    let f = fixture(512 << 10, 64 << 10, 21);
+    let g = fixture(512 << 10, 64 << 10, 22);
+    let root = f.root.join("gc-cache");
+    let open = |x: &Fixture| {
+        let mut o = opts(x);
+        o.cache_root = root.clone();
+        ChunkStore::open(&Location::parse(x.serve.join("manifest").to_str().unwrap()), o).unwrap()
+    };
+    let a = open(&f);
+    drop(open(&g));
+    let dry = lazyblk_chunkstore::gc(&root, &[], true).unwrap();
+    assert_eq!(dry.len(), 2);
+    assert!(dry.iter().all(|e| !e.removed));
+    let done = lazyblk_chunkstore::gc(&root, &[], false).unwrap();
+    let in_use: Vec<_> = done.iter().filter(|e| e.in_use).collect();
+    assert_eq!(in_use.len(), 1);
+    assert!(in_use[0].dir.ends_with(f.id.hex()) && !in_use[0].removed);
+    assert!(!root.join(g.id.hex()).exists());
+    assert!(root.join(f.id.hex()).exists());
+    drop(a);
+}
+
+#[test]
+fn trace_prefetch_list_and_hydration() {
+    use lazyblk_chunkstore::format::{PrefetchList, PREFETCH_FILE};
+    let f = fixture(2 << 20, 64 << 10, 23);
+    let srv = FaultServer::start(&f.serve, "blob");
+    let loc = Location::parse(&srv.url("manifest"));
+    let mut o = opts(&f);
+    o.readahead_chunks = 0;
+    let stored: Vec<u64>;
+    let trace = {
+        let store = ChunkStore::open(&loc, o.clone()).unwrap();
+        stored = (0..store.manifest().chunk_count())
+            .filter(|&i| !store.chunk_present(i))
+            .collect();
+        assert!(stored.len() >= 6);
+        let mut buf = vec![0u8; 100];
+        for &c in [stored[4], stored[1], stored[5], stored[1]].iter() {
+            store.read_at(c * 65536 + 10, &mut buf).unwrap();
+        }
+        store.access_trace()
+    };
+    let want: Vec<u32> = [stored[4], stored[1], stored[5]].iter().map(|&c| c as u32).collect();
+    assert_eq!(trace, want, "first-access order, no duplicates");
+    // Publish the list next to the manifest; a fresh cache picks it up.
+    let list = PrefetchList { image: f.id, chunks: trace.clone() };
+    std::fs::write(f.serve.join(PREFETCH_FILE), list.encode()).unwrap();
+    let mut o2 = o.clone();
+    o2.cache_root = f.root.join("cache2");
+    let store = ChunkStore::open(&loc, o2).unwrap();
+    assert_eq!(store.prefetch_list(), Some(&trace[..]));
+    let order: Vec<u64> = trace.iter().map(|&c| u64::from(c)).collect();
+    store.start_background(order.clone(), false, None);
+    wait_for("prefetch", || store.stats().background_done);
+    for &c in &order {
+        assert!(store.chunk_present(c), "prefetched chunk {c}");
+    }
+    assert!(!store.chunk_present(stored[0]), "only the list is prefetched");
+    // Hydration: everything, then no network is needed.
+    store.start_background(vec![], true, None);
+    wait_for("hydration", || {
+        let s = store.stats();
+        s.present_chunks == s.total_chunks
+    });
+    srv.set_down(true);
+    assert_eq!(read_all(&store, f.image.len()), f.image);
+    // A list for another image is ignored with a warning, not trusted.
+    let other = PrefetchList { image: ImageId([9; 32]), chunks: vec![0] };
+    std::fs::write(f.serve.join(PREFETCH_FILE), other.encode()).unwrap();
+    srv.set_down(false);
+    let mut o3 = o;
+    o3.cache_root = f.root.join("cache3");
+    let s3 = ChunkStore::open(&loc, o3).unwrap();
+    assert_eq!(s3.prefetch_list(), None);
 }

@@ -14,9 +14,13 @@
 //!
 //! Devices are created with `UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE`, so a new
 //! daemon can take over a device whose daemon died ([`Options::recover`]) without the kernel
-//! failing IO or unmounting anything.
+//! failing IO or unmounting anything. A planned hand-over closes the [`FetchGate`] first, so the
+//! old daemon stops fetching and leaves the reads that need data to the new one.
 
+mod gate;
 mod notify;
+
+pub use gate::FetchGate;
 
 use lazyblk_blocksource::BlockSource;
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
@@ -90,6 +94,8 @@ pub struct Options {
     pub recover: bool,
     /// Opaque JSON stored with the device (for `list` and `recover`).
     pub target_data: serde_json::Value,
+    /// Closed to stop fetching before a planned hand-over to a new daemon.
+    pub gate: Arc<FetchGate>,
 }
 
 impl Default for Options {
@@ -101,6 +107,7 @@ impl Default for Options {
             io_buf_bytes: 512 << 10,
             recover: false,
             target_data: serde_json::Value::Null,
+            gate: Arc::default(),
         }
     }
 }
@@ -225,7 +232,9 @@ pub fn serve(
     let recovery_flags =
         u64::from(libublk::sys::UBLK_F_USER_RECOVERY | libublk::sys::UBLK_F_USER_RECOVERY_REISSUE);
     let (id, dev_flags) = if opts.recover {
-        let id = opts.id.ok_or_else(|| Error::Ublk("recover needs a device id".into()))?;
+        let id = opts
+            .id
+            .ok_or_else(|| Error::Ublk("recover needs a device id".into()))?;
         let ctrl = open_ctrl(id)?;
         let info = ctrl.dev_info();
         if info.flags & u64::from(libublk::sys::UBLK_F_USER_RECOVERY) == 0 {
@@ -243,13 +252,29 @@ pub fn serve(
                 })
             }
         }
-        ctrl.start_user_recover().map_err(ublk_err)?;
+        // libublk retries EBUSY (the old daemon's /dev/ublkcN not yet released) for 30 s, then
+        // returns it as Ok(-EBUSY): that is a failure, not a start.
+        match ctrl.start_user_recover().map_err(ublk_err)? {
+            r if r < 0 => {
+                return Err(Error::NotRecoverable {
+                    id,
+                    why: format!(
+                        "START_USER_RECOVERY failed with errno {} (is the old daemon still holding /dev/ublkc{id}?)",
+                        -r
+                    ),
+                })
+            }
+            _ => {}
+        }
         (id as i32, UblkFlags::UBLK_DEV_F_RECOVER_DEV)
     } else {
         if let Some(id) = opts.id {
             check_id_free(id)?;
         }
-        (opts.id.map_or(-1, |i| i as i32), UblkFlags::UBLK_DEV_F_ADD_DEV)
+        (
+            opts.id.map_or(-1, |i| i as i32),
+            UblkFlags::UBLK_DEV_F_ADD_DEV,
+        )
     };
     let ctrl = UblkCtrlBuilder::default()
         .name(TARGET_NAME)
@@ -274,7 +299,11 @@ pub fn serve(
         tgt.params = libublk::sys::ublk_params {
             types: libublk::sys::UBLK_PARAM_TYPE_BASIC,
             basic: libublk::sys::ublk_param_basic {
-                attrs: if read_only { libublk::sys::UBLK_ATTR_READ_ONLY } else { 0 },
+                attrs: if read_only {
+                    libublk::sys::UBLK_ATTR_READ_ONLY
+                } else {
+                    0
+                },
                 logical_bs_shift: shift,
                 physical_bs_shift: shift,
                 io_opt_shift: shift,
@@ -289,7 +318,8 @@ pub fn serve(
         Ok(())
     };
     let src = source.clone();
-    let q_fn = move |qid: u16, dev: &UblkDev| queue_main(qid, dev, src.clone());
+    let gate = opts.gate.clone();
+    let q_fn = move |qid: u16, dev: &UblkDev| queue_main(qid, dev, src.clone(), gate.clone());
     let wh = move |c: &UblkCtrl| {
         let info = c.dev_info();
         on_live(&LiveDevice {
@@ -302,7 +332,7 @@ pub fn serve(
     Ok(())
 }
 
-fn queue_main(qid: u16, dev: &UblkDev, source: Arc<dyn BlockSource>) {
+fn queue_main(qid: u16, dev: &UblkDev, source: Arc<dyn BlockSource>, gate: Arc<FetchGate>) {
     let depth = dev.dev_info.queue_depth;
     let q = match UblkQueue::new(qid, dev) {
         Ok(q) => Rc::new(q),
@@ -321,9 +351,9 @@ fn queue_main(qid: u16, dev: &UblkDev, source: Arc<dyn BlockSource>) {
     let exe = smol::LocalExecutor::new();
     let mut tasks = Vec::new();
     for tag in 0..depth {
-        let (q, n, s) = (q.clone(), notifier.clone(), source.clone());
+        let (q, n, s, g) = (q.clone(), notifier.clone(), source.clone(), gate.clone());
         tasks.push(exe.spawn(async move {
-            match io_task(&q, tag, &n, &*s).await {
+            match io_task(&q, tag, &n, &*s, &g).await {
                 Ok(()) | Err(UblkError::QueueIsDown) => {}
                 Err(e) => tracing::error!("queue {qid} tag {tag}: {e}"),
             }
@@ -349,12 +379,13 @@ async fn io_task(
     tag: u16,
     notifier: &Arc<Notifier>,
     source: &dyn BlockSource,
+    gate: &FetchGate,
 ) -> Result<(), UblkError> {
     let mut buf = IoBuf::<u8>::new(q.dev.dev_info.max_io_buf_bytes as usize);
     q.submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), 0, Some(&buf))
         .await?;
     loop {
-        let res = handle_io(q, tag, notifier, source, buf.as_mut_slice()).await;
+        let res = handle_io(q, tag, notifier, source, gate, buf.as_mut_slice()).await;
         q.submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res)
             .await?;
     }
@@ -365,6 +396,7 @@ async fn handle_io(
     tag: u16,
     notifier: &Arc<Notifier>,
     source: &dyn BlockSource,
+    gate: &FetchGate,
     buf: &mut [u8],
 ) -> i32 {
     let iod = q.get_iod(tag);
@@ -379,6 +411,11 @@ async fn handle_io(
             let loc = match source.locate(off, len as u64) {
                 Some(loc) => loc,
                 None => {
+                    let Some(_fetching) = gate.enter() else {
+                        // Handing over to a new daemon: never complete this read here; the
+                        // kernel re-issues it to the next daemon once this one has exited.
+                        return std::future::pending().await;
+                    };
                     let n = notifier.clone();
                     source.fetch(
                         off,

@@ -75,7 +75,10 @@ fn status_error(url: &str, status: StatusCode) -> RemoteError {
     let msg = format!("HTTP status {status}");
     match status.as_u16() {
         408 | 425 | 429 | 500..=599 => RemoteError::transient(url, msg),
-        412 => RemoteError::permanent(url, "the blob changed on the server (ETag no longer matches)"),
+        412 => RemoteError::permanent(
+            url,
+            "the blob changed on the server (ETag no longer matches)",
+        ),
         _ => RemoteError::permanent(url, msg),
     }
 }
@@ -226,7 +229,10 @@ impl Remote for HttpRemote {
             if (body.len() as u64) < len {
                 return Err(RemoteError::transient(
                     url,
-                    format!("truncated body: {} of {len} bytes at offset {offset}", body.len()),
+                    format!(
+                        "truncated body: {} of {len} bytes at offset {offset}",
+                        body.len()
+                    ),
                 ));
             }
             Ok(body.freeze())
@@ -249,7 +255,10 @@ pub(super) async fn get_whole(
     let mut body = Vec::new();
     while let Some(c) = resp.chunk().await.map_err(|e| classify(url, e))? {
         if (body.len() + c.len()) as u64 > max {
-            return Err(RemoteError::permanent(url, format!("larger than {max} bytes")));
+            return Err(RemoteError::permanent(
+                url,
+                format!("larger than {max} bytes"),
+            ));
         }
         body.extend_from_slice(&c);
     }

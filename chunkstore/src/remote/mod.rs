@@ -150,9 +150,13 @@ pub async fn read_whole(
     match loc {
         Location::Path(p) => {
             let name = p.display().to_string();
-            let meta = std::fs::metadata(p).map_err(|e| RemoteError::permanent(&name, e.to_string()))?;
+            let meta =
+                std::fs::metadata(p).map_err(|e| RemoteError::permanent(&name, e.to_string()))?;
             if meta.len() > max {
-                return Err(RemoteError::permanent(name, format!("larger than {max} bytes")));
+                return Err(RemoteError::permanent(
+                    name,
+                    format!("larger than {max} bytes"),
+                ));
             }
             std::fs::read(p).map_err(|e| RemoteError::permanent(name, e.to_string()))
         }
