@@ -31,6 +31,29 @@ pub enum Fault {
     TooLong,
     /// Redirect to another host.
     RedirectOffHost,
+    /// Announce and stream a body far larger than asked for (1 GiB), until the client hangs up.
+    Huge,
+}
+
+impl std::str::FromStr for Fault {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Fault, String> {
+        Ok(match s {
+            "reset" => Fault::Reset,
+            "hang" => Fault::Hang,
+            "truncate" => Fault::Truncate,
+            "ignore-range" => Fault::IgnoreRange,
+            "flip" => Fault::FlipByte,
+            "wrong-range" => Fault::WrongRange,
+            "too-long" => Fault::TooLong,
+            "redirect-offhost" => Fault::RedirectOffHost,
+            "huge" => Fault::Huge,
+            s => match s.strip_prefix("status") {
+                Some(code) => Fault::Status(code.parse().map_err(|_| format!("bad status in {s}"))?),
+                None => return Err(format!("unknown fault {s}")),
+            },
+        })
+    }
 }
 
 #[derive(Default)]
@@ -163,6 +186,33 @@ fn serve(stream: TcpStream, st: &State) {
                 k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
             })
         };
+        // Control endpoint for out-of-process use: /__fault/<fault|none>/<count> (count 0:
+        // every request for the target, probes included).
+        if let Some(spec) = path.strip_prefix("/__fault/") {
+            let (f, n) = spec.split_once('/').unwrap_or((spec, "0"));
+            let n: u32 = n.parse().unwrap_or(0);
+            st.queue.lock().unwrap().clear();
+            *st.always.lock().unwrap() = None;
+            let r = if f == "none" {
+                Ok(())
+            } else {
+                f.parse::<Fault>().map(|fault| {
+                    if n == 0 {
+                        *st.always.lock().unwrap() = Some(fault);
+                    } else {
+                        st.queue.lock().unwrap().extend((0..n).map(|_| fault.clone()));
+                    }
+                })
+            };
+            let (status, body) = match r {
+                Ok(()) => ("200 OK", "ok\n".to_string()),
+                Err(e) => ("400 Bad Request", format!("{e}\n")),
+            };
+            if respond(&mut out, st, status, &[], body.as_bytes()).is_err() {
+                return;
+            }
+            continue;
+        }
         let range = header("range");
         let if_match = header("if-match");
         let is_target = path == st.target;
@@ -250,6 +300,24 @@ fn serve(stream: TcpStream, st: &State) {
                 cr = format!("Content-Range: bytes {}-{}/{}", a + 1, b + 1, data.len())
             }
             Some(Fault::TooLong) => body.extend(std::iter::repeat_n(0x42, 4096)),
+            Some(Fault::Huge) => {
+                let hdr = format!(
+                    "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\n{cr}\r\n\r\n",
+                    1u64 << 30
+                );
+                if out.write_all(hdr.as_bytes()).is_err() {
+                    return;
+                }
+                let junk = vec![0x33u8; 1 << 16];
+                for _ in 0..(1 << 14) {
+                    if out.write_all(&junk).is_err() {
+                        break;
+                    }
+                    st.bytes.fetch_add(junk.len() as u64, Ordering::SeqCst);
+                }
+                let _ = out.shutdown(Shutdown::Both);
+                return;
+            }
             Some(Fault::Truncate) => {
                 let hdr = format!(
                     "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\n{cr}\r\nETag: {etag}\r\n\r\n",

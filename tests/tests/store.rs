@@ -144,6 +144,7 @@ fn transient_faults_are_retried_and_never_cached_bad() {
         Fault::FlipByte,
         Fault::WrongRange,
         Fault::TooLong,
+        Fault::Huge,
         Fault::Hang,
     ] {
         let f = fixture(1 << 20, 64 << 10, 3);

@@ -29,6 +29,24 @@ enum Cmd {
         /// Which.
         dir: PathBuf,
     },
+    /// Serve a directory over HTTP with injected faults on requests for `--target`, until killed.
+    Serve {
+        /// Directory to serve.
+        root: PathBuf,
+        /// Path (relative to root) whose range requests get the faults.
+        #[arg(long)]
+        target: String,
+        /// Fault: status<code>, reset, hang, truncate, ignore-range, flip, wrong-range, too-long,
+        /// redirect-offhost, huge.
+        #[arg(long)]
+        fault: Option<lazyblk_tests::fault::Fault>,
+        /// Inject into this many data requests (0: into every request, probes included).
+        #[arg(long, default_value_t = 0)]
+        count: u32,
+        /// Write the chosen port here once listening.
+        #[arg(long)]
+        port_file: PathBuf,
+    },
 }
 
 fn main() -> Result<()> {
@@ -37,6 +55,28 @@ fn main() -> Result<()> {
         Cmd::DigestTree { dir } => {
             print!("{}", lazyblk_tests::tree::digest(&dir)?);
             Ok(())
+        }
+        Cmd::Serve {
+            root,
+            target,
+            fault,
+            count,
+            port_file,
+        } => {
+            let srv = lazyblk_tests::fault::FaultServer::start(&root, &target);
+            if let Some(f) = fault {
+                if count == 0 {
+                    srv.set_always(Some(f));
+                } else {
+                    for _ in 0..count {
+                        srv.push(f.clone());
+                    }
+                }
+            }
+            std::fs::write(&port_file, srv.port.to_string())?;
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            }
         }
     }
 }
