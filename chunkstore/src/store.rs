@@ -67,6 +67,11 @@ pub struct StoreOptions {
     pub background_requests: usize,
     /// Fetch the prefetch list published next to the manifest, if any.
     pub use_prefetch_list: bool,
+    /// Background policy for [`ChunkStore::start_default_background`]: after the prefetch list,
+    /// fetch every remaining chunk.
+    pub hydrate: bool,
+    /// Hydration rate limit in bytes per second (`None`: unlimited).
+    pub hydrate_rate: Option<u64>,
 }
 
 impl Default for StoreOptions {
@@ -85,6 +90,8 @@ impl Default for StoreOptions {
             evict_grace: Duration::from_secs(10),
             background_requests: 2,
             use_prefetch_list: true,
+            hydrate: false,
+            hydrate_rate: None,
         }
     }
 }
@@ -630,6 +637,40 @@ impl ChunkStore {
     /// The prefetch list published with the image, if one was found.
     pub fn prefetch_list(&self) -> Option<&[u32]> {
         self.inner.prefetch_list.as_deref()
+    }
+
+    /// Start the background work the options ask for: the published prefetch list, in order,
+    /// then hydration when `hydrate` is set. Does nothing when there is neither.
+    pub fn start_default_background(&self) {
+        let order: Vec<u64> = self
+            .prefetch_list()
+            .map(|l| l.iter().map(|&c| u64::from(c)).collect())
+            .unwrap_or_default();
+        if !order.is_empty() || self.inner.opts.hydrate {
+            self.start_background(order, self.inner.opts.hydrate, self.inner.opts.hydrate_rate);
+        } else {
+            self.inner.background_done.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Write the whole image (fetching what is missing, verified) to `out`, then fsync it.
+    pub fn export(&self, out: &Path) -> Result<()> {
+        use std::io::Write;
+        let mut f = std::io::BufWriter::with_capacity(
+            4 << 20,
+            File::create(out).map_err(|e| Error::io(out, e))?,
+        );
+        let size = self.inner.manifest.image_size;
+        let mut buf = vec![0u8; 4 << 20];
+        let mut at = 0u64;
+        while at < size {
+            let n = (size - at).min(buf.len() as u64) as usize;
+            BlockSource::read_at(self, at, &mut buf[..n]).map_err(|e| Error::Invalid(format!("reading the image at {at}: {e}")))?;
+            f.write_all(&buf[..n]).map_err(|e| Error::io(out, e))?;
+            at += n as u64;
+        }
+        let file = f.into_inner().map_err(|e| Error::io(out, e.into_error()))?;
+        file.sync_all().map_err(|e| Error::io(out, e))
     }
 
     /// Start background work: fetch `order` first, in order, then (with `hydrate`) every other

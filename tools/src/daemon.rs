@@ -1,15 +1,17 @@
-//! The device daemon: owns a chunk store and a ublk device, a control socket for `status` and
-//! `del`, and a record in the state directory for `list` and `recover`.
+//! The device daemon: owns a chunk store and a ublk device, a control socket for `status`,
+//! `stop` and `detach`, and a record in the state directory for `list` and `recover`.
 
 use anyhow::{Context, Result};
 use lazyblk_blocksource::BlockSource;
+use lazyblk_chunkstore::bitmap::BitmapFile;
 use lazyblk_chunkstore::{ChunkStore, ImageId, Location, StatsSnapshot, StoreOptions};
+use lazyblk_ublk::FetchGate;
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 /// Everything needed to (re)start the daemon of a device.
@@ -35,6 +37,12 @@ pub struct Record {
     pub io_deadline_secs: u64,
     /// Daemon log file.
     pub log: Option<PathBuf>,
+    /// Pid of the supervisor that restarts this daemon when it dies (`add --supervise`).
+    #[serde(default)]
+    pub supervisor: Option<u32>,
+    /// The COW layer of a writable device (`add --writable`).
+    #[serde(default)]
+    pub cow: Option<PathBuf>,
 }
 
 /// Paths in the state directory.
@@ -52,14 +60,20 @@ pub fn read_record(state: &Path, id: u32) -> Option<Record> {
     serde_json::from_slice(&std::fs::read(record_path(state, id)).ok()?).ok()
 }
 
-/// Ask a live daemon for its counters.
-pub fn query_status(state: &Path, id: u32) -> Result<StatsSnapshot> {
+/// Send one command line to a live daemon and return its one-line answer.
+pub fn control(state: &Path, id: u32, cmd: &str, timeout: Duration) -> Result<String> {
     let mut s = UnixStream::connect(socket_path(state, id))
         .with_context(|| format!("device {id} has no running daemon"))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.write_all(b"status\n")?;
+    s.set_read_timeout(Some(timeout))?;
+    s.write_all(format!("{cmd}\n").as_bytes())?;
     let mut line = String::new();
     BufReader::new(s).read_line(&mut line)?;
+    Ok(line.trim_end().to_string())
+}
+
+/// Ask a live daemon for its counters.
+pub fn query_status(state: &Path, id: u32) -> Result<StatsSnapshot> {
+    let line = control(state, id, "status", Duration::from_secs(5))?;
     serde_json::from_str(&line).context("bad status answer from the daemon")
 }
 
@@ -70,7 +84,12 @@ pub struct DaemonArgs {
     pub ublk: lazyblk_ublk::Options,
     pub state_dir: PathBuf,
     pub log: Option<PathBuf>,
-    /// Where to write the one ready line (`OK <id> <bdev>` or `ERR <message>`).
+    /// Pid of the supervisor, when there is one.
+    pub supervisor: Option<u32>,
+    /// Writable through a COW layer (`add --writable`).
+    pub cow: crate::vhost::CowArgs,
+    /// Where to write the ready line (`OK <id> <bdev>` or `ERR <message>`), after any number of
+    /// `WARN <message>` lines about the state the daemon found.
     pub ready: Option<std::fs::File>,
 }
 
@@ -78,6 +97,84 @@ fn say_ready(ready: &mut Option<std::fs::File>, line: &str) {
     if let Some(mut f) = ready.take() {
         let _ = writeln!(f, "{line}");
     }
+}
+
+/// Log a warning and pass it on to whoever waits for the ready line.
+fn warn(ready: &Option<std::fs::File>, msg: &str) {
+    tracing::warn!("{msg}");
+    if let Some(mut f) = ready.as_ref() {
+        let _ = writeln!(f, "WARN {msg}");
+    }
+}
+
+/// What opening the cache found that the user should hear about (the store repaired it).
+fn report_open(store: &ChunkStore, ready: &Option<std::fs::File>) {
+    let rep = store.open_report();
+    let dir = store.cache_dir().display();
+    if let Some(why) = &rep.discarded {
+        warn(
+            ready,
+            &format!("cache {dir} discarded, chunks will be fetched again: {why}"),
+        );
+    }
+    if rep.dropped > 0 {
+        warn(
+            ready,
+            &format!(
+                "cache {dir}: {} of {} chunks the bitmap claimed present failed verification and will be fetched again",
+                rep.dropped, rep.reverified
+            ),
+        );
+    } else if rep.reverified > 0 {
+        tracing::info!(
+            "re-verified {} cached chunks (bitmap not closed cleanly), all good",
+            rep.reverified
+        );
+    }
+    if let Some(why) = &rep.offline {
+        warn(
+            ready,
+            &format!("remote unreachable, serving from the cache until it returns: {why}"),
+        );
+    }
+    // The store only writes its copy of the manifest into a new cache directory; make sure the
+    // copy in an old one (used by `recover` and `verify-cache`) is this image's.
+    let p = store.cache_dir().join("manifest");
+    if std::fs::read(&p).map_or(true, |b| ImageId::of(&b) != store.id()) {
+        let bytes = store.manifest().encode();
+        let fixed = ImageId::of(&bytes) == store.id()
+            && lazyblk_chunkstore::builder::write_atomic(&p, &bytes).is_ok();
+        warn(
+            ready,
+            &if fixed {
+                format!("{} was not this image's manifest; rewritten", p.display())
+            } else {
+                format!(
+                    "{} is not this image's manifest and could not be rewritten",
+                    p.display()
+                )
+            },
+        );
+    }
+}
+
+/// Stop fetching, make everything fetched so far durable and mark the bitmap cleanly closed, so
+/// the next daemon trusts the cache without re-verifying it. The device is left as it is.
+fn prepare_detach(id: u32, store: &ChunkStore, gate: &FetchGate) -> Result<()> {
+    tracing::info!("detach: device {id} stops fetching");
+    let waiting = gate.close(Duration::from_secs(10));
+    if waiting > 0 {
+        tracing::warn!(
+            "detach: {waiting} read(s) still wait for the remote; the next daemon gets them again"
+        );
+    }
+    store.flush()?;
+    // A fetch still running can set one more bit after this; the checksum then no longer matches
+    // and the next daemon re-verifies, which is safe.
+    let p = store.cache_dir().join("bitmap");
+    let (b, _) = BitmapFile::open(&p, store.id(), store.manifest().chunk_count())?;
+    b.close_clean()?;
+    Ok(())
 }
 
 /// Run a device until it is stopped. Reports readiness (or the error) on `args.ready`.
@@ -98,18 +195,18 @@ fn run_inner(args: &mut DaemonArgs) -> Result<()> {
         .with_context(|| format!("creating {}", args.state_dir.display()))?;
     let loc = Location::parse(&args.manifest);
     let store = Arc::new(ChunkStore::open(&loc, args.store.clone())?);
-    let rep = store.open_report();
-    if let Some(why) = &rep.discarded {
-        tracing::warn!("cache discarded: {why}");
-    }
-    if rep.reverified > 0 {
-        tracing::info!(
-            "re-verified {} cached chunks after an unclean stop, dropped {}",
-            rep.reverified,
-            rep.dropped
-        );
-    }
+    // Prefetch list and hydration start at once, ahead of the workload.
+    store.start_default_background();
+    report_open(&store, &args.ready);
     let id = store.id();
+    let cow_dir = args.cow.dir_for(&id.hex());
+    let cow = match &cow_dir {
+        Some(d) => Some(Arc::new(
+            lazyblk_cow::Cow::open(d, store.clone(), &id.to_string())
+                .with_context(|| format!("opening the COW layer {}", d.display()))?,
+        )),
+        None => None,
+    };
     let mut record = Record {
         id: 0,
         pid: std::process::id(),
@@ -121,6 +218,8 @@ fn run_inner(args: &mut DaemonArgs) -> Result<()> {
         depth: args.ublk.depth,
         io_deadline_secs: args.store.io_deadline.map_or(0, |d| d.as_secs()),
         log: args.log.clone(),
+        supervisor: args.supervisor,
+        cow: cow_dir,
     };
     let mut ublk = args.ublk.clone();
     ublk.target_data = serde_json::to_value(&record)?;
@@ -149,26 +248,41 @@ fn run_inner(args: &mut DaemonArgs) -> Result<()> {
     }
     let state_dir = args.state_dir.clone();
     let ready = args.ready.take();
-    let st2 = store.clone();
+    // The control thread holds weak references only: the last strong one, dropped at the end of
+    // `run_inner`, closes the cache's bitmap cleanly (the store's `Drop`).
+    let st2 = Arc::downgrade(&store);
+    let cow2 = cow.as_ref().map(Arc::downgrade);
     let dev2 = dev_id.clone();
     let stop2 = stopping.clone();
+    let gate = ublk.gate.clone();
     let on_live = move |live: &lazyblk_ublk::LiveDevice| {
         dev2.store(live.id, Ordering::SeqCst);
         record.id = live.id;
         record.bdev = live.bdev.clone();
         if !live.recoverable() {
-            tracing::warn!("the kernel did not accept UBLK_F_USER_RECOVERY: a daemon crash will fail IO");
+            tracing::warn!(
+                "the kernel did not accept UBLK_F_USER_RECOVERY: a daemon crash will fail IO"
+            );
         }
         let rp = record_path(&state_dir, live.id);
-        if let Err(e) = std::fs::write(&rp, serde_json::to_vec_pretty(&record).unwrap_or_default()) {
+        if let Err(e) = std::fs::write(&rp, serde_json::to_vec_pretty(&record).unwrap_or_default())
+        {
             tracing::error!("writing {}: {e}", rp.display());
         }
-        spawn_control(&state_dir, live.id, st2, stop2);
+        spawn_control(&state_dir, live.id, st2, cow2, stop2, gate);
         let mut ready = ready;
         say_ready(&mut ready, &format!("OK {} {}", live.id, live.bdev));
-        tracing::info!("device {} live at {} for {}", live.id, live.bdev, record.image);
+        tracing::info!(
+            "device {} live at {} for {}",
+            live.id,
+            live.bdev,
+            record.image
+        );
     };
-    let source: Arc<dyn BlockSource> = store.clone();
+    let source: Arc<dyn BlockSource> = match &cow {
+        Some(c) => c.clone(),
+        None => store.clone(),
+    };
     let served = lazyblk_ublk::serve(source, &ublk, on_live);
     let id_now = dev_id.load(Ordering::SeqCst);
     if id_now != u32::MAX {
@@ -179,16 +293,42 @@ fn run_inner(args: &mut DaemonArgs) -> Result<()> {
         let _ = std::fs::remove_file(socket_path(&args.state_dir, id_now));
         let _ = std::fs::remove_file(record_path(&args.state_dir, id_now));
     }
+    if let Some(c) = cow {
+        if let Err(e) = c.flush() {
+            tracing::error!("COW layer: {e}");
+        }
+    }
     if let Err(e) = store.flush() {
         tracing::error!("{e}");
     }
-    drop(store);
+    close_store(store);
     served?;
     tracing::info!("device {id_now} stopped; cache kept");
     Ok(())
 }
 
-fn spawn_control(state: &Path, id: u32, store: Arc<ChunkStore>, stopping: Arc<AtomicBool>) {
+/// Drop the last reference to the store so that it closes its bitmap cleanly and the next start
+/// trusts the cache without re-verifying it. A control command in progress (holding a
+/// temporary strong reference) gets a moment to finish.
+fn close_store(mut store: Arc<ChunkStore>) {
+    for _ in 0..250 {
+        match Arc::try_unwrap(store) {
+            Ok(s) => return drop(s),
+            Err(s) => store = s,
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    tracing::warn!("the cache is still in use at exit; the next start re-verifies it");
+}
+
+fn spawn_control(
+    state: &Path,
+    id: u32,
+    store: Weak<ChunkStore>,
+    cow: Option<Weak<lazyblk_cow::Cow>>,
+    stopping: Arc<AtomicBool>,
+    gate: Arc<FetchGate>,
+) {
     let path = socket_path(state, id);
     let _ = std::fs::remove_file(&path);
     let listener = match UnixListener::bind(&path) {
@@ -206,6 +346,11 @@ fn spawn_control(state: &Path, id: u32, store: Arc<ChunkStore>, stopping: Arc<At
                 continue;
             }
             let mut w = &conn;
+            // Gone once the device stopped and the daemon is closing its cache.
+            let (Some(store), cow) = (store.upgrade(), cow.as_ref().and_then(Weak::upgrade)) else {
+                let _ = writeln!(w, "error: the daemon is stopping");
+                continue;
+            };
             match line.trim() {
                 "status" => {
                     let s = serde_json::to_string(&store.stats()).unwrap_or_default();
@@ -215,6 +360,53 @@ fn spawn_control(state: &Path, id: u32, store: Arc<ChunkStore>, stopping: Arc<At
                     stopping.store(true, Ordering::SeqCst);
                     let r = lazyblk_ublk::stop(id);
                     let _ = writeln!(w, "{}", if r.is_ok() { "ok" } else { "error" });
+                }
+                "detach" => {
+                    // Exit without stopping the device: the kernel parks its IO (user recovery)
+                    // until `recover` starts a new daemon, which gets the unfinished reads again.
+                    // No unwinding: dropping the ublk control would delete the device.
+                    // The guest's acknowledged writes must be in the COW layer's bitmap first.
+                    if let Some(c) = &cow {
+                        if let Err(e) = c.flush() {
+                            tracing::error!("detach: COW layer flush: {e}");
+                        }
+                    }
+                    match prepare_detach(id, &store, &gate) {
+                        Ok(()) => {
+                            let _ = writeln!(w, "ok");
+                        }
+                        Err(e) => {
+                            tracing::warn!("detach: {e:#}; the next daemon re-verifies the cache");
+                            let _ =
+                                writeln!(w, "ok (the next daemon re-verifies the cache: {e:#})");
+                        }
+                    }
+                    let _ = std::fs::remove_file(&path);
+                    tracing::info!(
+                        "detached from device {id}; `lazyblk recover {id}` reattaches it"
+                    );
+                    // SAFETY: _exit ends the process at once; nothing is touched afterwards.
+                    unsafe { libc::_exit(0) };
+                }
+                "trace" => {
+                    let t = serde_json::to_string(&store.access_trace()).unwrap_or_default();
+                    let _ = writeln!(w, "{t}");
+                }
+                cmd if cmd.starts_with("export ") => {
+                    let out = PathBuf::from(&cmd["export ".len()..]);
+                    // A writable device exports what its guest sees (image + COW layer).
+                    let r = match &cow {
+                        Some(c) => crate::vhost::export_source(&**c, &out),
+                        None => store.export(&out).map_err(anyhow::Error::from),
+                    };
+                    match r {
+                        Ok(()) => {
+                            let _ = writeln!(w, "ok");
+                        }
+                        Err(e) => {
+                            let _ = writeln!(w, "error: {e}");
+                        }
+                    }
                 }
                 other => {
                     let _ = writeln!(w, "unknown command {other:?}");

@@ -1,6 +1,9 @@
 //! `lazyblk`: build chunked images and serve them lazily as ublk block devices.
 
 mod daemon;
+mod supervise;
+mod verify;
+mod vhost;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -14,10 +17,19 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 #[derive(Parser)]
-#[command(name = "lazyblk", version, about = "Lazy block devices: erofs images served on demand through ublk")]
+#[command(
+    name = "lazyblk",
+    version,
+    about = "Lazy block devices: erofs images served on demand through ublk"
+)]
 struct Cli {
     /// Directory for daemon records and control sockets.
-    #[arg(long, global = true, env = "LAZYBLK_STATE_DIR", default_value = "/run/lazyblk")]
+    #[arg(
+        long,
+        global = true,
+        env = "LAZYBLK_STATE_DIR",
+        default_value = "/run/lazyblk"
+    )]
     state_dir: PathBuf,
     #[command(subcommand)]
     cmd: Cmd,
@@ -40,6 +52,45 @@ struct StoreArgs {
     /// Chunks read ahead after a miss.
     #[arg(long, default_value_t = 4)]
     readahead: u64,
+    /// Seconds one HTTP request may take (headers and body) before it is retried.
+    #[arg(long, default_value_t = 30)]
+    http_timeout: u64,
+    /// Keep at most this much fetched data in the cache (e.g. 512M, 2G); cold chunks are
+    /// evicted and fetched again when needed.
+    #[arg(long, value_parser = parse_size)]
+    cache_limit: Option<u64>,
+    /// After the prefetch list, fetch every remaining chunk in the background (yielding to
+    /// reads), so the image ends up needing no network.
+    #[arg(long)]
+    hydrate: bool,
+    /// Hydration rate limit (bytes per second, e.g. 20M).
+    #[arg(long, value_parser = parse_size)]
+    hydrate_rate: Option<u64>,
+    /// Ignore the prefetch list published next to the manifest.
+    #[arg(long)]
+    no_prefetch: bool,
+}
+
+/// Parse `123`, `64K`, `512M`, `2G` (powers of 1024).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_uppercase() {
+                'K' => 1u64 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(format!("unknown size suffix in {s:?}")),
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("not a size: {s:?}"))
 }
 
 impl StoreArgs {
@@ -47,10 +98,17 @@ impl StoreArgs {
         Ok(StoreOptions {
             cache_root: self.cache_dir.clone(),
             expected_id: daemon::parse_digest(self.digest.as_deref())?,
-            http: HttpOptions::default(),
+            http: HttpOptions {
+                request_timeout: Duration::from_secs(self.http_timeout.max(1)),
+                ..HttpOptions::default()
+            },
             max_requests: self.max_requests,
             readahead_chunks: self.readahead,
             io_deadline: (self.io_deadline > 0).then(|| Duration::from_secs(self.io_deadline)),
+            cache_limit: self.cache_limit,
+            hydrate: self.hydrate,
+            hydrate_rate: self.hydrate_rate,
+            use_prefetch_list: !self.no_prefetch,
             ..Default::default()
         })
     }
@@ -112,9 +170,43 @@ enum Cmd {
         /// Daemon log file.
         #[arg(long, default_value = "/var/log/lazyblk/lazyblk.log")]
         log_file: PathBuf,
+        /// Run the daemon under a supervisor that restarts it (with `recover`) when it dies.
+        #[arg(long)]
+        supervise: bool,
         /// Internal: take over device N after its daemon died.
         #[arg(long, hide = true)]
         recover_id: Option<u32>,
+        /// Internal: pid of the supervisor of this daemon.
+        #[arg(long, hide = true)]
+        supervised_by: Option<u32>,
+        #[command(flatten)]
+        cow: vhost::CowArgs,
+    },
+    /// Record which chunks a running device has read (first-access order) into a prefetch list;
+    /// publish it next to the manifest as `prefetch` and `add` fetches those chunks first.
+    Trace {
+        /// Device id.
+        id: u32,
+        /// Output file.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// Write the whole verified raw image of a running device to a file (fetching what is
+    /// missing). For an image that is not attached, use `lazyblk cat -o`.
+    Export {
+        /// Device id.
+        id: u32,
+        /// Output file.
+        output: PathBuf,
+    },
+    /// Remove the caches of images that no running daemon uses.
+    Gc {
+        /// Cache root.
+        #[arg(long, env = "LAZYBLK_CACHE_DIR", default_value = "/var/cache/lazyblk")]
+        cache_dir: PathBuf,
+        /// Only list what would be removed.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// List lazyblk devices.
     List,
@@ -134,19 +226,57 @@ enum Cmd {
         #[arg(long)]
         all: bool,
     },
-    /// Restart the daemon of a device whose daemon died, without unmounting anything.
+    /// Restart the daemon of a device whose daemon died (or was detached), without unmounting
+    /// anything. Waits until the kernel has parked the device's IO.
     Recover {
         /// Device id.
         id: u32,
         /// Stay in the foreground.
         #[arg(long)]
         foreground: bool,
+        /// Run the new daemon under a supervisor (see `add --supervise`).
+        #[arg(long)]
+        supervise: bool,
+        /// Seconds to wait for the kernel to notice a dead daemon (up to the block layer's IO
+        /// timeout, 30 s, when every IO of a queue was waiting in the dead daemon).
+        #[arg(long, default_value_t = 60)]
+        wait: u64,
     },
+    /// Stop a device's daemon without stopping the device (for an upgrade): the daemon stops
+    /// fetching, makes its cache durable and clean, and exits; the kernel parks the device's IO
+    /// until `lazyblk recover` (from any binary) takes over.
+    Detach {
+        /// Device id.
+        id: u32,
+        /// Seconds to wait for the kernel to park the device's IO.
+        #[arg(long, default_value_t = 60)]
+        wait: u64,
+    },
+    /// Check a cache directory without changing it: every chunk its bitmap claims present must
+    /// match the manifest's digest. Exits non-zero on any bad chunk.
+    VerifyCache {
+        /// The cache directory of one image (`<cache root>/<sha256 hex>`).
+        dir: PathBuf,
+    },
+    /// Serve an image to a VM as a vhost-user-blk device (qemu `vhost-user-blk-pci`), lazily;
+    /// `--writable` keeps the guest's writes in a local copy-on-write layer.
+    Vhost(vhost::VhostArgs),
+    /// Write a writable disk's current contents (the image under its COW layer) to a raw file.
+    ExportCow(vhost::ExportArgs),
 }
 
 fn main() {
     let cli = Cli::parse();
-    let foreground_daemon = matches!(cli.cmd, Cmd::Add { foreground: true, .. } | Cmd::Recover { foreground: true, .. });
+    let foreground_daemon = matches!(
+        cli.cmd,
+        Cmd::Add {
+            foreground: true,
+            ..
+        } | Cmd::Recover {
+            foreground: true,
+            ..
+        }
+    );
     let default = if foreground_daemon { "info" } else { "warn" };
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -187,7 +317,10 @@ fn run(cli: Cli) -> Result<()> {
             id,
             foreground,
             log_file,
+            supervise,
             recover_id,
+            supervised_by,
+            cow,
         } => {
             let ublk = lazyblk_ublk::Options {
                 id: recover_id.or(id),
@@ -196,15 +329,25 @@ fn run(cli: Cli) -> Result<()> {
                 recover: recover_id.is_some(),
                 ..Default::default()
             };
-            if foreground {
-                // In the foreground, standard output carries the one ready line.
+            if foreground && supervise {
+                // The supervisor: the same command line without --supervise is its daemon.
+                let mut args: Vec<String> = std::env::args()
+                    .skip(1)
+                    .filter(|a| a != "--supervise")
+                    .collect();
+                args.extend(["--supervised-by".into(), std::process::id().to_string()]);
+                supervise::run(&state, &args, stdout_file()?)
+            } else if foreground {
+                // In the foreground, standard output carries the ready line.
                 let ready = Some(stdout_file()?);
                 daemon::run(daemon::DaemonArgs {
                     manifest,
                     store: store.options()?,
                     ublk,
                     state_dir: state,
-                    log: None,
+                    log: Some(log_file),
+                    supervisor: supervised_by,
+                    cow,
                     ready,
                 })
             } else {
@@ -221,6 +364,38 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::List => cmd_list(&state),
+        Cmd::Trace { id, output } => cmd_trace(&state, id, &output),
+        Cmd::Export { id, output } => {
+            lazyblk_ublk::device_state(id)?;
+            let out = std::path::absolute(&output)?;
+            let r = daemon::control(
+                &state,
+                id,
+                &format!("export {}", out.display()),
+                Duration::from_secs(24 * 3600),
+            )?;
+            if r != "ok" {
+                bail!("export of device {id}: {}", r.trim_start_matches("error: "));
+            }
+            println!("wrote {}", out.display());
+            Ok(())
+        }
+        Cmd::Gc { cache_dir, dry_run } => {
+            let mut freed = 0;
+            for e in lazyblk_chunkstore::gc(&cache_dir, &[], dry_run)? {
+                let what = if e.in_use {
+                    "in use, kept"
+                } else if e.removed {
+                    freed += e.bytes;
+                    "removed"
+                } else {
+                    "would be removed"
+                };
+                println!("{:>12} bytes  {}  {what}", e.bytes, e.dir.display());
+            }
+            println!("freed {freed} bytes");
+            Ok(())
+        }
         Cmd::Status { id, json } => cmd_status(&state, id, json),
         Cmd::Del { id, all } => match (id, all) {
             (Some(id), false) => cmd_del(&state, id),
@@ -234,7 +409,16 @@ fn run(cli: Cli) -> Result<()> {
             }
             _ => bail!("give a device id or --all"),
         },
-        Cmd::Recover { id, foreground } => cmd_recover(&state, id, foreground),
+        Cmd::Recover {
+            id,
+            foreground,
+            supervise,
+            wait,
+        } => cmd_recover(&state, id, foreground, supervise, wait),
+        Cmd::Detach { id, wait } => cmd_detach(&state, id, wait),
+        Cmd::VerifyCache { dir } => verify::verify_cache(&dir),
+        Cmd::Vhost(a) => vhost::run(a),
+        Cmd::ExportCow(a) => vhost::export(a),
     }
 }
 
@@ -266,8 +450,16 @@ fn spawn_daemon(args: &[String], log: &Path) -> Result<(u32, String)> {
         .process_group(0)
         .spawn()
         .context("starting the daemon")?;
+    let mut reader = BufReader::new(reader);
     let mut line = String::new();
-    BufReader::new(reader).read_line(&mut line)?;
+    loop {
+        line.clear();
+        reader.read_line(&mut line)?;
+        match line.trim().strip_prefix("WARN ") {
+            Some(w) => eprintln!("lazyblk: warning: {w}"),
+            None => break,
+        }
+    }
     let line = line.trim();
     if let Some(rest) = line.strip_prefix("OK ") {
         let (id, bdev) = rest.split_once(' ').context("bad ready line")?;
@@ -279,14 +471,25 @@ fn spawn_daemon(args: &[String], log: &Path) -> Result<(u32, String)> {
     if let Some(msg) = line.strip_prefix("ERR ") {
         bail!("{msg}");
     }
-    bail!("the daemon exited before the device was live; see {}", log.display())
+    bail!(
+        "the daemon exited before the device was live; see {}",
+        log.display()
+    )
 }
 
-fn cmd_build(input: &Path, output: &Path, chunk_kib: u32, level: i32, keep: Option<PathBuf>) -> Result<()> {
+fn cmd_build(
+    input: &Path,
+    output: &Path,
+    chunk_kib: u32,
+    level: i32,
+    keep: Option<PathBuf>,
+) -> Result<()> {
     let md = std::fs::metadata(input).with_context(|| format!("{}", input.display()))?;
     std::fs::create_dir_all(output).with_context(|| format!("creating {}", output.display()))?;
     let (image, temp) = if md.is_dir() {
-        let img = keep.clone().unwrap_or_else(|| output.join(".image.erofs.tmp"));
+        let img = keep
+            .clone()
+            .unwrap_or_else(|| output.join(".image.erofs.tmp"));
         let st = Command::new("mkfs.erofs")
             .arg("--quiet")
             .arg(&img)
@@ -304,8 +507,10 @@ fn cmd_build(input: &Path, output: &Path, chunk_kib: u32, level: i32, keep: Opti
     let bar = if std::io::stderr().is_terminal() {
         let b = indicatif::ProgressBar::new(size);
         b.set_style(
-            indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-                .expect("template"),
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .expect("template"),
         );
         b
     } else {
@@ -347,7 +552,13 @@ fn image_name(p: &Path) -> String {
     p.display().to_string()
 }
 
-fn cmd_cat(manifest: &str, store: &StoreArgs, offset: u64, length: Option<u64>, output: Option<PathBuf>) -> Result<()> {
+fn cmd_cat(
+    manifest: &str,
+    store: &StoreArgs,
+    offset: u64,
+    length: Option<u64>,
+    output: Option<PathBuf>,
+) -> Result<()> {
     let s = ChunkStore::open(&Location::parse(manifest), store.options()?)?;
     let size = s.manifest().image_size;
     if offset > size {
@@ -403,13 +614,42 @@ fn present_pct(state: &Path, id: u32, rec: &daemon::Record) -> Option<f64> {
     Some(100.0 * bits as f64 / n.max(1) as f64)
 }
 
+fn cmd_trace(state: &Path, id: u32, output: &Path) -> Result<()> {
+    lazyblk_ublk::device_state(id)?;
+    let rec =
+        record_of(state, id).with_context(|| format!("device {id} is not a lazyblk device"))?;
+    let chunks: Vec<u32> = serde_json::from_str(&daemon::control(
+        state,
+        id,
+        "trace",
+        Duration::from_secs(10),
+    )?)
+    .context("bad trace answer from the daemon")?;
+    let list = lazyblk_chunkstore::format::PrefetchList {
+        image: lazyblk_chunkstore::ImageId::parse(&rec.image)?,
+        chunks,
+    };
+    std::fs::write(output, list.encode()).with_context(|| format!("{}", output.display()))?;
+    println!(
+        "{} chunks in first-access order written to {} (publish it next to the manifest as `prefetch`)",
+        list.chunks.len(),
+        output.display()
+    );
+    Ok(())
+}
+
 fn cmd_list(state: &Path) -> Result<()> {
     if lazyblk_ublk::check_kernel().is_err() {
         lazyblk_ublk::check_kernel()?;
     }
-    println!("{:<4} {:<14} {:<20} {:>8}  STATE", "ID", "DEVICE", "IMAGE", "PRESENT");
+    println!(
+        "{:<4} {:<14} {:<20} {:>8}  STATE",
+        "ID", "DEVICE", "IMAGE", "PRESENT"
+    );
     for id in lazyblk_ublk::device_ids() {
-        let Ok((st, _)) = lazyblk_ublk::device_state(id) else { continue };
+        let Ok((st, _)) = lazyblk_ublk::device_state(id) else {
+            continue;
+        };
         if !is_ours(id) {
             continue;
         }
@@ -424,10 +664,19 @@ fn cmd_list(state: &Path) -> Result<()> {
         };
         let state_s = match (st, alive) {
             (lazyblk_ublk::DevState::Live, true) => "live".to_string(),
-            (lazyblk_ublk::DevState::Quiesced, _) => format!("daemon dead, IO parked: run `lazyblk recover {id}`"),
+            (lazyblk_ublk::DevState::Quiesced, _) => {
+                format!("daemon dead, IO parked: run `lazyblk recover {id}`")
+            }
             (s, _) => format!("{s:?}").to_lowercase(),
         };
-        println!("{:<4} {:<14} {:<20} {:>8}  {}", id, format!("/dev/ublkb{id}"), image, pct, state_s);
+        println!(
+            "{:<4} {:<14} {:<20} {:>8}  {}",
+            id,
+            format!("/dev/ublkb{id}"),
+            image,
+            pct,
+            state_s
+        );
     }
     Ok(())
 }
@@ -473,7 +722,10 @@ fn cmd_del(state: &Path, id: u32) -> Result<()> {
             std::thread::sleep(Duration::from_millis(50));
         }
         if pid_alive(r.pid) {
-            bail!("the daemon of device {id} (pid {}) did not stop within 30 s", r.pid);
+            bail!(
+                "the daemon of device {id} (pid {}) did not stop within 30 s",
+                r.pid
+            );
         }
     }
     if Path::new(&format!("/sys/class/ublk-char/ublkc{id}")).exists() {
@@ -485,12 +737,47 @@ fn cmd_del(state: &Path, id: u32) -> Result<()> {
     Ok(())
 }
 
-fn cmd_recover(state: &Path, id: u32, foreground: bool) -> Result<()> {
-    let (st, _) = lazyblk_ublk::device_state(id)?;
-    let rec = record_of(state, id).with_context(|| format!("device {id} is not a lazyblk device"))?;
-    if pid_alive(rec.pid) && st == lazyblk_ublk::DevState::Live {
-        bail!("device {id} is live and its daemon (pid {}) is running", rec.pid);
+/// Wait until device `id`, whose daemon was `pid`, can be recovered: the daemon is gone and the
+/// kernel has parked the device's IO (QUIESCED). On 6.12 the kernel notices a dead daemon at once
+/// when the daemon had idle tags, else only at the block layer's IO timeout (30 s).
+pub(crate) fn wait_recoverable(id: u32, pid: u32, timeout: Duration, say: bool) -> Result<()> {
+    use lazyblk_ublk::DevState;
+    let t0 = std::time::Instant::now();
+    let mut said = !say;
+    loop {
+        let (st, _) = lazyblk_ublk::device_state(id)?;
+        let alive = pid_alive(pid);
+        match st {
+            DevState::Quiesced | DevState::FailIo if !alive => return Ok(()),
+            DevState::Live if alive => {
+                bail!("device {id} is live and its daemon (pid {pid}) is running")
+            }
+            DevState::Dead => bail!(
+                "device {id} is stopped and cannot be recovered (delete it with `lazyblk del {id}`)"
+            ),
+            _ => {}
+        }
+        if t0.elapsed() >= timeout {
+            bail!(
+                "device {id} is still {st:?} {} s after its daemon (pid {pid}) went away; try `lazyblk recover {id}` again",
+                timeout.as_secs()
+            );
+        }
+        if !said {
+            eprintln!(
+                "lazyblk: waiting up to {} s for the kernel to park the IO of device {id} (daemon pid {pid} is gone)",
+                timeout.as_secs()
+            );
+            said = true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// The `add` command line that takes over device `id` with the settings of its record.
+pub(crate) fn recover_args(state: &Path, id: u32) -> Result<Vec<String>> {
+    let rec =
+        record_of(state, id).with_context(|| format!("device {id} is not a lazyblk device"))?;
     let mut args = vec![
         "--state-dir".to_string(),
         state.display().to_string(),
@@ -512,17 +799,77 @@ fn cmd_recover(state: &Path, id: u32, foreground: bool) -> Result<()> {
     if let Some(l) = &rec.log {
         args.extend(["--log-file".into(), l.display().to_string()]);
     }
+    if let Some(c) = &rec.cow {
+        args.extend(["--writable".into(), "--cow".into(), c.display().to_string()]);
+    }
+    Ok(args)
+}
+
+fn cmd_recover(state: &Path, id: u32, foreground: bool, supervise: bool, wait: u64) -> Result<()> {
+    lazyblk_ublk::device_state(id)?;
+    let rec =
+        record_of(state, id).with_context(|| format!("device {id} is not a lazyblk device"))?;
+    if let Some(sup) = rec.supervisor.filter(|&p| pid_alive(p)) {
+        bail!("device {id} is supervised by pid {sup}, which recovers it by itself");
+    }
+    wait_recoverable(id, rec.pid, Duration::from_secs(wait), true)?;
+    let mut args = recover_args(state, id)?;
+    if supervise {
+        args.push("--supervise".into());
+    }
+    args.push("--foreground".into());
     if foreground {
-        args.push("--foreground".into());
-        let st = Command::new(std::env::current_exe()?).args(&args).status()?;
+        let st = Command::new(std::env::current_exe()?)
+            .args(&args)
+            .status()?;
         if !st.success() {
             bail!("the recovered daemon failed");
         }
         return Ok(());
     }
-    let log = rec.log.clone().unwrap_or_else(|| PathBuf::from("/var/log/lazyblk/lazyblk.log"));
-    args.push("--foreground".into());
+    let log = rec
+        .log
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("/var/log/lazyblk/lazyblk.log"));
     let (id, bdev) = spawn_daemon(&args, &log)?;
     println!("recovered {bdev} (device {id})");
+    Ok(())
+}
+
+fn cmd_detach(state: &Path, id: u32, wait: u64) -> Result<()> {
+    lazyblk_ublk::device_state(id)?;
+    let rec =
+        record_of(state, id).with_context(|| format!("device {id} is not a lazyblk device"))?;
+    if !pid_alive(rec.pid) {
+        bail!(
+            "device {id} has no running daemon (pid {} is gone)",
+            rec.pid
+        );
+    }
+    let answer = daemon::control(state, id, "detach", Duration::from_secs(60))?;
+    if !answer.starts_with("ok") {
+        bail!("the daemon of device {id} refused to detach: {answer}");
+    }
+    if let Some(note) = answer
+        .strip_prefix("ok (")
+        .and_then(|a| a.strip_suffix(')'))
+    {
+        eprintln!("lazyblk: warning: {note}");
+    }
+    let t0 = std::time::Instant::now();
+    while pid_alive(rec.pid) {
+        if t0.elapsed() > Duration::from_secs(30) {
+            bail!(
+                "the daemon of device {id} (pid {}) said it detaches but did not exit within 30 s",
+                rec.pid
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    wait_recoverable(id, rec.pid, Duration::from_secs(wait), false)?;
+    println!(
+        "detached /dev/ublkb{id}: daemon pid {} exited, IO waits; `lazyblk recover {id}` reattaches",
+        rec.pid
+    );
     Ok(())
 }

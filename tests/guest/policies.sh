@@ -1,0 +1,82 @@
+# Guest: fetch policies and cache management: trace -> prefetch list, hydration (then no network
+# needed), export, a cache limit with eviction, gc.
+. /guest/lib.sh
+start_nginx /www 8080
+URL=http://127.0.0.1:8080/img1/manifest
+mkdir -p /mnt/p
+status_json() { lazyblk status "$1" --json; }
+field() { sed -n "s/.*\"$2\": *\([0-9a-z]*\).*/\1/p" "$1"; }
+subset() { # the "container start" subset: a fixed tenth of the small files
+    for f in /mnt/p/small/d*/f1*.txt; do cat "$f"; done > /dev/null
+}
+
+step "trace what a workload reads"
+DEV=$(lazyblk add "$URL" --cache-dir /tmp/c-trace) || die "add"
+mount -t erofs -o ro "$DEV" /mnt/p || die "mount"
+subset
+lazyblk trace "${DEV#/dev/ublkb}" -o /tmp/prefetch || die "trace"
+umount /mnt/p; lazyblk del "${DEV#/dev/ublkb}" > /dev/null
+check "a non-empty prefetch list was written" [ "$(wc -c < /tmp/prefetch)" -gt 44 ]
+cp /tmp/prefetch /www/img1/prefetch
+
+step "a cold add with the published list: the workload needs no fetch of its own"
+DEV=$(lazyblk add "$URL" --cache-dir /tmp/c-prefetch) || die "add"
+ID=${DEV#/dev/ublkb}
+i=0
+while status_json "$ID" > /tmp/s.json && [ "$(field /tmp/s.json background_done)" != true ] && [ $i -lt 300 ]; do
+    sleep 0.1; i=$((i + 1))
+done
+check "prefetch finished" [ "$(field /tmp/s.json background_done)" = true ]
+check "prefetched chunks counted" [ "$(field /tmp/s.json background_chunks)" -gt 0 ]
+BEFORE=$(field /tmp/s.json misses) # the kernel's partition scan at device creation may race the prefetch
+mount -t erofs -o ro "$DEV" /mnt/p || die "mount"
+subset
+status_json "$ID" > /tmp/s.json
+echo "misses during mount + the traced workload: $(( $(field /tmp/s.json misses) - BEFORE ))"
+check "mount + the traced workload ran without a single miss" [ "$(field /tmp/s.json misses)" -eq "$BEFORE" ]
+umount /mnt/p; lazyblk del "$ID" > /dev/null
+
+step "hydration: the whole image arrives in the background, then no network is needed"
+DEV=$(lazyblk add "$URL" --cache-dir /tmp/c-hydrate --hydrate --hydrate-rate 20M) || die "add"
+ID=${DEV#/dev/ublkb}
+i=0
+while status_json "$ID" > /tmp/s.json && [ "$(field /tmp/s.json present_chunks)" != "$(field /tmp/s.json total_chunks)" ] && [ $i -lt 600 ]; do
+    sleep 0.1; i=$((i + 1))
+done
+check "fully present" [ "$(field /tmp/s.json present_chunks)" = "$(field /tmp/s.json total_chunks)" ]
+stop_nginx 8080
+mount -t erofs -o ro "$DEV" /mnt/p || die "mount"
+lazyblk-testkit digest-tree /mnt/p > /tmp/got.txt
+check "the whole tree reads right with the server down" cmp -s /expected/img1.txt /tmp/got.txt
+umount /mnt/p
+lazyblk export "$ID" /tmp/export.img || die "export"
+check "export equals the device, byte for byte" cmp /tmp/export.img "$DEV"
+lazyblk del "$ID" > /dev/null
+start_nginx /www 8080
+
+step "a cache limit: cold chunks are evicted, reads stay right"
+DEV=$(lazyblk add "$URL" --cache-dir /tmp/c-limit --cache-limit 4M --readahead 0) || die "add"
+ID=${DEV#/dev/ublkb}
+mount -t erofs -o ro "$DEV" /mnt/p || die "mount"
+lazyblk-testkit digest-tree /mnt/p > /tmp/got.txt
+check "the whole tree reads right under a 4 MiB limit" cmp -s /expected/img1.txt /tmp/got.txt
+sleep 1
+status_json "$ID" > /tmp/s.json
+echo "cached bytes $(field /tmp/s.json cached_bytes), evicted $(field /tmp/s.json evicted_chunks) chunks"
+check "chunks were evicted" [ "$(field /tmp/s.json evicted_chunks)" -gt 0 ]
+check "the cache is under its limit" [ "$(field /tmp/s.json cached_bytes)" -le 4194304 ]
+umount /mnt/p; lazyblk del "$ID" > /dev/null
+for d in /tmp/c-limit/*/; do lazyblk verify-cache "$d" || die "verify-cache after eviction"; done
+ok "every chunk still claimed after eviction is verified"
+
+step "gc removes the caches no daemon uses"
+mkdir -p /tmp/gc
+cp -a /tmp/c-trace/. /tmp/gc/
+DEV=$(lazyblk add http://127.0.0.1:8080/img2/manifest --cache-dir /tmp/gc) || die "add img2"
+lazyblk gc --cache-dir /tmp/gc | tee /tmp/gc.txt
+check "the attached image's cache is kept" grep -q "in use, kept" /tmp/gc.txt
+check "the detached image's cache is removed" grep -q "removed" /tmp/gc.txt
+check "one cache dir left" [ "$(ls /tmp/gc | wc -l)" -eq 1 ]
+lazyblk del --all > /dev/null
+check "no device left" no_ublk_devices
+summary

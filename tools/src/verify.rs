@@ -1,0 +1,109 @@
+//! `lazyblk verify-cache`: check, without repairing anything, that every chunk the bitmap of a
+//! cache directory claims present holds the verified bytes of the image.
+
+use anyhow::{bail, Context, Result};
+use lazyblk_chunkstore::bitmap::{self, Trust};
+use lazyblk_chunkstore::format::ChunkRef;
+use lazyblk_chunkstore::store::BLOCK_SIZE;
+use lazyblk_chunkstore::{ImageId, Manifest};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+/// Most bad chunks listed one per line.
+const LIST_BAD: usize = 20;
+
+/// Read-only check of the cache directory of one image (`<cache root>/<sha256 hex>`). Prints one
+/// summary line; fails when a chunk the bitmap claims present is wrong, or when the manifest,
+/// bitmap or data file cannot be what the store wrote.
+pub fn verify_cache(dir: &Path) -> Result<()> {
+    let mpath = dir.join("manifest");
+    let mbytes = std::fs::read(&mpath).with_context(|| format!("reading {}", mpath.display()))?;
+    let id = ImageId::of(&mbytes);
+    if let Some(name) = dir.file_name().and_then(|n| n.to_str()) {
+        if name.len() == 64 && name != id.hex() {
+            bail!(
+                "{} is the manifest of {id}, not of the image this directory is named after",
+                mpath.display()
+            );
+        }
+    }
+    let m = Manifest::decode(&mbytes).with_context(|| format!("decoding {}", mpath.display()))?;
+    let n = m.chunk_count();
+    let bpath = dir.join("bitmap");
+    let bbytes = match std::fs::read(&bpath) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            println!(
+                "verify-cache {}: {id}: no bitmap, nothing claimed present",
+                dir.display()
+            );
+            return Ok(());
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading {}", bpath.display())),
+    };
+    let decoded = bitmap::decode(&bbytes, &id, n).map_err(|why| {
+        anyhow::anyhow!(
+            "bitmap {} is unusable (the store would discard the cache): {why}",
+            bpath.display()
+        )
+    })?;
+    let dpath = dir.join("data");
+    let data = File::open(&dpath).with_context(|| format!("opening {}", dpath.display()))?;
+    let data_len = data.metadata()?.len();
+    let want_len = m.image_size.div_ceil(u64::from(BLOCK_SIZE)) * u64::from(BLOCK_SIZE);
+
+    let mut buf = vec![0u8; m.chunk_size as usize];
+    let (mut claimed, mut zero, mut good) = (0u64, 0u64, 0u64);
+    let mut bad: Vec<(u64, String)> = Vec::new();
+    for i in decoded.bits.iter_ones().map(|i| i as u64) {
+        claimed += 1;
+        let len = m.chunk_len(i) as usize;
+        let at = m.chunk_offset(i);
+        if let Err(e) = data.read_exact_at(&mut buf[..len], at) {
+            bad.push((i, format!("cannot read {len} bytes at {at}: {e}")));
+            continue;
+        }
+        let problem = match m.chunk(i) {
+            ChunkRef::Zero => {
+                zero += 1;
+                buf[..len]
+                    .iter()
+                    .any(|&b| b != 0)
+                    .then(|| "a zero chunk that is not all zeros".to_string())
+            }
+            ChunkRef::Stored(e) => {
+                let got = blake3::hash(&buf[..len]);
+                (*got.as_bytes() != e.digest)
+                    .then(|| format!("blake3 {} instead of the manifest's", got.to_hex()))
+            }
+        };
+        match problem {
+            Some(p) => bad.push((i, p)),
+            None => good += 1,
+        }
+    }
+    let trust = match decoded.trust {
+        Trust::Clean => "closed cleanly",
+        Trust::Verify => "not closed cleanly",
+    };
+    println!(
+        "verify-cache {}: {id}: {n} chunks of {} KiB, bitmap {trust}: {claimed} claimed present ({zero} zero), {good} verified, {} bad",
+        dir.display(),
+        m.chunk_size / 1024,
+        bad.len()
+    );
+    for (i, why) in bad.iter().take(LIST_BAD) {
+        println!("bad chunk {i}: {why}");
+    }
+    if !bad.is_empty() {
+        bail!(
+            "{} of the {claimed} chunks the bitmap claims present are bad",
+            bad.len()
+        );
+    }
+    if data_len != want_len {
+        bail!("data file {} is {data_len} bytes, expected {want_len} (the store would discard the cache)", dpath.display());
+    }
+    Ok(())
+}
