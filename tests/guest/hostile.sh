@@ -42,6 +42,17 @@ recovers() { # recovers NAME FAULT COUNT: transient faults; the read succeeds wi
     check "$1: every chunk the cache claims is verified" verify_caches "$cache"
 }
 
+step "many concurrent misses on one queue do not serialize"
+fault none 0
+DEV=$(lazyblk add "$URL" --cache-dir /tmp/hc-par --queues 1 --depth 64 --readahead 0) || die "add"
+sleep 1 # let the kernel's partition scan finish before the slow server starts
+fault delay300 0
+lazyblk-testkit par-read "$DEV" $(for i in $(seq 0 15); do echo $((i * 1048576 + 28672)); done) \
+    || die "parallel reads failed"
+MAX=$(wget -q -O- "http://127.0.0.1:$PORT/__stats" | sed -n 's/.*max_in_flight=\([0-9]*\).*/\1/p')
+check "16 parallel misses on one queue reached the server at once (max in flight: $MAX)" [ "$MAX" -ge 4 ]
+lazyblk del "${DEV#/dev/ublkb}" > /dev/null
+
 recovers status500 status500 3
 recovers status503 status503 2
 recovers reset reset 3

@@ -33,6 +33,8 @@ pub enum Fault {
     RedirectOffHost,
     /// Announce and stream a body far larger than asked for (1 GiB), until the client hangs up.
     Huge,
+    /// Answer correctly, but only after this many milliseconds.
+    Delay(u64),
 }
 
 impl std::str::FromStr for Fault {
@@ -48,6 +50,9 @@ impl std::str::FromStr for Fault {
             "too-long" => Fault::TooLong,
             "redirect-offhost" => Fault::RedirectOffHost,
             "huge" => Fault::Huge,
+            s if s.starts_with("delay") => {
+                Fault::Delay(s[5..].parse().map_err(|_| format!("bad delay in {s}"))?)
+            }
             s => match s.strip_prefix("status") {
                 Some(code) => Fault::Status(code.parse().map_err(|_| format!("bad status in {s}"))?),
                 None => return Err(format!("unknown fault {s}")),
@@ -68,6 +73,8 @@ struct State {
     target_requests: AtomicU64,
     bytes: AtomicU64,
     etag_override: Mutex<Option<String>>,
+    in_flight: AtomicU64,
+    max_in_flight: AtomicU64,
 }
 
 /// A running fault server; stops on drop.
@@ -139,6 +146,11 @@ impl FaultServer {
         self.state.target_requests.load(Ordering::SeqCst)
     }
 
+    /// Most target range requests being answered at the same time so far.
+    pub fn max_in_flight(&self) -> u64 {
+        self.state.max_in_flight.load(Ordering::SeqCst)
+    }
+
     /// Body bytes sent.
     pub fn bytes(&self) -> u64 {
         self.state.bytes.load(Ordering::SeqCst)
@@ -188,6 +200,19 @@ fn serve(stream: TcpStream, st: &State) {
         };
         // Control endpoint for out-of-process use: /__fault/<fault|none>/<count> (count 0:
         // every request for the target, probes included).
+        if path == "/__stats" {
+            let body = format!(
+                "requests={} target_requests={} bytes={} max_in_flight={}\n",
+                st.requests.load(Ordering::SeqCst),
+                st.target_requests.load(Ordering::SeqCst),
+                st.bytes.load(Ordering::SeqCst),
+                st.max_in_flight.load(Ordering::SeqCst)
+            );
+            if respond(&mut out, st, "200 OK", &[], body.as_bytes()).is_err() {
+                return;
+            }
+            continue;
+        }
         if let Some(spec) = path.strip_prefix("/__fault/") {
             let (f, n) = spec.split_once('/').unwrap_or((spec, "0"));
             let n: u32 = n.parse().unwrap_or(0);
@@ -245,6 +270,15 @@ fn serve(stream: TcpStream, st: &State) {
             .unwrap()
             .clone()
             .unwrap_or_else(|| format!("\"{:x}-{}\"", data.len(), data.len() % 97));
+        // Track concurrency of data requests for the target.
+        let _guard = (is_target && range.as_deref() != Some("bytes=0-0")).then(|| {
+            let now = st.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            st.max_in_flight.fetch_max(now, Ordering::SeqCst);
+            InFlight(&st.in_flight)
+        });
+        if let Some(Fault::Delay(ms)) = fault {
+            std::thread::sleep(Duration::from_millis(ms));
+        }
         match fault {
             Some(Fault::Status(code)) => {
                 let _ = respond(&mut out, st, &format!("{code} Injected"), &[], b"");
@@ -343,6 +377,14 @@ fn serve(stream: TcpStream, st: &State) {
         {
             return;
         }
+    }
+}
+
+struct InFlight<'a>(&'a AtomicU64);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

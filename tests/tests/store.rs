@@ -639,3 +639,37 @@ fn trace_prefetch_list_and_hydration() {
     let s3 = ChunkStore::open(&loc, o3).unwrap();
     assert_eq!(s3.prefetch_list(), None);
 }
+
+#[test]
+fn misses_on_different_chunks_run_in_parallel() {
+    let f = fixture(4 << 20, 64 << 10, 24);
+    let srv = FaultServer::start(&f.serve, "blob");
+    let mut o = opts(&f);
+    o.readahead_chunks = 0;
+    let store = Arc::new(ChunkStore::open(&Location::parse(&srv.url("manifest")), o).unwrap());
+    let stored: Vec<u64> = (0..store.manifest().chunk_count())
+        .filter(|&i| !store.chunk_present(i))
+        .step_by(3)
+        .take(8)
+        .collect();
+    assert_eq!(stored.len(), 8);
+    srv.set_always(Some(Fault::Delay(300)));
+    let hs: Vec<_> = stored
+        .iter()
+        .map(|&c| {
+            let s = store.clone();
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 4096];
+                s.read_at(c * 65536, &mut buf).unwrap();
+            })
+        })
+        .collect();
+    for h in hs {
+        h.join().unwrap();
+    }
+    assert!(
+        srv.max_in_flight() >= 4,
+        "8 misses on different chunks reached the server {} at a time",
+        srv.max_in_flight()
+    );
+}

@@ -416,6 +416,7 @@ async fn handle_io(
                         // kernel re-issues it to the next daemon once this one has exited.
                         return std::future::pending().await;
                     };
+                    tracing::debug!("tag {tag}: miss at {off}+{len}");
                     let n = notifier.clone();
                     source.fetch(
                         off,

@@ -29,6 +29,13 @@ enum Cmd {
         /// Which.
         dir: PathBuf,
     },
+    /// Read 4 KiB at each offset, all at once from one thread per offset (O_DIRECT).
+    ParRead {
+        /// Block device or file.
+        dev: PathBuf,
+        /// Byte offsets (multiples of 4096).
+        offsets: Vec<u64>,
+    },
     /// Serve a directory over HTTP with injected faults on requests for `--target`, until killed.
     Serve {
         /// Directory to serve.
@@ -54,6 +61,33 @@ fn main() -> Result<()> {
         Cmd::GenTree { dir, seed, scale } => lazyblk_tests::tree::generate(&dir, seed, scale),
         Cmd::DigestTree { dir } => {
             print!("{}", lazyblk_tests::tree::digest(&dir)?);
+            Ok(())
+        }
+        Cmd::ParRead { dev, offsets } => {
+            use std::os::unix::fs::{FileExt, OpenOptionsExt};
+            let f = std::sync::Arc::new(
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_DIRECT)
+                    .open(&dev)?,
+            );
+            let barrier = std::sync::Arc::new(std::sync::Barrier::new(offsets.len()));
+            let hs: Vec<_> = offsets
+                .into_iter()
+                .map(|off| {
+                    let (f, b) = (f.clone(), barrier.clone());
+                    std::thread::spawn(move || -> std::io::Result<()> {
+                        // O_DIRECT wants an aligned buffer: take a 4 KiB-aligned slice.
+                        let mut raw = vec![0u8; 8192];
+                        let at = raw.as_ptr().align_offset(4096);
+                        b.wait();
+                        f.read_exact_at(&mut raw[at..at + 4096], off)
+                    })
+                })
+                .collect();
+            for h in hs {
+                h.join().expect("reader thread")?;
+            }
             Ok(())
         }
         Cmd::Serve {
