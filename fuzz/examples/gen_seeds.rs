@@ -1,0 +1,155 @@
+//! Write seed corpora for the fuzz targets from real data:
+//! `cargo run --example gen_seeds -- <corpus dir>` (run from `fuzz/`, or with
+//! `--manifest-path fuzz/Cargo.toml`).
+//!
+//! * `manifest/`: manifests written by `builder::build_image` (the code behind `lazyblk build`)
+//!   for small raw images mixing zero, duplicate, compressible and incompressible chunks.
+//! * `bitmap/`: bitmap files written by a real `ChunkStore` that read some chunks from such an
+//!   image, once while open (dirty) and once after a clean close, each prefixed with the chunk
+//!   count and image id the `bitmap` target expects (see `fuzz_targets/bitmap.rs`).
+//! * `prefetch/`: prefetch lists for that image (`PrefetchList::encode`), with the same prefix.
+//!
+//! Every seed is decoded once here, so a seed that stopped being valid fails loudly.
+
+use lazyblk_blocksource::BlockSource;
+use lazyblk_chunkstore::bitmap::{self, Trust};
+use lazyblk_chunkstore::builder::{build_image, BuildOptions};
+use lazyblk_chunkstore::format::{ImageId, Manifest, PrefetchList};
+use lazyblk_chunkstore::{ChunkStore, Location, StoreOptions};
+use std::path::{Path, PathBuf};
+
+/// Deterministic bytes that zstd cannot shrink.
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A raw image of `cs`-byte chunks: noise, zero, text, a duplicate of each, more noise, zero,
+/// and a short tail of `tail` bytes (`tail_noise` picks incompressible or compressible).
+fn image(cs: usize, tail: usize, tail_noise: bool) -> Vec<u8> {
+    let text: Vec<u8> = b"lazyblk fuzz seed, compressible text. "
+        .iter()
+        .copied()
+        .cycle()
+        .take(cs)
+        .collect();
+    let mut img = Vec::new();
+    img.extend(noise(1, cs)); // 0: raw
+    img.extend(vec![0u8; cs]); // 1: zero
+    img.extend(&text); // 2: zstd
+    img.extend(noise(1, cs)); // 3: duplicate of 0
+    img.extend(&text); // 4: duplicate of 2
+    img.extend(noise(2, cs)); // 5: raw
+    img.extend(vec![0u8; cs]); // 6: zero
+    if tail_noise {
+        img.extend(noise(3, tail));
+    } else {
+        img.extend(&text[..tail]);
+    }
+    img
+}
+
+fn write(dir: &Path, name: &str, bytes: &[u8]) {
+    std::fs::create_dir_all(dir).expect("create corpus dir");
+    std::fs::write(dir.join(name), bytes).expect("write seed");
+    println!("  {}/{name} ({} bytes)", dir.display(), bytes.len());
+}
+
+/// Build `raw` with `chunk_size`; return the manifest path and bytes.
+fn build(work: &Path, name: &str, raw: &[u8], chunk_size: u32) -> (PathBuf, Vec<u8>) {
+    let img = work.join(format!("{name}.img"));
+    std::fs::write(&img, raw).expect("write image");
+    let out = work.join(name);
+    let opts = BuildOptions {
+        chunk_size,
+        ..Default::default()
+    };
+    let s = build_image(&img, &out, &opts, |_| {}).expect("build image");
+    let bytes = std::fs::read(&s.manifest_path).expect("read manifest");
+    let m = Manifest::decode(&bytes).expect("built manifest decodes");
+    assert_eq!(m.encode(), bytes);
+    (s.manifest_path, bytes)
+}
+
+fn bitmap_seed(dir: &Path, name: &str, file: &[u8], id: ImageId, chunks: u64, want: Trust) {
+    let d = bitmap::decode(file, &id, chunks).expect("real bitmap decodes");
+    assert_eq!(d.trust, want, "{name}");
+    let mut seed = chunks.to_le_bytes().to_vec();
+    seed.extend_from_slice(&id.0);
+    seed.extend_from_slice(file);
+    write(dir, name, &seed);
+}
+
+fn main() {
+    let corpus = PathBuf::from(
+        std::env::args()
+            .nth(1)
+            .expect("usage: gen_seeds <corpus dir>"),
+    );
+    let work = std::env::temp_dir().join(format!("lazyblk-fuzz-seeds-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).expect("create work dir");
+    let mdir = corpus.join("manifest");
+    let bdir = corpus.join("bitmap");
+
+    println!("seeds:");
+    let (m4k, bytes4k) = build(&work, "img4k", &image(4096, 123, true), 4096);
+    write(&mdir, "built-4k-raw-tail", &bytes4k);
+    let (_, b) = build(&work, "img4kz", &image(4096, 1000, false), 4096);
+    write(&mdir, "built-4k-zstd-tail", &b);
+    let (_, b) = build(&work, "img64k", &image(65536, 65536, true), 65536);
+    write(&mdir, "built-64k-full-tail", &b);
+    let (_, b) = build(&work, "empty", &[], 4096);
+    write(&mdir, "built-empty", &b);
+
+    // A real cache: read chunks 0, 2 and the tail through the store (no readahead, so only
+    // those and the zero chunks are marked), flush (the bitmap is dirty while open), then close
+    // cleanly.
+    let id = ImageId::of(&bytes4k);
+    let chunks = Manifest::decode(&bytes4k).unwrap().chunk_count();
+    let opts = StoreOptions {
+        cache_root: work.join("cache"),
+        expected_id: Some(id),
+        readahead_chunks: 0,
+        use_prefetch_list: false,
+        ..Default::default()
+    };
+    let store = ChunkStore::open(&Location::Path(m4k), opts).expect("open store");
+    let mut buf = vec![0u8; 4096];
+    for off in [0u64, 2 * 4096, 7 * 4096] {
+        let n = (store.geometry().size - off).min(4096) as usize;
+        store
+            .read_at(off, &mut buf[..n])
+            .expect("read through the store");
+    }
+    store.flush().expect("flush");
+    let bitmap_path = store.cache_dir().join("bitmap");
+    let dirty = std::fs::read(&bitmap_path).expect("read bitmap");
+    drop(store);
+    let clean = std::fs::read(&bitmap_path).expect("read bitmap");
+    bitmap_seed(&bdir, "store-dirty", &dirty, id, chunks, Trust::Verify);
+    bitmap_seed(&bdir, "store-clean", &clean, id, chunks, Trust::Clean);
+
+    let pdir = corpus.join("prefetch");
+    for (name, list) in [("list-3", vec![7u32, 0, 2]), ("list-empty", vec![])] {
+        let file = PrefetchList {
+            image: id,
+            chunks: list,
+        }
+        .encode();
+        PrefetchList::decode(&file, &id, chunks).expect("prefetch list decodes");
+        let mut seed = chunks.to_le_bytes().to_vec();
+        seed.extend_from_slice(&id.0);
+        seed.extend_from_slice(&file);
+        write(&pdir, name, &seed);
+    }
+
+    std::fs::remove_dir_all(&work).expect("remove work dir");
+}

@@ -1,0 +1,42 @@
+//! `bitmap::decode` on arbitrary bytes. Input layout: 8 bytes (LE) give the expected chunk
+//! count (taken modulo 2^20 to bound memory), the next 32 the expected image id, and the rest is
+//! the bitmap file. It must never panic; when it accepts, there is exactly one bit per chunk and
+//! the bits are the file's.
+#![no_main]
+
+use lazyblk_chunkstore::bitmap::{self, Trust};
+use lazyblk_chunkstore::format::ImageId;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if data.len() < 40 {
+        return;
+    }
+    let chunk_count = u64::from_le_bytes(data[..8].try_into().unwrap()) % (1 << 20);
+    let id = ImageId(data[8..40].try_into().unwrap());
+    let file = &data[40..];
+    let Ok(d) = bitmap::decode(file, &id, chunk_count) else {
+        return;
+    };
+    assert_eq!(d.bits.len() as u64, chunk_count, "one bit per chunk");
+    assert_eq!(
+        file.len() as u64,
+        bitmap::HEADER_LEN as u64 + chunk_count.div_ceil(8),
+        "accepted a file of the wrong length"
+    );
+    assert_eq!(&file[24..56], &id.0[..], "accepted another image's bitmap");
+    let raw = &file[bitmap::HEADER_LEN..];
+    for i in 0..chunk_count as usize {
+        assert_eq!(d.bits[i], raw[i / 8] >> (i % 8) & 1 == 1, "bit {i}");
+    }
+    if d.trust == Trust::Clean {
+        assert_eq!(file[12] & 1, 1, "trusted a file not closed cleanly");
+        for i in chunk_count as usize..raw.len() * 8 {
+            assert_eq!(
+                raw[i / 8] >> (i % 8) & 1,
+                0,
+                "trusted a file with bit {i} set past the end"
+            );
+        }
+    }
+});
