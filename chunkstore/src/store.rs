@@ -665,7 +665,8 @@ impl ChunkStore {
         let mut at = 0u64;
         while at < size {
             let n = (size - at).min(buf.len() as u64) as usize;
-            BlockSource::read_at(self, at, &mut buf[..n]).map_err(|e| Error::Invalid(format!("reading the image at {at}: {e}")))?;
+            BlockSource::read_at(self, at, &mut buf[..n])
+                .map_err(|e| Error::Invalid(format!("reading the image at {at}: {e}")))?;
             f.write_all(&buf[..n]).map_err(|e| Error::io(out, e))?;
             at += n as u64;
         }
@@ -898,7 +899,10 @@ fn maintenance(inner: &Inner, bitmap: &Mutex<Option<BitmapFile>>) {
                 )
             };
             if r != 0 {
-                tracing::warn!("punching evicted chunk {c}: {}", std::io::Error::last_os_error());
+                tracing::warn!(
+                    "punching evicted chunk {c}: {}",
+                    std::io::Error::last_os_error()
+                );
             }
         }
     }
@@ -1101,7 +1105,6 @@ impl Inner {
             tracing::info!("prefetch complete");
         }
     }
-
 
     fn flush(&self) -> Result<()> {
         let mut p = self.persist.lock().expect("lock");

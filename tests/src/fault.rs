@@ -54,7 +54,9 @@ impl std::str::FromStr for Fault {
                 Fault::Delay(s[5..].parse().map_err(|_| format!("bad delay in {s}"))?)
             }
             s => match s.strip_prefix("status") {
-                Some(code) => Fault::Status(code.parse().map_err(|_| format!("bad status in {s}"))?),
+                Some(code) => {
+                    Fault::Status(code.parse().map_err(|_| format!("bad status in {s}"))?)
+                }
                 None => return Err(format!("unknown fault {s}")),
             },
         })
@@ -225,7 +227,10 @@ fn serve(stream: TcpStream, st: &State) {
                     if n == 0 {
                         *st.always.lock().unwrap() = Some(fault);
                     } else {
-                        st.queue.lock().unwrap().extend((0..n).map(|_| fault.clone()));
+                        st.queue
+                            .lock()
+                            .unwrap()
+                            .extend((0..n).map(|_| fault.clone()));
                     }
                 })
             };

@@ -519,7 +519,10 @@ fn local_path_remote_works_offline_after_hydration() {
 fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     let t0 = std::time::Instant::now();
     while !cond() {
-        assert!(t0.elapsed() < Duration::from_secs(30), "timed out waiting for {what}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "timed out waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -539,7 +542,9 @@ fn cache_limit_evicts_cold_chunks_and_reads_stay_correct() {
     for _ in 0..2 {
         assert_eq!(read_all(&store, f.image.len()), f.image);
     }
-    wait_for("eviction under the limit", || store.stats().cached_bytes <= limit);
+    wait_for("eviction under the limit", || {
+        store.stats().cached_bytes <= limit
+    });
     let s = store.stats();
     assert!(s.evicted_chunks > 0, "{s:?}");
     // Space is given back after the grace period.
@@ -569,7 +574,11 @@ fn gc_removes_unused_caches_only() {
     let open = |x: &Fixture| {
         let mut o = opts(x);
         o.cache_root = root.clone();
-        ChunkStore::open(&Location::parse(x.serve.join("manifest").to_str().unwrap()), o).unwrap()
+        ChunkStore::open(
+            &Location::parse(x.serve.join("manifest").to_str().unwrap()),
+            o,
+        )
+        .unwrap()
     };
     let a = open(&f);
     drop(open(&g));
@@ -606,10 +615,16 @@ fn trace_prefetch_list_and_hydration() {
         }
         store.access_trace()
     };
-    let want: Vec<u32> = [stored[4], stored[1], stored[5]].iter().map(|&c| c as u32).collect();
+    let want: Vec<u32> = [stored[4], stored[1], stored[5]]
+        .iter()
+        .map(|&c| c as u32)
+        .collect();
     assert_eq!(trace, want, "first-access order, no duplicates");
     // Publish the list next to the manifest; a fresh cache picks it up.
-    let list = PrefetchList { image: f.id, chunks: trace.clone() };
+    let list = PrefetchList {
+        image: f.id,
+        chunks: trace.clone(),
+    };
     std::fs::write(f.serve.join(PREFETCH_FILE), list.encode()).unwrap();
     let mut o2 = o.clone();
     o2.cache_root = f.root.join("cache2");
@@ -621,7 +636,10 @@ fn trace_prefetch_list_and_hydration() {
     for &c in &order {
         assert!(store.chunk_present(c), "prefetched chunk {c}");
     }
-    assert!(!store.chunk_present(stored[0]), "only the list is prefetched");
+    assert!(
+        !store.chunk_present(stored[0]),
+        "only the list is prefetched"
+    );
     // Hydration: everything, then no network is needed.
     store.start_background(vec![], true, None);
     wait_for("hydration", || {
@@ -631,7 +649,10 @@ fn trace_prefetch_list_and_hydration() {
     srv.set_down(true);
     assert_eq!(read_all(&store, f.image.len()), f.image);
     // A list for another image is ignored with a warning, not trusted.
-    let other = PrefetchList { image: ImageId([9; 32]), chunks: vec![0] };
+    let other = PrefetchList {
+        image: ImageId([9; 32]),
+        chunks: vec![0],
+    };
     std::fs::write(f.serve.join(PREFETCH_FILE), other.encode()).unwrap();
     srv.set_down(false);
     let mut o3 = o;
