@@ -5,7 +5,7 @@
 # usage: qemu/run-guest.sh --script <guest-test.sh> [--bin <host binary>]...
 #          [--file <hostpath>:<guestpath>]... [--dir <hostdir>:<guestdir>]...
 #          [--disk <raw image>]... [--mem MB] [--timeout SECONDS]
-#          [--append "extra kernel args"] [--log <file>]
+#          [--append "extra kernel args"] [--log <file>] [--qemu-arg <arg>]...
 #
 # Exit status: the status of the guest script (from its LAZYBLK-GUEST-EXIT=<n>
 # line); 124 when --timeout expired; 125 when the guest never printed the
@@ -37,6 +37,7 @@ mem=2048
 timeout_s=900
 append=""
 log=""
+qemu_args=()
 while (($# > 0)); do
     case $1 in
     --script) script=${2:?--script needs a path}; shift 2 ;;
@@ -48,6 +49,7 @@ while (($# > 0)); do
     --timeout) timeout_s=${2:?--timeout needs seconds}; shift 2 ;;
     --append) append=${2?--append needs a string}; shift 2 ;;
     --log) log=${2:?--log needs a path}; shift 2 ;;
+    --qemu-arg) qemu_args+=("${2?--qemu-arg needs an argument}"); shift 2 ;;
     -h | --help) usage ;;
     *) printf 'lazyblk-guest: unknown argument: %s\n' "$1" >&2; usage ;;
     esac
@@ -326,6 +328,7 @@ qemu=(
 for d in "${disks[@]}"; do
     qemu+=(-drive "file=$(lg_qemu_escape "$d"),if=virtio,format=raw,cache=unsafe")
 done
+qemu+=("${qemu_args[@]}")
 
 lg_msg "booting (log: $log, timeout ${timeout_s} s)"
 t_start=$(date +%s.%N)

@@ -694,3 +694,24 @@ fn misses_on_different_chunks_run_in_parallel() {
         srv.max_in_flight()
     );
 }
+
+#[test]
+fn an_all_zero_image_has_an_empty_blob_and_opens_over_http() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("raw"), vec![0u8; 300_000]).unwrap();
+    let serve = dir.path().join("www");
+    build_image(&dir.path().join("raw"), &serve, &BuildOptions::default(), |_| {}).unwrap();
+    assert_eq!(std::fs::metadata(serve.join("blob")).unwrap().len(), 0);
+    let ng = Nginx::start(&serve, &dir.path().join("nginx"));
+    let store = ChunkStore::open(
+        &Location::parse(&ng.url("manifest")),
+        StoreOptions {
+            cache_root: dir.path().join("cache"),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut buf = vec![1u8; 300_000];
+    store.read_at(0, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 0));
+}

@@ -50,6 +50,21 @@ fn start(args: &[String], mut relay: Option<&mut File>) -> Result<(Child, Option
     Ok((child, None))
 }
 
+/// Whether device `id` still exists and is not stopped (`del` may be deleting it).
+fn still_there(id: u32) -> bool {
+    match lazyblk_ublk::device_state(id) {
+        Ok((lazyblk_ublk::DevState::Dead, _)) => {
+            tracing::info!("supervisor: device {id} is stopped; done");
+            false
+        }
+        Ok(_) => true,
+        Err(_) => {
+            tracing::info!("supervisor: device {id} is gone; done");
+            false
+        }
+    }
+}
+
 /// Run the supervisor: `first` is the command line of the first daemon, `ready` where its ready
 /// lines go.
 pub fn run(state: &Path, first: &[String], mut ready: File) -> Result<()> {
@@ -74,12 +89,14 @@ pub fn run(state: &Path, first: &[String], mut ready: File) -> Result<()> {
             );
             return Ok(());
         }
-        if lazyblk_ublk::device_state(id).is_err() {
-            tracing::info!("supervisor: device {id} is gone; done");
+        if !still_there(id) {
             return Ok(());
         }
         tracing::warn!("supervisor: the daemon of device {id} (pid {pid}) died ({st}); recovering");
         loop {
+            if !still_there(id) {
+                return Ok(());
+            }
             deaths.retain(|t| t.elapsed() < RESTART_WINDOW);
             deaths.push(Instant::now());
             if deaths.len() > MAX_RESTARTS {

@@ -107,3 +107,112 @@ pub fn verify_cache(dir: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lazyblk_blocksource::BlockSource;
+    use lazyblk_chunkstore::builder::{build_image, BuildOptions};
+    use lazyblk_chunkstore::{ChunkStore, Location, StoreOptions};
+
+    const CHUNK: usize = 64 << 10;
+
+    /// A 1 MiB image (16 chunks): pseudo-random bytes, chunks 4..8 all zeros.
+    fn image() -> Vec<u8> {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut v: Vec<u8> = (0..1 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        v[4 * CHUNK..8 * CHUNK].fill(0);
+        v
+    }
+
+    fn patch(path: &Path, at: u64, bytes: &[u8]) {
+        let f = File::options().write(true).open(path).unwrap();
+        f.write_all_at(bytes, at).unwrap();
+    }
+
+    #[test]
+    fn passes_a_store_written_cache_and_catches_bad_claims() {
+        let tmp = tempfile::tempdir().unwrap();
+        let raw = tmp.path().join("raw.img");
+        std::fs::write(&raw, image()).unwrap();
+        let www = tmp.path().join("www");
+        let opts = BuildOptions {
+            chunk_size: CHUNK as u32,
+            ..Default::default()
+        };
+        let built = build_image(&raw, &www, &opts, |_| {}).unwrap();
+        let store_opts = StoreOptions {
+            cache_root: tmp.path().join("cache"),
+            ..Default::default()
+        };
+        let loc = Location::parse(&www.join("manifest").display().to_string());
+        let store = ChunkStore::open(&loc, store_opts).unwrap();
+        // Chunks 0..3 and (zero) 4..8 present, the rest missing.
+        let mut buf = vec![0u8; 2 * CHUNK];
+        store.read_at(CHUNK as u64, &mut buf).unwrap();
+        let dir = store.cache_dir().to_path_buf();
+        drop(store);
+        assert_eq!(dir.file_name().unwrap().to_str().unwrap(), built.id.hex());
+        verify_cache(&dir).expect("a cache the store wrote verifies");
+
+        let bitmap = dir.join("bitmap");
+        let good_bits = std::fs::read(&bitmap).unwrap();
+        let data = dir.join("data");
+
+        // A damaged byte in a present stored chunk.
+        patch(&data, CHUNK as u64 + 7, b"?");
+        let e = verify_cache(&dir).unwrap_err().to_string();
+        assert!(e.contains("1 of the"), "{e}");
+        store_chunk_back(&data, 1);
+        verify_cache(&dir).unwrap();
+
+        // A zero chunk that holds data.
+        patch(&data, 5 * CHUNK as u64, b"x");
+        assert!(verify_cache(&dir).is_err());
+        patch(&data, 5 * CHUNK as u64, b"\0");
+        verify_cache(&dir).unwrap();
+
+        // Bits claiming absent chunks.
+        patch(&bitmap, bitmap::HEADER_LEN as u64, &[0xff, 0xff]);
+        let e = verify_cache(&dir).unwrap_err().to_string();
+        assert!(e.contains("bad"), "{e}");
+        std::fs::write(&bitmap, &good_bits).unwrap();
+
+        // Unusable bitmap, short data file, another image's manifest.
+        std::fs::write(&bitmap, &good_bits[..good_bits.len() - 1]).unwrap();
+        assert!(verify_cache(&dir).is_err());
+        std::fs::write(&bitmap, &good_bits).unwrap();
+        let len = std::fs::metadata(&data).unwrap().len();
+        File::options()
+            .write(true)
+            .open(&data)
+            .unwrap()
+            .set_len(len - 4096)
+            .unwrap();
+        assert!(verify_cache(&dir).is_err());
+        File::options()
+            .write(true)
+            .open(&data)
+            .unwrap()
+            .set_len(len)
+            .unwrap();
+        verify_cache(&dir).unwrap();
+        let mut other = std::fs::read(dir.join("manifest")).unwrap();
+        other.push(0);
+        std::fs::write(dir.join("manifest"), other).unwrap();
+        assert!(verify_cache(&dir).is_err());
+    }
+
+    /// Put the image's bytes of chunk `i` back into the data file.
+    fn store_chunk_back(data: &Path, i: usize) {
+        let img = image();
+        patch(data, (i * CHUNK) as u64, &img[i * CHUNK..(i + 1) * CHUNK]);
+    }
+}

@@ -226,6 +226,10 @@ fn print_report(r: &Report, file: Option<&Path>) {
 /// Run `lazyblk vhost`.
 pub fn run(a: VhostArgs) -> Result<()> {
     let served = open_served(a.manifest.as_deref(), a.raw.as_deref(), &a.store, &a.cow)?;
+    if let Some(s) = &served.store {
+        // The published prefetch list and --hydrate, as for `add`.
+        s.start_default_background();
+    }
     let geo = served.source.geometry();
     let opts = lazyblk_vhost::Options {
         queues: a.queues,
@@ -260,7 +264,11 @@ pub fn run(a: VhostArgs) -> Result<()> {
         a.socket.display(),
         served.image,
         geo.size,
-        if geo.read_only { "read-only" } else { "writable" },
+        if geo.read_only {
+            "read-only"
+        } else {
+            "writable"
+        },
         a.queues
     );
     std::io::stdout().flush()?;
