@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Host driver of the guest test suites: builds release binaries and test images, then boots the
 # qemu guest (qemu/run-guest.sh) once per suite. Usage: tests/guest/run.sh [suite...]
-# Suites: e2e (default: all).
+# Suites (default: all): e2e, hostile, policies, reliability (one main boot, then RELIABILITY_RESETS boots that reset
+# the guest mid-fetch with the cache on a persistent ext4 disk, and a last boot that checks it).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 top=$(cd "$here/../.." && pwd)
 work=${LAZYBLK_GUEST_WORK:-$top/target/guest-work}
 suites=("$@")
-[ ${#suites[@]} -gt 0 ] || suites=(e2e)
+[ ${#suites[@]} -gt 0 ] || suites=(e2e hostile policies reliability)
 
 cd "$top"
 cargo build --release --locked -p lazyblk-tools -p lazyblk-tests --bins
@@ -22,15 +23,66 @@ rm -rf "$work/tree2/large"
 "$bin/lazyblk" build "$work/tree2" -o "$work/www/img2"
 "$bin/lazyblk-testkit" digest-tree "$work/tree1" > "$work/expected/img1.txt"
 "$bin/lazyblk-testkit" digest-tree "$work/tree2" > "$work/expected/img2.txt"
+if [[ " ${suites[*]} " == *" reliability "* ]]; then
+    # Image 3: larger (20 MiB of large files), so that misses stay in flight for seconds.
+    "$bin/lazyblk-testkit" gen-tree "$work/tree3" --seed 3 --scale 4
+    "$bin/lazyblk" build "$work/tree3" -o "$work/www/img3"
+    "$bin/lazyblk-testkit" digest-tree "$work/tree3" > "$work/expected/img3.txt"
+fi
+# The guest gets the binaries without their debug info (a 10x smaller initramfs, faster boots).
+mkdir -p "$work/bin"
+for b in lazyblk lazyblk-testkit; do
+    strip --strip-debug -o "$work/bin/$b" "$bin/$b"
+done
+
+# boot SUITE-SCRIPT [run-guest.sh args...]
+boot() {
+    local script=$1
+    shift
+    bash "$top/qemu/run-guest.sh" --script "$here/$script" \
+        --bin "$work/bin/lazyblk" --bin "$work/bin/lazyblk-testkit" \
+        --file "$here/lib.sh:/guest/lib.sh" \
+        --dir "$work/www:/www" --dir "$work/expected:/expected" "$@"
+}
+
+# The reliability suite: a main boot, then hard resets of the guest with the cache on a disk.
+reliability() {
+    local logs=${LAZYBLK_GUEST_LOG_DIR:-${TMPDIR:-/tmp}/lazyblk-guest-logs} stamp i st log
+    local resets=${RELIABILITY_RESETS:-2}
+    stamp=$(date +%Y%m%d-%H%M%S)-$$
+    mkdir -p "$logs"
+    boot reliability.sh --timeout 900 --log "$logs/reliability-main-$stamp.log" || return 1
+    command -v mkfs.ext4 >/dev/null || { echo "run.sh: mkfs.ext4 is missing (apt-get install e2fsprogs)"; return 1; }
+    rm -f "$work/cache-disk.img"
+    truncate -s 512M "$work/cache-disk.img" && mkfs.ext4 -q -F -L lazyblk-cache "$work/cache-disk.img" || return 1
+    for ((i = 1; i <= resets; i++)); do
+        log="$logs/reliability-reset$i-$stamp.log"
+        echo "### reliability: hard reset $i of $resets"
+        st=0
+        boot reliability.sh --disk "$work/cache-disk.img" --append "RELIABILITY_PHASE=reset RESET_ROUND=$i" \
+            --timeout 300 --log "$log" || st=$?
+        # The reset ends the boot without a marker (status 125): expected, once the guest said so.
+        if [[ $st != 125 ]] || ! tr -d '\r' <"$log" | grep -q "^RELIABILITY-RESET-NOW round $i\$" ||
+            tr -d '\r' <"$log" | grep -q '^not ok'; then
+            echo "### reliability: reset boot $i did not end in the planned reset (status $st); log: $log"
+            return 1
+        fi
+        echo "### reliability: the guest was reset mid-fetch as planned (status $st)"
+    done
+    boot reliability.sh --disk "$work/cache-disk.img" \
+        --append "RELIABILITY_PHASE=reset-check RESET_ROUND=$((resets + 1))" \
+        --timeout 300 --log "$logs/reliability-check-$stamp.log"
+}
 
 rc=0
 for s in "${suites[@]}"; do
     echo "### guest suite: $s"
-    if ! bash "$top/qemu/run-guest.sh" --script "$here/$s.sh" \
-        --bin "$bin/lazyblk" --bin "$bin/lazyblk-testkit" \
-        --file "$here/lib.sh:/guest/lib.sh" \
-        --dir "$work/www:/www" --dir "$work/expected:/expected" \
-        --timeout 900; then
+    if [[ $s == reliability ]]; then
+        reliability && st=0 || st=$?
+    else
+        boot "$s.sh" --timeout 900 && st=0 || st=$?
+    fi
+    if [[ $st != 0 ]]; then
         echo "### guest suite $s FAILED"
         rc=1
     fi
