@@ -22,6 +22,7 @@ use std::sync::mpsc;
 pub mod testing;
 
 mod file;
+pub mod fsutil;
 pub use file::FileSource;
 
 /// Shape of a block device.

@@ -306,22 +306,12 @@ pub struct ChunkStore {
 
 fn lock_dir(dir: &Path) -> Result<File> {
     let p = dir.join("lock");
-    let f = File::options()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&p)
-        .map_err(|e| Error::io(&p, e))?;
-    // SAFETY: flock on a file descriptor we own; no memory is involved.
-    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if r != 0 {
-        return Err(Error::Cache {
+    lazyblk_blocksource::fsutil::lock_exclusive(&p)
+        .map_err(|e| Error::io(&p, e))?
+        .ok_or_else(|| Error::Cache {
             path: dir.to_path_buf(),
             detail: "in use by another lazyblk process".into(),
-        });
-    }
-    Ok(f)
+        })
 }
 
 fn backoff(attempt: u32) -> Duration {
@@ -896,20 +886,8 @@ fn maintenance(inner: &Inner, bitmap: &Mutex<Option<BitmapFile>>) {
             }
             let off = inner.manifest.chunk_offset(c);
             let len = u64::from(inner.manifest.chunk_len(c));
-            // SAFETY: fallocate on a file descriptor we own; no memory is involved.
-            let r = unsafe {
-                libc::fallocate(
-                    inner.data.as_raw_fd(),
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    off as libc::off_t,
-                    len as libc::off_t,
-                )
-            };
-            if r != 0 {
-                tracing::warn!(
-                    "punching evicted chunk {c}: {}",
-                    std::io::Error::last_os_error()
-                );
+            if let Err(e) = lazyblk_blocksource::fsutil::punch_hole(&inner.data, off, len) {
+                tracing::warn!("punching evicted chunk {c}: {e}");
             }
         }
     }

@@ -166,19 +166,9 @@ pub struct Cow {
 
 fn lock_dir(dir: &Path) -> Result<File, CowError> {
     let p = dir.join("lock");
-    let f = File::options()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&p)
-        .map_err(|e| io_err(&p, e))?;
-    // SAFETY: flock on a descriptor we own; no memory is involved.
-    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if r != 0 {
-        return Err(CowError::Locked(dir.to_path_buf()));
-    }
-    Ok(f)
+    lazyblk_blocksource::fsutil::lock_exclusive(&p)
+        .map_err(|e| io_err(&p, e))?
+        .ok_or_else(|| CowError::Locked(dir.to_path_buf()))
 }
 
 fn sync_dir(dir: &Path) -> Result<(), CowError> {
@@ -458,21 +448,10 @@ impl Inner {
     fn data_punch(&self, off: u64, len: u64) -> std::io::Result<()> {
         #[cfg(test)]
         self.log_ev(tests::Ev::Punch(off, len));
-        // SAFETY: fallocate on a descriptor we own; no memory is involved.
-        let r = unsafe {
-            libc::fallocate(
-                self.data.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                off as libc::off_t,
-                len as libc::off_t,
-            )
-        };
-        if r == 0 {
-            return Ok(());
-        }
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
-            return Err(e);
+        match lazyblk_blocksource::fsutil::punch_hole(&self.data, off, len) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.raw_os_error() != Some(libc::EOPNOTSUPP) => return Err(e),
+            Err(_) => {}
         }
         // No hole punching here: write zeros.
         let zeros = vec![0u8; (1 << 20).min(len) as usize];

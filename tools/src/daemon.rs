@@ -229,22 +229,16 @@ fn run_inner(args: &mut DaemonArgs) -> Result<()> {
     // Signals: stop the device; `serve` then returns and we clean up.
     {
         let (dev_id, stopping) = (dev_id.clone(), stopping.clone());
-        let mut signals = signal_hook::iterator::Signals::new([
-            signal_hook::consts::SIGTERM,
-            signal_hook::consts::SIGINT,
-        ])?;
-        std::thread::spawn(move || {
-            if let Some(sig) = signals.forever().next() {
-                tracing::info!("signal {sig}: stopping the device");
-                stopping.store(true, Ordering::SeqCst);
-                let id = dev_id.load(Ordering::SeqCst);
-                if id != u32::MAX {
-                    if let Err(e) = lazyblk_ublk::stop(id) {
-                        tracing::error!("stopping device {id}: {e}");
-                    }
+        crate::signals::on_termination(move |sig| {
+            tracing::info!("signal {sig}: stopping the device");
+            stopping.store(true, Ordering::SeqCst);
+            let id = dev_id.load(Ordering::SeqCst);
+            if id != u32::MAX {
+                if let Err(e) = lazyblk_ublk::stop(id) {
+                    tracing::error!("stopping device {id}: {e}");
                 }
             }
-        });
+        })?;
     }
     let state_dir = args.state_dir.clone();
     let ready = args.ready.take();

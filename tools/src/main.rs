@@ -1,6 +1,7 @@
 //! `lazyblk`: build chunked images and serve them lazily as ublk block devices.
 
 mod daemon;
+mod signals;
 mod supervise;
 mod verify;
 mod vhost;

@@ -245,19 +245,13 @@ pub fn run(a: VhostArgs) -> Result<()> {
     let stopping = Arc::new(AtomicBool::new(false));
     {
         let (stopper, stopping, socket) = (stopper.clone(), stopping.clone(), a.socket.clone());
-        let mut signals = signal_hook::iterator::Signals::new([
-            signal_hook::consts::SIGTERM,
-            signal_hook::consts::SIGINT,
-        ])?;
-        std::thread::spawn(move || {
-            if let Some(sig) = signals.forever().next() {
-                tracing::info!("signal {sig}: stopping");
-                stopping.store(true, Ordering::SeqCst);
-                stopper.stop();
-                // Wake an accept() waiting for a VMM.
-                let _ = std::os::unix::net::UnixStream::connect(&socket);
-            }
-        });
+        crate::signals::on_termination(move |sig| {
+            tracing::info!("signal {sig}: stopping");
+            stopping.store(true, Ordering::SeqCst);
+            stopper.stop();
+            // Wake an accept() waiting for a VMM.
+            let _ = std::os::unix::net::UnixStream::connect(&socket);
+        })?;
     }
     println!(
         "listening on {} for {} ({} bytes, {}, {} queues)",
