@@ -700,7 +700,13 @@ fn an_all_zero_image_has_an_empty_blob_and_opens_over_http() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("raw"), vec![0u8; 300_000]).unwrap();
     let serve = dir.path().join("www");
-    build_image(&dir.path().join("raw"), &serve, &BuildOptions::default(), |_| {}).unwrap();
+    build_image(
+        &dir.path().join("raw"),
+        &serve,
+        &BuildOptions::default(),
+        |_| {},
+    )
+    .unwrap();
     assert_eq!(std::fs::metadata(serve.join("blob")).unwrap().len(), 0);
     let ng = Nginx::start(&serve, &dir.path().join("nginx"));
     let store = ChunkStore::open(
