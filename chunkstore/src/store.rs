@@ -364,7 +364,16 @@ impl ChunkStore {
         report.fresh = !dir.join("manifest").exists();
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         let lock = lock_dir(&dir)?;
-        if report.fresh {
+        // The cached copy must be this image's manifest (a directory copied from another image
+        // is repaired here; its bitmap and data are rejected below by the image id).
+        let cached_ok = std::fs::read(dir.join("manifest")).is_ok_and(|b| b == bytes);
+        if !cached_ok {
+            if !report.fresh {
+                tracing::warn!(
+                    "{}: the cached manifest was not this image's; rewritten",
+                    dir.display()
+                );
+            }
             crate::builder::write_atomic(&dir.join("manifest"), &bytes)?;
         }
 
