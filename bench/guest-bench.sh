@@ -1,0 +1,412 @@
+#!/bin/sh
+# Guest side of bench/run.sh (busybox sh, run as /test.sh by qemu/guest-init.sh).
+# /dev/vda: an erofs "data disk" with www/image.erofs (the raw erofs image), www/img/{manifest,blob}
+# (the lazyblk image of it) and lists/{all,w1}.list (NUL-separated file lists). Its content is
+# copied to tmpfs and served by nginx on 127.0.0.1:8080 over a netem-shaped loopback.
+# Prints one "BENCH key=value..." line per measurement (parsed by bench/report.py) and
+# "BENCHFAIL sys=... w=... reason=..." for a system that could not be set up or hung.
+set -u
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+. /bench/bench.conf
+SYSTEMS=${BENCH_SYSTEMS:-loop ublkloop download nbdkit qemu lazyblk lazyblk-pf}
+WORKLOADS=${BENCH_WORKLOADS:-w1 w2 w3 w4}
+NETEM=${BENCH_NETEM:-delay 10ms rate 100mbit}
+FIO_SECS=${BENCH_FIO_SECS:-5}
+ROUNDS=${BENCH_ROUNDS:-1}
+ROUND=1
+WWW=/srv/www
+URL=http://127.0.0.1:8080
+MNT=/mnt/b
+LOG=/tmp/nginx/access.log
+SCRATCH=/var/tmp/bench # every system's local copy / cache lives here (tmpfs, like the server)
+FAILED=0
+
+say() { echo "bench-guest: [$(cut -d' ' -f1 /proc/uptime)] $*"; }
+fatal() { say "FATAL: $*"; exit 1; }
+now() { cut -d' ' -f1 /proc/uptime; }
+sub() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
+cpu() { # cpu PID: user+system CPU seconds of the process so far (0 when none)
+    [ -n "$1" ] && awk '{ printf "%.2f", ($14 + $15) / 100 }' "/proc/$1/stat" 2>/dev/null || echo 0
+}
+threads() { [ -n "$1" ] && awk '/^Threads:/ { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0; }
+smaps_top() { # smaps_top SYS W PID: the 6 mappings with the largest RSS, one BENCHINFO line
+    [ -n "$3" ] && [ -r "/proc/$3/smaps" ] || return 0
+    top=$(awk '/^[0-9a-f]+-[0-9a-f]+ / { name = ($6 == "" ? "[anon]" : $6) } /^Rss:/ { r[name] += $2 }
+        END { for (n in r) print r[n], n }' "/proc/$3/smaps" | sort -rn | head -n 6 | awk '{ printf "%s:%dKiB ", $2, $1 }')
+    echo "BENCHINFO sys=$1 w=$2 round=$ROUND threads=$(threads "$3") rss_by_mapping: $top"
+}
+hwm() { # hwm PID: peak RSS in KiB (0 when no such process)
+    [ -n "$1" ] && awk '/^VmHWM:/ { print $2; f = 1 } END { if (!f) print 0 }' "/proc/$1/status" 2>/dev/null || echo 0
+}
+drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+
+# ------------------------------------------------------------------ setup
+say "kernel $(uname -r), $(nproc) vCPUs, $(awk '/MemTotal/ { print int($2 / 1024) }' /proc/meminfo) MiB"
+mkdir -p /mnt/data "$WWW" /bench "$MNT" "$SCRATCH" /var/log/lazyblk
+mount -t erofs -o ro /dev/vda /mnt/data || fatal "cannot mount the data disk /dev/vda"
+t=$(now)
+cp -a /mnt/data/www/. "$WWW/" || fatal "copying the served files to tmpfs failed"
+cp -a /mnt/data/lists/. /bench/ || fatal "copying the file lists failed"
+umount /mnt/data
+say "served files copied to tmpfs in $(sub "$t" "$(now)") s: $(ls -l "$WWW" "$WWW/img" | awk 'NF > 5 { printf "%s=%s ", $NF, $5 }')"
+IMAGE_BYTES=$(stat -c %s "$WWW/image.erofs") # (busybox wc -c reads the whole file)
+BLOB_BYTES=$(stat -c %s "$WWW/img/blob")
+
+mkdir -p /tmp/nginx
+cat >/tmp/nginx/nginx.conf <<CONF
+daemon on;
+master_process off;
+user root;
+worker_rlimit_nofile 4096;
+error_log /tmp/nginx/error.log;
+pid /tmp/nginx/nginx.pid;
+events { worker_connections 1024; }
+http {
+    include /etc/nginx/mime.types;
+    log_format bench '\$msec \$status \$body_bytes_sent \$request_time \$request_method \$uri "\$http_range"';
+    access_log $LOG bench;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 1000000;
+    keepalive_timeout 300s;
+    server { listen 127.0.0.1:8080; root $WWW; }
+}
+CONF
+nginx -c /tmp/nginx/nginx.conf -p /tmp/nginx/ || fatal "nginx did not start"
+i=0
+while ! wget -q -O /dev/null "$URL/img/manifest" 2>/dev/null; do
+    i=$((i + 1))
+    [ $i -lt 100 ] || fatal "nginx does not answer"
+    sleep 0.1
+done
+
+# CPU calibration (no network): lazyblk reads the whole image through its chunk store from a
+# local path (decompress, BLAKE3, write to the cache); the host runs the same command natively.
+rm -rf /tmp/calib
+t=$(now)
+time -p lazyblk cat "$WWW/img/manifest" --cache-dir /tmp/calib -o /dev/null 2>/tmp/calib.time >/dev/null ||
+    fatal "lazyblk cat of the local manifest failed: $(cat /tmp/calib.time)"
+el=$(sub "$t" "$(now)")
+echo "BENCH sys=calib w=lazyblk-cat secs=$el user=$(awk '$1 == "user" { print $2 }' /tmp/calib.time) sys_s=$(awk '$1 == "sys" { print $2 }' /tmp/calib.time)"
+rm -rf /tmp/calib
+
+# The network: netem on lo shapes both directions (every packet crosses lo's root qdisc once).
+tc qdisc add dev lo root netem $NETEM || fatal "tc qdisc add dev lo root netem $NETEM failed"
+say "qdisc: $(tc qdisc show dev lo)"
+rtt=$(ping -c 10 -i 0.2 -q 127.0.0.1 | sed -n 's#.*= \([0-9.]*\)/\([0-9.]*\)/\([0-9.]*\).*#\1 \2 \3#p')
+[ -n "$rtt" ] || fatal "ping 127.0.0.1 failed"
+set -- $rtt
+echo "BENCH sys=net w=ping rtt_min_ms=$1 rtt_avg_ms=$2 rtt_max_ms=$3"
+awk -v r="$1" 'BEGIN { exit !(r >= 19) }' || fatal "netem not applied: ping RTT min $1 ms"
+# Throughput: one 32 MiB range of the raw image.
+t=$(now)
+curl -fsS -o /dev/null -r 0-33554431 "$URL/image.erofs" || fatal "curl of a 32 MiB range failed"
+el=$(sub "$t" "$(now)")
+echo "BENCH sys=net w=tput bytes=33554432 secs=$el mbit=$(awk -v s="$el" 'BEGIN { printf "%.1f", 33554432 * 8 / s / 1e6 }')"
+
+# ------------------------------------------------------------------ systems
+# att_SYS: attach a fresh, cold instance; sets DEV (block device) and DPID (daemon pid or "").
+# det_SYS: detach it and delete its local data.
+DEV=""
+DPID=""
+NOTE=""
+
+att_loop() { # the floor: the complete image, local (tmpfs), on a kernel loop device
+    DEV=$(losetup -f) || return 1
+    losetup -r "$DEV" "$WWW/image.erofs" || return 1
+    DPID=""
+}
+det_loop() { losetup -d "$DEV"; }
+
+att_ublkloop() { # the same file on a plain ublk loop device (rublk): 2 queues x 64 tags and
+    # buffered reads of the backing file, like lazyblk's reads of its cache file
+    rublk add loop -n 60 -q 2 -d 64 -o --buffered-io -f "$WWW/image.erofs" >/tmp/rublk.out 2>&1 || { cat /tmp/rublk.out; return 1; }
+    DEV=/dev/ublkb60
+    i=0
+    while [ ! -b $DEV ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i + 1)); done
+    DPID=$(pidof rublk | awk '{ print $1 }')
+}
+det_ublkloop() { rublk del -n 60 >/dev/null 2>&1; }
+
+att_download() { # what a user does today: download the whole image, then loop + mount
+    mkdir -p "$SCRATCH/dl"
+    curl -fsS -o "$SCRATCH/dl/image.erofs" "$URL/image.erofs" || return 1
+    DEV=$(losetup -f) || return 1
+    losetup -r "$DEV" "$SCRATCH/dl/image.erofs" || return 1
+    DPID=""
+}
+det_download() { losetup -d "$DEV"; rm -rf "$SCRATCH/dl"; }
+
+att_nbdkit() { # nbdkit curl plugin + cache filter (cache-on-read) over kernel nbd, unix socket
+    mkdir -p "$SCRATCH/nbdkit"
+    rm -f /tmp/nbdkit.sock /tmp/nbdkit.pid
+    TMPDIR=$SCRATCH/nbdkit nbdkit --unix /tmp/nbdkit.sock --pidfile /tmp/nbdkit.pid \
+        --filter=cache curl "url=$URL/image.erofs" cache-on-read=true >/tmp/nbdkit.out 2>&1 ||
+        { cat /tmp/nbdkit.out; return 1; }
+    i=0
+    while [ ! -s /tmp/nbdkit.pid ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i + 1)); done
+    DPID=$(cat /tmp/nbdkit.pid 2>/dev/null)
+    [ -n "$DPID" ] || return 1
+    DEV=/dev/nbd0
+    nbd-client -unix /tmp/nbdkit.sock $DEV -b 4096 -readonly >/tmp/nbd-client.out 2>&1 ||
+        { cat /tmp/nbd-client.out; return 1; }
+}
+det_nbdkit() {
+    nbd-client -d /dev/nbd0 >/dev/null 2>&1
+    kill "$DPID" 2>/dev/null
+    i=0
+    while [ -d "/proc/$DPID" ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i + 1)); done
+    kill -9 "$DPID" 2>/dev/null
+    rm -rf "$SCRATCH/nbdkit"
+}
+
+att_qemu() { # qcow2 overlay over the http image, copy-on-read, exported by qemu-nbd over kernel nbd
+    mkdir -p "$SCRATCH/qemu"
+    rm -f /tmp/qnbd.sock /tmp/qnbd.pid
+    qemu-img create -q -f qcow2 -F raw -b "$URL/image.erofs" "$SCRATCH/qemu/overlay.qcow2" >/tmp/qemu-img.out 2>&1 ||
+        { cat /tmp/qemu-img.out; return 1; }
+    qemu-nbd --fork --pid-file=/tmp/qnbd.pid -k /tmp/qnbd.sock --image-opts \
+        "driver=copy-on-read,file.driver=qcow2,file.file.driver=file,file.file.filename=$SCRATCH/qemu/overlay.qcow2" \
+        >/tmp/qemu-nbd.out 2>&1 || { cat /tmp/qemu-nbd.out; return 1; }
+    DPID=$(cat /tmp/qnbd.pid 2>/dev/null)
+    [ -n "$DPID" ] || return 1
+    DEV=/dev/nbd1
+    nbd-client -unix /tmp/qnbd.sock $DEV -b 4096 >/tmp/nbd-client.out 2>&1 ||
+        { cat /tmp/nbd-client.out; return 1; }
+}
+det_qemu() {
+    nbd-client -d /dev/nbd1 >/dev/null 2>&1
+    i=0
+    while [ -d "/proc/$DPID" ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i + 1)); done
+    kill -9 "$DPID" 2>/dev/null
+    rm -rf "$SCRATCH/qemu"
+}
+
+LZ_ID=""
+att_lazyblk() { # lazyblk add <manifest URL> with a fresh cache dir
+    rm -rf "$SCRATCH/lazyblk"
+    out=$(lazyblk add "$URL/img/manifest" --cache-dir "$SCRATCH/lazyblk" 2>&1) || { echo "$out"; return 1; }
+    DEV=$(echo "$out" | tail -n 1)
+    [ -b "$DEV" ] || { echo "$out"; return 1; }
+    LZ_ID=${DEV#/dev/ublkb}
+    DPID=$(sed -n 's/.*"pid": *\([0-9]*\).*/\1/p' "/run/lazyblk/$LZ_ID.json" 2>/dev/null | head -n 1)
+}
+det_lazyblk() { lazyblk del "$LZ_ID" >/dev/null 2>&1 || lazyblk del --all >/dev/null 2>&1; rm -rf "$SCRATCH/lazyblk"; }
+
+# lazyblk with trace prefetch: the trace of the W1 run of plain lazyblk, served as img/prefetch
+PF_AVAILABLE=""
+PF_REASON="no trace recorded yet (run the lazyblk system's w1 first)"
+att_lazyblk_pf() {
+    [ -n "$PF_AVAILABLE" ] || { echo "$PF_REASON"; return 2; }
+    cp "$WWW/img/prefetch.trace" "$WWW/img/prefetch"
+    att_lazyblk
+}
+det_lazyblk_pf() { det_lazyblk; rm -f "$WWW/img/prefetch"; }
+
+record_trace() { # after lazyblk's W1: lazyblk trace <id> -o <file>
+    if ! lazyblk trace --help >/dev/null 2>&1; then
+        PF_REASON="not available: this lazyblk has no 'trace' command"
+        return 0
+    fi
+    if lazyblk trace "$LZ_ID" -o "$WWW/img/prefetch.trace" >/tmp/trace.out 2>&1 && [ -s "$WWW/img/prefetch.trace" ]; then
+        PF_AVAILABLE=1
+        say "trace recorded: $(wc -c <"$WWW/img/prefetch.trace") bytes"
+    else
+        PF_REASON="failed: lazyblk trace: $(tr '\n' ' ' </tmp/trace.out | cut -c1-200)"
+    fi
+}
+
+fn() { echo "$1" | tr '-' '_'; } # system name -> function suffix
+
+# ------------------------------------------------------------------ workloads
+w1() { (cd "$MNT" && xargs -0 cat </bench/w1.list >/dev/null); }
+w2() { ls -lR "$MNT" >/dev/null; }
+w3() { (cd "$MNT" && xargs -0 cat </bench/all.list >/dev/null); }
+wlimit() { case $1 in w1) echo 300 ;; w2) echo 300 ;; *) echo 900 ;; esac; }
+
+# net_stats N0: requests and body bytes nginx served since access-log line N0
+net_stats() {
+    tail -n +$(($1 + 1)) "$LOG" | awk '{ n++; b += $3; if ($5 == "HEAD") h++ } END { printf "reqs=%d bytes=%d heads=%d", n, b, h }'
+}
+
+lz_status() { # one-line JSON of lazyblk status, printed as BENCHJSON
+    s=$(lazyblk status "$LZ_ID" --json 2>/dev/null | tr -d '\n ' )
+    echo "BENCHJSON sys=$1 w=$2 round=$ROUND $s"
+}
+
+fail_run() { # fail_run SYS W REASON: report, and clean up whatever is left
+    FAILED=1
+    echo "BENCHFAIL sys=$1 w=$2 reason=$3"
+}
+
+# force_cleanup SYS: after a hang or a failure; a hung device is unblocked by killing its server
+force_cleanup() {
+    [ -n "$DPID" ] && kill -9 "$DPID" 2>/dev/null
+    sleep 1
+    case $1 in
+    nbdkit) nbd-client -d /dev/nbd0 >/dev/null 2>&1 ;;
+    qemu) nbd-client -d /dev/nbd1 >/dev/null 2>&1 ;;
+    lazyblk*) lazyblk del --all >/dev/null 2>&1 ;;
+    ublkloop) rublk del -a >/dev/null 2>&1 ;;
+    esac
+    umount -l "$MNT" 2>/dev/null
+    "det_$(fn "$1")" >/dev/null 2>&1
+}
+
+# timed SYS W LIMIT CMD...: runs CMD with a watchdog; on expiry the system's server is killed
+# (which makes the blocked reads fail) and /tmp/hung is created. Returns CMD's status.
+timed() {
+    rm -f /tmp/hung
+    _lim=$3
+    _pid=$DPID
+    _sys=$1
+    (
+        sleep "$_lim"
+        echo hung >/tmp/hung
+        [ -n "$_pid" ] && kill -9 "$_pid"
+        sleep 1
+        case $_sys in
+        nbdkit) nbd-client -d /dev/nbd0 ;;
+        qemu) nbd-client -d /dev/nbd1 ;;
+        lazyblk*) lazyblk del --all ;;
+        ublkloop) rublk del -a ;;
+        esac
+    ) >/dev/null 2>&1 &
+    _wd=$!
+    shift 3
+    "$@"
+    _rc=$?
+    kill "$_wd" 2>/dev/null
+    return $_rc
+}
+
+fio_run() { # fio_run SYS KIND RW BS: one fio job on $DEV, one BENCH line
+    out=$(fio --name="$2" --filename="$DEV" --rw="$3" --bs="$4" --iodepth=32 --direct=1 \
+        --ioengine=libaio --runtime="$FIO_SECS" --ramp_time=1 --time_based --readonly \
+        --output-format=terse --terse-version=3 2>/tmp/fio.err)
+    if [ $? -ne 0 ] || [ -z "$out" ]; then
+        fail_run "$1" "w4-$2" "fio failed: $(tr '\n' ' ' </tmp/fio.err | cut -c1-200)"
+        return 1
+    fi
+    echo "$out" | awk -F';' -v s="$1" -v k="$2" -v d="$DEV" \
+        -v r="$ROUND" '{ printf "BENCH sys=%s w=w4-%s round=%s dev=%s bw_kib=%s iops=%s lat_us=%s err=%s\n", s, k, r, d, $7, $8, $40, $5 }'
+}
+
+# cold SYS W [w4]: a cold run (fresh local cache, page cache dropped), timed from the start of
+# the attach to the end of the workload. With "w4", W4 runs on the same instance afterwards:
+# the rest of the device is read once (dd) so the image is fully present, then fio.
+cold() {
+    sys=$1 w=$2 then=${3:-}
+    f=$(fn "$sys")
+    DEV="" DPID="" LZ_ID=""
+    drop_caches
+    n0=$(wc -l <"$LOG")
+    t0=$(now)
+    "att_$f" >/tmp/att.out 2>&1
+    arc=$?
+    ta=$(now)
+    if [ $arc -ne 0 ]; then
+        reason=$(tr '\n' ' ' </tmp/att.out | cut -c1-240)
+        if [ $arc -eq 2 ]; then
+            echo "BENCHNA sys=$sys w=$w reason=$reason"
+        else
+            fail_run "$sys" "$w" "attach failed: $reason"
+        fi
+        force_cleanup "$sys"
+        return 1
+    fi
+    if ! mount -t erofs -o ro "$DEV" "$MNT" 2>/tmp/mount.out; then
+        fail_run "$sys" "$w" "mount -t erofs $DEV failed: $(tr '\n' ' ' </tmp/mount.out)"
+        force_cleanup "$sys"
+        return 1
+    fi
+    t1=$(now)
+    q=/sys/block/${DEV#/dev/}/queue
+    echo "BENCHINFO sys=$sys w=$w queue: $DEV read_ahead_kb=$(cat $q/read_ahead_kb) max_sectors_kb=$(cat $q/max_sectors_kb) logical_block_size=$(cat $q/logical_block_size) nr_requests=$(cat $q/nr_requests) scheduler=$(tr -d '\n' <$q/scheduler)"
+    if [ "$w" != none ]; then
+        timed "$sys" "$w" "$(wlimit "$w")" "$w"
+        wrc=$?
+        t2=$(now)
+        if [ -f /tmp/hung ]; then
+            fail_run "$sys" "$w" "hung: $w did not finish in $(wlimit "$w") s (server killed)"
+            force_cleanup "$sys"
+            return 1
+        fi
+        if [ $wrc -ne 0 ]; then
+            fail_run "$sys" "$w" "$w exited with status $wrc (read errors)"
+            force_cleanup "$sys"
+            return 1
+        fi
+        echo "BENCH sys=$sys w=$w round=$ROUND total=$(sub "$t0" "$t2") attach=$(sub "$t0" "$t1") add=$(sub "$t0" "$ta") work=$(sub "$t1" "$t2") hwm_kib=$(hwm "$DPID") cpu_s=$(cpu "$DPID") $(net_stats "$n0")"
+        case $sys in lazyblk*) lz_status "$sys" "$w"; smaps_top "$sys" "$w" "$DPID" ;; esac
+        if [ "$sys" = lazyblk ] && [ "$w" = w1 ] && [ -z "$PF_AVAILABLE" ]; then record_trace; fi
+        if [ "$sys" = lazyblk-pf ]; then
+            pf=$(tail -n +$((n0 + 1)) "$LOG" | awk '$6 == "/img/prefetch" { print $2; exit }')
+            echo "BENCH sys=$sys w=$w-prefetch-file round=$ROUND status=${pf:-not-requested}"
+        fi
+    fi
+    umount "$MNT" || { fail_run "$sys" "$w" "umount failed"; force_cleanup "$sys"; return 1; }
+    if [ "$then" = w4 ]; then
+        n1=$(wc -l <"$LOG")
+        t3=$(now)
+        timed "$sys" w4 900 dd if="$DEV" of=/dev/null bs=1M 2>/tmp/dd.err
+        drc=$?
+        if [ -f /tmp/hung ] || [ $drc -ne 0 ]; then
+            fail_run "$sys" w4 "reading the whole device failed or hung: $(tr '\n' ' ' </tmp/dd.err | cut -c1-200)"
+            force_cleanup "$sys"
+            return 1
+        fi
+        echo "BENCH sys=$sys w=w4-fill round=$ROUND secs=$(sub "$t3" "$(now)") hwm_kib=$(hwm "$DPID") cpu_s=$(cpu "$DPID") $(net_stats "$n1")"
+        case $sys in lazyblk*) lz_status "$sys" w4-fill ;; esac
+        drop_caches
+        fio_run "$sys" rand4k randread 4k
+        fio_run "$sys" seq1m read 1m
+        echo "BENCH sys=$sys w=w4-rss round=$ROUND hwm_kib=$(hwm "$DPID") cpu_s=$(cpu "$DPID")"
+        smaps_top "$sys" w4 "$DPID"
+    fi
+    "det_$f" >/tmp/det.out 2>&1 || say "WARNING: detach of $sys failed: $(tr '\n' ' ' </tmp/det.out)"
+    return 0
+}
+
+has() { case " $2 " in *" $1 "*) return 0 ;; esac; return 1; }
+# W4 needs only one instance per device path: download is a kernel loop device like loop, and
+# lazyblk-pf is the same daemon as lazyblk.
+w4_systems="loop ublkloop nbdkit qemu lazyblk"
+
+# ------------------------------------------------------------------ run
+say "systems: $SYSTEMS; workloads: $WORKLOADS; image $IMAGE_BYTES bytes, blob $BLOB_BYTES bytes"
+echo "BENCH sys=image w=info image_bytes=$IMAGE_BYTES blob_bytes=$BLOB_BYTES files=$(tr -cd '\0' </bench/all.list | wc -c) w1_files=$(tr -cd '\0' </bench/w1.list | wc -c)"
+# Warm-up (not reported): the first cold run after the setup was up to 2x slower than later
+# runs of the same system (the guest settling after the 400 MiB copy to tmpfs).
+say "---- warm-up: loop w1 (not reported)"
+cold loop w1 | sed 's/^BENCH sys=loop /BENCH sys=warmup /'
+
+# Rounds: every round runs every workload on every system once; even rounds take the systems in
+# reverse order (the W1 trace for lazyblk-pf comes from lazyblk's W1 of round 1).
+rev() { r=""; for x in $1; do r="$x $r"; done; echo $r; }
+while [ "$ROUND" -le "$ROUNDS" ]; do
+    order=$SYSTEMS
+    [ $((ROUND % 2)) -eq 0 ] && order=$(rev "$SYSTEMS")
+    for w in w1 w2 w3; do
+        has "$w" "$WORKLOADS" || continue
+        for sys in $order; do
+            say "---- round $ROUND: $sys $w"
+            if [ "$w" = w3 ] && has w4 "$WORKLOADS" && has "$sys" "$w4_systems"; then
+                cold "$sys" w3 w4
+            else
+                cold "$sys" "$w"
+            fi
+        done
+    done
+    if has w4 "$WORKLOADS" && ! has w3 "$WORKLOADS"; then
+        for sys in $order; do
+            has "$sys" "$w4_systems" || continue
+            say "---- round $ROUND: $sys w4"
+            cold "$sys" none w4
+        done
+    fi
+    ROUND=$((ROUND + 1))
+done
+say "done at $(now) s; nginx served $(wc -l <"$LOG") requests"
+tail -n 20 /var/log/lazyblk/lazyblk.log 2>/dev/null | sed 's/^/lazyblk-log: /'
+[ $FAILED -eq 0 ]
