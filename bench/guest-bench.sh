@@ -7,6 +7,7 @@
 # "BENCHFAIL sys=... w=... reason=..." for a system that could not be set up or hung.
 set -u
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+# shellcheck disable=SC1091
 . /bench/bench.conf
 SYSTEMS=${BENCH_SYSTEMS:-loop ublkloop download nbdkit qemu lazyblk lazyblk-pf}
 WORKLOADS=${BENCH_WORKLOADS:-w1 w2 w3 w4}
@@ -91,10 +92,12 @@ echo "BENCH sys=calib w=lazyblk-cat secs=$el user=$(awk '$1 == "user" { print $2
 rm -rf /tmp/calib
 
 # The network: netem on lo shapes both directions (every packet crosses lo's root qdisc once).
+# shellcheck disable=SC2086 # NETEM is a list of arguments
 tc qdisc add dev lo root netem $NETEM || fatal "tc qdisc add dev lo root netem $NETEM failed"
 say "qdisc: $(tc qdisc show dev lo)"
 rtt=$(ping -c 10 -i 0.2 -q 127.0.0.1 | sed -n 's#.*= \([0-9.]*\)/\([0-9.]*\)/\([0-9.]*\).*#\1 \2 \3#p')
 [ -n "$rtt" ] || fatal "ping 127.0.0.1 failed"
+# shellcheck disable=SC2086
 set -- $rtt
 echo "BENCH sys=net w=ping rtt_min_ms=$1 rtt_avg_ms=$2 rtt_max_ms=$3"
 awk -v r="$1" 'BEGIN { exit !(r >= 19) }' || fatal "netem not applied: ping RTT min $1 ms"
@@ -109,7 +112,6 @@ echo "BENCH sys=net w=tput bytes=33554432 secs=$el mbit=$(awk -v s="$el" 'BEGIN 
 # det_SYS: detach it and delete its local data.
 DEV=""
 DPID=""
-NOTE=""
 
 att_loop() { # the floor: the complete image, local (tmpfs), on a kernel loop device
     DEV=$(losetup -f) || return 1
@@ -322,7 +324,7 @@ cold() {
     fi
     t1=$(now)
     q=/sys/block/${DEV#/dev/}/queue
-    echo "BENCHINFO sys=$sys w=$w queue: $DEV read_ahead_kb=$(cat $q/read_ahead_kb) max_sectors_kb=$(cat $q/max_sectors_kb) logical_block_size=$(cat $q/logical_block_size) nr_requests=$(cat $q/nr_requests) scheduler=$(tr -d '\n' <$q/scheduler)"
+    echo "BENCHINFO sys=$sys w=$w queue: $DEV read_ahead_kb=$(cat "$q/read_ahead_kb") max_sectors_kb=$(cat "$q/max_sectors_kb") logical_block_size=$(cat "$q/logical_block_size") nr_requests=$(cat "$q/nr_requests") scheduler=$(tr -d '\n' <"$q/scheduler")"
     if [ "$w" != none ]; then
         timed "$sys" "$w" "$(wlimit "$w")" "$w"
         wrc=$?

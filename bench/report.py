@@ -46,7 +46,7 @@ def aggregate(runs):
     out = {}
     for k, lst in runs.items():
         d = dict(lst[0])
-        for key in lst[0]:
+        for key in (lst[0] if len(lst) > 1 else ()):
             try:
                 vals = [float(x[key]) for x in lst if key in x]
             except ValueError:
@@ -82,7 +82,8 @@ def parse_log(path):
         elif line.startswith("BENCHINFO "):
             m = re.match(r"BENCHINFO sys=(\S+) w=(\S+) (.*)", line)
             if m:
-                status.setdefault("_info", []).append((m.group(1), m.group(2), m.group(3).strip()))
+                text = re.sub(r"^round=\d+ ", "", m.group(3).strip())
+                status.setdefault("_info", []).append((m.group(1), m.group(2), text))
         elif line.startswith("BENCHJSON "):
             m = re.match(r"BENCHJSON sys=(\S+) w=(\S+) (?:round=(\d+) )?(.*)", line)
             if m:
@@ -169,7 +170,7 @@ def main():
     p("")
 
     # ---------------------------------------------------------------- cold workloads
-    p("### W1-W3, cold (seconds from the start of attach to the end of the workload)\n")
+    p("#### W1-W3, cold (seconds from the start of attach to the end of the workload)\n")
     nr = max([d.get("_n", 1) for d in res.values()] or [1])
     if nr > 1:
         p(f"{nr} rounds (even rounds take the systems in reverse order): each cell is the median, "
@@ -201,7 +202,7 @@ def main():
         p("| " + " | ".join(row) + " |")
     p("")
 
-    p("### Network: HTTP requests / MiB served by nginx per cold run\n")
+    p("#### Network: HTTP requests / MiB served by nginx per cold run\n")
     p("| system | W1 | W2 | W3 | W4 fill (rest of the device) |")
     p("|---|---|---|---|---|")
     for s in seen:
@@ -217,7 +218,7 @@ def main():
     infos = status.pop("_info", [])
     lz = [(k, v) for k, v in status.items()]
     if lz:
-        p("### lazyblk counters (`lazyblk status --json` at the end of each run)\n")
+        p("#### lazyblk counters (`lazyblk status --json` at the end of each run)\n")
         p("| run | misses | hits | requests (retries) | chunks | MiB fetched | fetch latency mean / max ms | present | background chunks |")
         p("|---|---|---|---|---|---|---|---|---|")
         for (s, w), d in sorted(lz, key=lambda kvp: (SYSTEMS.index(kvp[0][0]) if kvp[0][0] in SYSTEMS else 99, kvp[0][1])):
@@ -232,7 +233,7 @@ def main():
         p("")
 
     # ---------------------------------------------------------------- W4
-    p("### W4, fully present image: fio on the raw device (direct, libaio, QD 32)\n")
+    p("#### W4, fully present image: fio on the raw device (direct, libaio, QD 32)\n")
     p("| system | 4k random read IOPS | x ublk loop | x kernel loop | 4k mean lat us | 1 MiB seq read MiB/s | x ublk loop | x kernel loop |")
     p("|---|---|---|---|---|---|---|---|")
     for s in seen:
@@ -257,7 +258,7 @@ def main():
     p("")
 
     # ---------------------------------------------------------------- RSS
-    p("### Daemons: peak RSS (VmHWM, max over its runs) and CPU seconds (utime+stime) per run\n")
+    p("#### Daemons: peak RSS (VmHWM, max over its runs) and CPU seconds (utime+stime) per run\n")
     p("| system | peak RSS MiB | in run | CPU s W1 | CPU s W2 | CPU s W3 | CPU s W4 fill + fio |")
     p("|---|---|---|---|---|---|---|")
     for s in seen:
@@ -270,20 +271,33 @@ def main():
         if best is not None:
             cpus = []
             for w in ("w1", "w2", "w3"):
-                cpus.append(res.get((s, w), {}).get("cpu_s", ""))
+                c = res.get((s, w), {}).get("cpu_s")
+                cpus.append("" if c is None else f"{float(c):.1f}")
             c3 = res.get((s, "w3"), {}).get("cpu_s")
             c4 = res.get((s, "w4-rss"), {}).get("cpu_s")
-            cpus.append("" if c4 is None or c3 is None else f"{float(c4) - float(c3):.2f}")
+            cpus.append("" if c4 is None or c3 is None else f"{float(c4) - float(c3):.1f}")
             p(f"| {LABEL.get(s, s)} | {best / 1024:.1f} | {where} | " + " | ".join(cpus) + " |")
     p("")
-    if infos:
-        p("lazyblk daemon memory by mapping (RSS, from /proc/PID/smaps at the end of the run):\n")
-        for s_, w_, t_ in infos:
+    mem = [(s_, w_, t_) for s_, w_, t_ in infos if t_.startswith("threads=")]
+    if mem:
+        p("RSS by mapping (from /proc/PID/smaps at the end of the run; `[anon]` holds the ublk "
+          "IO buffers):\n")
+        for s_, w_, t_ in mem:
             p(f"- {s_} {w_}: {t_}")
+        p("")
+    queues = {}
+    for s_, w_, t_ in infos:
+        if t_.startswith("queue: "):
+            queues.setdefault(s_, t_[len("queue: "):])
+    if queues:
+        p("Block queue of each device (`/sys/block/DEV/queue`, as attached):\n")
+        for s_ in SYSTEMS:
+            if s_ in queues:
+                p(f"- {s_}: {queues[s_]}")
         p("")
 
     # ---------------------------------------------------------------- targets
-    p("### Targets (ratios from this run)\n")
+    p("#### Targets (ratios from this run)\n")
     p("| target | measured | verdict |")
     p("|---|---|---|")
 
@@ -334,7 +348,7 @@ def main():
     p("")
 
     if fails or na:
-        p("### Failed or unavailable\n")
+        p("#### Failed or unavailable\n")
         for (s, w), why_ in sorted(fails.items()):
             p(f"- {s} {w}: failed: {why_}")
         for (s, w), why_ in sorted(na.items()):

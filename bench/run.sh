@@ -25,7 +25,7 @@ set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 top=$(cd "$here/.." && pwd)
-# shellcheck source=../qemu/lib.sh
+# shellcheck source=../qemu/lib.sh source-path=SCRIPTDIR
 . "$top/qemu/lib.sh"
 msg() { printf 'bench: %s\n' "$*" >&2; }
 
@@ -124,8 +124,10 @@ if [[ ! -f $imgdir/.complete ]]; then
     touch "$imgdir/.complete"
 fi
 # shellcheck disable=SC1091
-. "$imgdir/stats"
+. "$imgdir/stats" # files, w1_files, dirs, symlinks, file_bytes, w1_bytes, image_bytes
+# shellcheck disable=SC2154
 ((file_bytes >= 200 * 1024 * 1024)) || die "the image tree has only $file_bytes bytes of files (< 200 MiB)"
+# shellcheck disable=SC2154
 msg "image: $files files ($((file_bytes / 1048576)) MiB), erofs image $((image_bytes / 1048576)) MiB; W1 reads $w1_files files ($((w1_bytes / 1048576)) MiB)"
 
 # The lazyblk image (manifest + blob), rebuilt when the lazyblk binary changes.
