@@ -616,25 +616,6 @@ impl ChunkStore {
         }
     }
 
-    /// Fetch these chunks in the background (prefetch, hydration), in the order given.
-    pub fn prefetch(&self, chunks: impl IntoIterator<Item = u64>) {
-        let inner = &self.inner;
-        let mut todo = Vec::new();
-        {
-            let mut inflight = inner.inflight.lock().expect("lock");
-            for c in chunks {
-                if c < inner.manifest.chunk_count()
-                    && !inner.present.get(c)
-                    && !inflight.contains_key(&c)
-                {
-                    inflight.insert(c, Vec::new());
-                    todo.push(c);
-                }
-            }
-        }
-        inner.schedule(todo, false, true);
-    }
-
     /// The chunks read since open, in first-access order (what `lazyblk trace` records).
     pub fn access_trace(&self) -> Vec<u32> {
         self.inner.trace.lock().expect("lock").clone()
