@@ -120,9 +120,9 @@ att_loop() { # the floor: the complete image, local (tmpfs), on a kernel loop de
 }
 det_loop() { losetup -d "$DEV"; }
 
-att_ublkloop() { # the same file on a plain ublk loop device (rublk): 2 queues x 64 tags and
+att_ublkloop() { # the same file on a plain ublk loop device (rublk): 2 queues x 32 tags and
     # buffered reads of the backing file, like lazyblk's reads of its cache file
-    rublk add loop -n 60 -q 2 -d 64 -o --buffered-io -f "$WWW/image.erofs" >/tmp/rublk.out 2>&1 || { cat /tmp/rublk.out; return 1; }
+    rublk add loop -n 60 -q 2 -d 32 -o --buffered-io -f "$WWW/image.erofs" >/tmp/rublk.out 2>&1 || { cat /tmp/rublk.out; return 1; }
     DEV=/dev/ublkb60
     i=0
     while [ ! -b $DEV ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i + 1)); done

@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::format::{ChunkRef, Encoding, Entry, ImageId, Manifest};
 use crate::remote::{open_remote, read_whole, HttpOptions, Location, Remote, RemoteError};
 use bitvec::prelude::*;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use lazyblk_blocksource::{check_range, BlockError, BlockSource, Completion, Geometry, Located};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -28,6 +28,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
+use tokio::sync::OwnedSemaphorePermit;
 
 /// Block size exposed to frontends; the data file is rounded up to it.
 pub const BLOCK_SIZE: u32 = 4096;
@@ -47,8 +48,11 @@ pub struct StoreOptions {
     pub max_requests: usize,
     /// Largest coalesced range request.
     pub max_request_bytes: u64,
-    /// Chunks fetched ahead of a miss (sequential readahead window).
+    /// Chunks fetched ahead of a miss: the first readahead window. Reads that go on
+    /// sequentially double the window, up to `readahead_max_chunks`.
     pub readahead_chunks: u64,
+    /// Largest readahead window, in chunks.
+    pub readahead_max_chunks: u64,
     /// How long a read may wait for a missing chunk while the remote fails transiently;
     /// `None` retries forever.
     pub io_deadline: Option<Duration>,
@@ -62,8 +66,9 @@ pub struct StoreOptions {
     /// How long an evicted chunk's bytes stay readable before its space is reclaimed, so a read
     /// that located the chunk just before the eviction still reads valid data.
     pub evict_grace: Duration,
-    /// Range requests in flight for background work (prefetch, hydration), on top of
-    /// `max_requests`, so on-demand misses never queue behind them.
+    /// Range requests in flight for hydration, on top of `max_requests`, so on-demand misses
+    /// never queue behind it. (A published prefetch list predicts the workload's own misses
+    /// and gets `max_requests` slots of its own.)
     pub background_requests: usize,
     /// Fetch the prefetch list published next to the manifest, if any.
     pub use_prefetch_list: bool,
@@ -83,6 +88,7 @@ impl Default for StoreOptions {
             max_requests: 8,
             max_request_bytes: 2 << 20,
             readahead_chunks: 4,
+            readahead_max_chunks: 32,
             io_deadline: Some(Duration::from_secs(300)),
             fetch_threads: 2,
             corrupt_attempts: 3,
@@ -99,7 +105,6 @@ impl Default for StoreOptions {
 /// Counters, readable while the store runs.
 #[derive(Default)]
 struct Stats {
-    hits: AtomicU64,
     misses: AtomicU64,
     requests: AtomicU64,
     retries: AtomicU64,
@@ -118,7 +123,8 @@ struct Stats {
 pub struct StatsSnapshot {
     /// Image identity.
     pub image: String,
-    /// Reads served without fetching.
+    /// Reads served without fetching: filled in by the frontend, which sees every read (the
+    /// store only sees the ones that miss); 0 from [`ChunkStore::stats`].
     pub hits: u64,
     /// Reads that had to wait for a fetch.
     pub misses: u64,
@@ -193,6 +199,11 @@ impl AtomicBits {
     fn test_and_set(&self, i: u64) -> bool {
         self.0[(i / 64) as usize].fetch_or(1 << (i % 64), Ordering::AcqRel) & (1 << (i % 64)) != 0
     }
+    /// Clear bit `i`; returns whether it was set.
+    fn test_and_clear(&self, i: u64) -> bool {
+        self.0[(i / 64) as usize].fetch_and(!(1 << (i % 64)), Ordering::AcqRel) & (1 << (i % 64))
+            != 0
+    }
     fn clear(&self, i: u64) {
         self.0[(i / 64) as usize].fetch_and(!(1 << (i % 64)), Ordering::AcqRel);
     }
@@ -244,7 +255,8 @@ struct Persist {
     last_error: Option<String>,
 }
 
-/// A run of stored chunks fetched with one range request.
+/// A run of stored chunks fetched with one range request: `parts` are blob-adjacent, in blob
+/// order, each one stored chunk (and the image chunks that share it).
 struct Run {
     blob_offset: u64,
     len: u64,
@@ -253,13 +265,26 @@ struct Run {
     background: bool,
 }
 
-impl Run {
-    fn chunks(&self) -> Vec<u64> {
-        self.parts
-            .iter()
-            .flat_map(|(_, c)| c.iter().copied())
-            .collect()
-    }
+/// Holes of at most this many missing chunks between two chunks of a prefetch window are
+/// fetched too, so the two share one request.
+const GAP_FILL: u64 = 2;
+
+/// One sequential reader seen by the readahead logic.
+#[derive(Clone, Copy, Debug, Default)]
+struct Stream {
+    /// Last chunk scheduled for this stream.
+    end: u64,
+    /// Current window, in chunks (0: unused slot).
+    window: u64,
+    /// Chunk whose first read schedules the next window (asynchronous readahead).
+    trigger: u64,
+}
+
+/// Readahead state: a few concurrent sequential streams, replaced round robin.
+#[derive(Default)]
+struct Readahead {
+    streams: [Stream; 4],
+    victim: usize,
 }
 
 struct Inner {
@@ -272,7 +297,10 @@ struct Inner {
     present: AtomicBits,
     inflight: Mutex<HashMap<u64, Vec<Arc<Waiter>>>>,
     remote: Box<dyn Remote>,
-    requests: tokio::sync::Semaphore,
+    /// Slots of on-demand requests (misses and their readahead).
+    requests: Arc<tokio::sync::Semaphore>,
+    /// Slots of the published prefetch list.
+    prefetch_slots: Arc<tokio::sync::Semaphore>,
     opts: StoreOptions,
     stats: Stats,
     persist: Mutex<Persist>,
@@ -286,11 +314,15 @@ struct Inner {
     trace: Mutex<Vec<u32>>,
     /// Bytes of present non-zero chunks.
     cached_bytes: AtomicU64,
-    background: tokio::sync::Semaphore,
+    /// Slots of hydration.
+    background: Arc<tokio::sync::Semaphore>,
     background_done: AtomicBool,
     epoch: Instant,
     last_miss_ms: AtomicU64,
     prefetch_list: Option<Vec<u32>>,
+    readahead: Mutex<Readahead>,
+    /// Chunks whose first read starts the next readahead window of a stream.
+    ra_trigger: AtomicBits,
 }
 
 /// A verified, crash-consistent local cache of one image, fetching missing chunks on demand.
@@ -520,7 +552,8 @@ impl ChunkStore {
             present,
             inflight: Mutex::new(HashMap::new()),
             remote,
-            requests: tokio::sync::Semaphore::new(opts.max_requests.max(1)),
+            requests: Arc::new(tokio::sync::Semaphore::new(opts.max_requests.max(1))),
+            prefetch_slots: Arc::new(tokio::sync::Semaphore::new(opts.max_requests.max(1))),
             opts,
             stats: Stats::default(),
             persist: Mutex::new(Persist::default()),
@@ -531,11 +564,13 @@ impl ChunkStore {
             accessed: AtomicBits::new(n),
             trace: Mutex::new(Vec::new()),
             cached_bytes: AtomicU64::new(cached),
-            background: tokio::sync::Semaphore::new(opts_background(&opts_copy)),
+            background: Arc::new(tokio::sync::Semaphore::new(opts_background(&opts_copy))),
             background_done: AtomicBool::new(false),
             epoch: Instant::now(),
             last_miss_ms: AtomicU64::new(0),
             prefetch_list,
+            readahead: Mutex::new(Readahead::default()),
+            ra_trigger: AtomicBits::new(n),
         });
         let bitmap = Arc::new(Mutex::new(Some(bitmap)));
         let persister = {
@@ -596,7 +631,7 @@ impl ChunkStore {
         let req = s.requests.load(Ordering::Relaxed);
         StatsSnapshot {
             image: self.inner.id.to_string(),
-            hits: s.hits.load(Ordering::Relaxed),
+            hits: 0,
             misses: s.misses.load(Ordering::Relaxed),
             requests: req,
             retries: s.retries.load(Ordering::Relaxed),
@@ -1003,75 +1038,25 @@ impl Inner {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    /// Prefetch list first (in order), then (with `hydrate`) everything else.
+    /// Background work: the published prefetch list `order` first, then (with `hydrate`)
+    /// every other chunk.
+    ///
+    /// The list predicts the workload's own first reads, so it is fetched with the on-demand
+    /// concurrency and without pausing for misses. Hydration is the opposite: few slots, at
+    /// most `rate` bytes per second, and it pauses while on-demand misses happen.
     async fn background_work(self: Arc<Self>, order: Vec<u64>, hydrate: bool, rate: Option<u64>) {
         let n = self.manifest.chunk_count();
-        let rest = hydrate.then_some(0..n).into_iter().flatten();
-        let mut it = order.into_iter().filter(|&c| c < n).chain(rest).peekable();
-        let t0 = Instant::now();
-        let mut sent = 0u64;
-        while it.peek().is_some() {
-            if self.shutdown.load(Ordering::Relaxed) {
-                return;
-            }
-            // Yield to on-demand misses: wait until none happened for 50 ms.
-            loop {
-                let last = self.last_miss_ms.load(Ordering::Relaxed);
-                if last == 0 || self.ms_since_open().saturating_sub(last) >= 50 {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            // Next batch: consecutive list items not present nor in flight, up to one request.
-            let mut batch = Vec::new();
-            let mut bytes = 0u64;
-            {
-                let mut inflight = self.inflight.lock().expect("lock");
-                while let Some(&c) = it.peek() {
-                    let len = match self.manifest.chunk(c) {
-                        ChunkRef::Stored(e) => u64::from(e.stored_len),
-                        ChunkRef::Zero => 0,
-                    };
-                    if !batch.is_empty() && bytes + len > self.opts.max_request_bytes {
-                        break;
-                    }
-                    it.next();
-                    if self.present.get(c) || inflight.contains_key(&c) {
-                        continue;
-                    }
-                    inflight.insert(c, Vec::new());
-                    batch.push(c);
-                    bytes += len;
-                }
-            }
-            if batch.is_empty() {
-                continue;
-            }
-            // Wait until a background slot is free before queueing more (keeps the order and
-            // bounds memory); the run itself takes the slot in `fetch_run`.
-            while self.background.available_permits() == 0 {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            let before = self.background.available_permits();
-            self.schedule(batch, false, true);
-            // Let the run take its slot before looking at the next batch.
-            let t = Instant::now();
-            while self.background.available_permits() >= before
-                && t.elapsed() < Duration::from_millis(200)
-            {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-            sent += bytes;
-            if let Some(r) = rate.filter(|&r| r > 0) {
-                let due = Duration::from_secs_f64(sent as f64 / r as f64);
-                if let Some(wait) = due.checked_sub(t0.elapsed()) {
-                    tokio::time::sleep(wait).await;
-                }
-            }
+        let order: Vec<u64> = order.into_iter().filter(|&c| c < n).collect();
+        if !order.is_empty() {
+            let slots = self.opts.max_requests.max(1);
+            self.fetch_list(&order, &self.prefetch_slots, slots, None, false)
+                .await;
         }
-        // Wait for the last requests, then report.
-        while self.background.available_permits() < opts_background(&self.opts) {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        if hydrate && !self.shutdown.load(Ordering::Relaxed) {
+            let all: Vec<u64> = (0..n).collect();
+            let slots = opts_background(&self.opts);
+            self.fetch_list(&all, &self.background, slots, rate, true)
+                .await;
         }
         self.background_done.store(true, Ordering::SeqCst);
         if hydrate && self.present.count() == n {
@@ -1079,6 +1064,88 @@ impl Inner {
         } else {
             tracing::info!("prefetch complete");
         }
+    }
+
+    /// Fetch the missing chunks of `list`, in list order a window at a time, with at most
+    /// `nslots` requests of `slots` in flight; returns when they have all finished.
+    ///
+    /// Within a window, chunks are fetched in chunk (= blob) order and holes of up to
+    /// [`GAP_FILL`] missing chunks between two listed ones are fetched too: a few more bytes in
+    /// the same request cost less than another round trip.
+    async fn fetch_list(
+        self: &Arc<Self>,
+        list: &[u64],
+        slots: &Arc<tokio::sync::Semaphore>,
+        nslots: usize,
+        rate: Option<u64>,
+        yield_to_misses: bool,
+    ) {
+        const WINDOW: usize = 64;
+        let t0 = Instant::now();
+        let mut sent = 0u64;
+        let mut pos = 0;
+        while pos < list.len() {
+            if self.shutdown.load(Ordering::Relaxed) {
+                break;
+            }
+            if yield_to_misses {
+                // Wait until no on-demand miss happened for 50 ms.
+                loop {
+                    let last = self.last_miss_ms.load(Ordering::Relaxed);
+                    if last == 0 || self.ms_since_open().saturating_sub(last) >= 50 {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            let batch = {
+                let mut inflight = self.inflight.lock().expect("lock");
+                let missing = |c: u64, inflight: &HashMap<u64, Vec<Arc<Waiter>>>| {
+                    !self.present.get(c) && !inflight.contains_key(&c)
+                };
+                let mut want = Vec::with_capacity(WINDOW);
+                while pos < list.len() && want.len() < WINDOW {
+                    let c = list[pos];
+                    pos += 1;
+                    if missing(c, &inflight) {
+                        want.push(c);
+                    }
+                }
+                want.sort_unstable();
+                want.dedup();
+                let mut batch: Vec<u64> = Vec::with_capacity(want.len());
+                for c in want {
+                    if let Some(&prev) = batch.last() {
+                        let hole = prev + 1..c;
+                        if c - prev - 1 <= GAP_FILL && hole.clone().all(|h| missing(h, &inflight)) {
+                            batch.extend(hole);
+                        }
+                    }
+                    batch.push(c);
+                }
+                for &c in &batch {
+                    inflight.insert(c, Vec::new());
+                }
+                batch
+            };
+            for run in self.make_runs(batch, false, true) {
+                let Ok(permit) = slots.clone().acquire_owned().await else {
+                    return;
+                };
+                sent += run.len;
+                let inner = self.clone();
+                self.handle
+                    .spawn(async move { inner.fetch_run(run, Some(permit)).await });
+                if let Some(r) = rate.filter(|&r| r > 0) {
+                    let due = Duration::from_secs_f64(sent as f64 / r as f64);
+                    if let Some(wait) = due.checked_sub(t0.elapsed()) {
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+            }
+        }
+        // Wait for the last requests.
+        let _all = slots.acquire_many(nslots as u32).await;
     }
 
     fn flush(&self) -> Result<()> {
@@ -1105,7 +1172,6 @@ impl Inner {
         }
         let (first, last) = self.chunk_range(offset, len);
         if self.all_present(first, last) {
-            self.stats.hits.fetch_add(1, Ordering::Relaxed);
             return done(Ok(()));
         }
         if self.shutdown.load(Ordering::Relaxed) {
@@ -1115,6 +1181,9 @@ impl Inner {
         self.last_miss_ms
             .store(self.ms_since_open().max(1), Ordering::Relaxed);
         self.note_access(first, last);
+        // A read that reaches a trigger while its window is still in flight starts the next
+        // window now, like a present read would.
+        self.check_triggers(first, last);
         let waiter = Waiter::new(done);
         let mut todo = Vec::new();
         {
@@ -1134,24 +1203,156 @@ impl Inner {
                     }
                 }
             }
-            // Sequential readahead behind a real miss.
-            let end = (last + 1 + self.opts.readahead_chunks).min(self.manifest.chunk_count());
-            for i in last + 1..end {
-                if !self.present.get(i) && !inflight.contains_key(&i) {
-                    inflight.insert(i, Vec::new());
-                    todo.push(i);
-                }
-            }
         }
+        // The readahead goes into the same coalesced requests, after the demanded chunks in
+        // blob order; `fetch_run` completes each chunk as soon as its own bytes are in, so the
+        // readahead does not delay the read that missed.
+        todo.extend(self.readahead_after_miss(first, last));
         self.schedule(todo, true, false);
         waiter.chunk_done(None);
     }
 
-    /// Group chunks into coalesced range requests and start them.
-    fn schedule(self: &Arc<Self>, chunks: Vec<u64>, with_deadline: bool, background: bool) {
-        if chunks.is_empty() {
-            return;
+    /// Fire the readahead triggers in chunks `first..=last`.
+    fn check_triggers(self: &Arc<Self>, first: u64, last: u64) {
+        for c in first..=last {
+            if self.ra_trigger.get(c) && self.ra_trigger.test_and_clear(c) {
+                self.on_trigger(c);
+            }
         }
+    }
+
+    /// Reserve (mark in flight) the missing chunks in `from..=to`.
+    fn reserve_missing(&self, from: u64, to: u64) -> Vec<u64> {
+        let mut inflight = self.inflight.lock().expect("lock");
+        (from..=to)
+            .filter(|&c| {
+                !self.present.get(c) && {
+                    match inflight.entry(c) {
+                        std::collections::hash_map::Entry::Occupied(_) => false,
+                        std::collections::hash_map::Entry::Vacant(v) => {
+                            v.insert(Vec::new());
+                            true
+                        }
+                    }
+                }
+            })
+            .collect()
+    }
+
+    /// Chunks to read ahead of a miss on `first..=last` (reserved in flight).
+    ///
+    /// A miss that continues a stream (it lands in or right after the stream's last window)
+    /// doubles the stream's window up to `readahead_max_chunks`; any other miss starts a new
+    /// stream with `readahead_chunks`. Each window carries a trigger chunk: the first read of it
+    /// schedules the next window ([`Inner::on_trigger`]), so a sequential reader finds its
+    /// chunks present instead of missing once per window.
+    fn readahead_after_miss(&self, first: u64, last: u64) -> Vec<u64> {
+        let base = self.opts.readahead_chunks;
+        let n = self.manifest.chunk_count();
+        if base == 0 || last + 1 >= n {
+            return Vec::new();
+        }
+        let max = self.opts.readahead_max_chunks.max(base);
+        let (from, to) = {
+            let mut ra = self.readahead.lock().expect("lock");
+            let cont = ra
+                .streams
+                .iter()
+                .position(|s| s.window > 0 && first <= s.end + 1 && first + 2 * s.window > s.end);
+            let (slot, stream) = match cont {
+                Some(i) => {
+                    let s = ra.streams[i];
+                    let window = (s.window * 2).min(max);
+                    let from = s.end.max(last) + 1;
+                    let end = (from + window - 1).min(n - 1);
+                    (
+                        i,
+                        Stream {
+                            end,
+                            window,
+                            trigger: from,
+                        },
+                    )
+                }
+                None => {
+                    let i = ra.victim;
+                    ra.victim = (i + 1) % ra.streams.len();
+                    let end = (last + base).min(n - 1);
+                    let trigger = last + 1 + base / 2;
+                    (
+                        i,
+                        Stream {
+                            end,
+                            window: base,
+                            trigger,
+                        },
+                    )
+                }
+            };
+            ra.streams[slot] = stream;
+            let from = if cont.is_some() {
+                stream.trigger
+            } else {
+                last + 1
+            };
+            if from > stream.end {
+                return Vec::new();
+            }
+            if stream.trigger <= stream.end {
+                self.ra_trigger.set(stream.trigger);
+            }
+            (from, stream.end)
+        };
+        self.reserve_missing(from, to)
+    }
+
+    /// A read reached `chunk`, the trigger of a stream's window: schedule the next window,
+    /// twice as large (up to `readahead_max_chunks`).
+    fn on_trigger(self: &Arc<Self>, chunk: u64) {
+        let n = self.manifest.chunk_count();
+        let max = self
+            .opts
+            .readahead_max_chunks
+            .max(self.opts.readahead_chunks);
+        let (from, to) = {
+            let mut ra = self.readahead.lock().expect("lock");
+            let Some(s) = ra
+                .streams
+                .iter_mut()
+                .find(|s| s.window > 0 && s.trigger == chunk)
+            else {
+                return;
+            };
+            if s.end + 1 >= n {
+                return;
+            }
+            let window = (s.window * 2).min(max);
+            let from = s.end + 1;
+            let to = (s.end + window).min(n - 1);
+            *s = Stream {
+                end: to,
+                window,
+                trigger: from,
+            };
+            self.ra_trigger.set(from);
+            (from, to)
+        };
+        let todo = self.reserve_missing(from, to);
+        self.schedule(todo, true, false);
+    }
+
+    /// Group chunks (already reserved in flight) into coalesced range requests and start them.
+    fn schedule(self: &Arc<Self>, chunks: Vec<u64>, with_deadline: bool, background: bool) {
+        for run in self.make_runs(chunks, with_deadline, background) {
+            let inner = self.clone();
+            self.handle
+                .spawn(async move { inner.fetch_run(run, None).await });
+        }
+    }
+
+    /// Group chunks (already reserved in flight) into runs of blob-adjacent stored chunks of
+    /// at most `max_request_bytes`; all-zero chunks complete at once.
+    fn make_runs(&self, chunks: Vec<u64>, with_deadline: bool, background: bool) -> Vec<Run> {
         let mut by_offset: BTreeMap<u64, (Entry, Vec<u64>)> = BTreeMap::new();
         for c in chunks {
             match self.manifest.chunk(c) {
@@ -1188,32 +1389,64 @@ impl Inner {
                 }),
             }
         }
-        for run in runs {
-            let inner = self.clone();
-            self.handle.spawn(async move { inner.fetch_run(run).await });
-        }
+        runs
     }
 
-    async fn fetch_run(self: Arc<Self>, run: Run) {
-        let pool = if run.background {
-            &self.background
-        } else {
-            &self.requests
-        };
-        let _permit = match pool.acquire().await {
-            Ok(p) => p,
-            Err(_) => return self.complete(&run.chunks(), Some(&BlockError::ShuttingDown)),
+    /// Fetch a run with one streamed range request. Each part is verified and stored (on a
+    /// blocking thread, off the async workers) and its chunks completed as soon as its own
+    /// bytes have arrived, so the first chunk of a long run is ready after one round trip plus
+    /// its own transfer. A retry asks only for the parts not yet stored.
+    async fn fetch_run(self: Arc<Self>, run: Run, permit: Option<OwnedSemaphorePermit>) {
+        let run = Arc::new(run);
+        let mut done = vec![false; run.parts.len()];
+        let _permit = match permit {
+            Some(p) => p,
+            None => match self.requests.clone().acquire_owned().await {
+                Ok(p) => p,
+                Err(_) => return self.fail_rest(&run, &done, Error::ShuttingDown),
+            },
         };
         let mut attempt = 0u32;
         let mut corrupt = 0u32;
-        let run = Arc::new(run);
         loop {
             if self.shutdown.load(Ordering::Relaxed) {
-                return self.complete(&run.chunks(), Some(&BlockError::ShuttingDown));
+                return self.fail_rest(&run, &done, Error::ShuttingDown);
             }
+            let (Some(lo), Some(hi)) =
+                (done.iter().position(|d| !d), done.iter().rposition(|d| !d))
+            else {
+                return;
+            };
+            let start = run.parts[lo].0.blob_offset;
+            let end = run.parts[hi].0.blob_offset + u64::from(run.parts[hi].0.stored_len);
             let t0 = Instant::now();
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
-            let got = self.remote.read_range(run.blob_offset, run.len).await;
+            let mut jobs = Vec::new();
+            let got = {
+                let mut buf = BytesMut::new();
+                let mut next = lo;
+                let (this, parts, skip) = (&self, &run, &done);
+                let mut sink = |piece: Bytes| {
+                    this.stats
+                        .bytes_fetched
+                        .fetch_add(piece.len() as u64, Ordering::Relaxed);
+                    buf.extend_from_slice(&piece);
+                    while next <= hi && buf.len() >= parts.parts[next].0.stored_len as usize {
+                        let bytes = buf.split_to(parts.parts[next].0.stored_len as usize);
+                        if !skip[next] {
+                            let (inner, r, i) = (this.clone(), parts.clone(), next);
+                            let job = this
+                                .handle
+                                .spawn_blocking(move || inner.store_part(&r, i, &bytes));
+                            jobs.push((i, job));
+                        }
+                        next += 1;
+                    }
+                };
+                self.remote
+                    .read_range_with(start, end - start, &mut sink)
+                    .await
+            };
             let micros = t0.elapsed().as_micros() as u64;
             self.stats
                 .fetch_micros_total
@@ -1221,56 +1454,47 @@ impl Inner {
             self.stats
                 .fetch_micros_max
                 .fetch_max(micros, Ordering::Relaxed);
-            let err = match got {
-                Ok(bytes) => {
-                    self.stats
-                        .bytes_fetched
-                        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                    let inner = self.clone();
-                    let r2 = run.clone();
-                    let stored = tokio::task::spawn_blocking(move || inner.store_run(&r2, &bytes))
-                        .await
-                        .unwrap_or_else(|e| Err(Error::Invalid(format!("store task failed: {e}"))));
-                    match stored {
-                        Ok(()) => {
-                            if run.background {
-                                self.stats
-                                    .background_chunks
-                                    .fetch_add(run.chunks().len() as u64, Ordering::Relaxed);
-                            }
-                            return self.complete(&run.chunks(), None);
-                        }
-                        Err(e @ Error::ChunkCorrupt { .. }) => {
-                            self.stats.verify_failures.fetch_add(1, Ordering::Relaxed);
-                            corrupt += 1;
-                            tracing::warn!(
-                                "{} (attempt {corrupt} of {})",
-                                e,
-                                self.opts.corrupt_attempts
-                            );
-                            if corrupt >= self.opts.corrupt_attempts {
-                                return self.fail(&run, e);
-                            }
-                            e.to_string()
-                        }
-                        Err(e) => return self.fail(&run, e),
+            let mut fatal = None;
+            let mut bad = None;
+            for (i, job) in jobs {
+                match job.await {
+                    Ok(Ok(())) => done[i] = true,
+                    Ok(Err(e @ Error::ChunkCorrupt { .. })) => bad = Some(e),
+                    Ok(Err(e)) => fatal = Some(e),
+                    Err(e) => fatal = Some(Error::Invalid(format!("store task failed: {e}"))),
+                }
+            }
+            if let Some(e) = fatal {
+                return self.fail_rest(&run, &done, e);
+            }
+            if done.iter().all(|d| *d) {
+                return;
+            }
+            let err = if let Some(e) = bad {
+                self.stats.verify_failures.fetch_add(1, Ordering::Relaxed);
+                corrupt += 1;
+                tracing::warn!("{e} (attempt {corrupt} of {})", self.opts.corrupt_attempts);
+                if corrupt >= self.opts.corrupt_attempts {
+                    return self.fail_rest(&run, &done, e);
+                }
+                e.to_string()
+            } else {
+                match got {
+                    Err(e) if e.is_transient() => {
+                        tracing::warn!("transient fetch failure, will retry: {e}");
+                        e.to_string()
                     }
+                    Err(e) => return self.fail_rest(&run, &done, e.into()),
+                    Ok(()) => "the range ended early".to_string(),
                 }
-                Err(e) if e.is_transient() => {
-                    tracing::warn!("transient fetch failure, will retry: {e}");
-                    e.to_string()
-                }
-                Err(e) => return self.fail(&run, e.into()),
             };
             let pause = backoff(attempt);
             if let Some(d) = run.deadline {
                 if Instant::now() + pause >= d {
                     let secs = self.opts.io_deadline.map_or(0, |d| d.as_secs());
-                    tracing::error!(
-                        "giving up on {} chunk(s) after {secs}s: {err}",
-                        run.chunks().len()
-                    );
-                    return self.fail(&run, Error::Deadline { secs, last: err });
+                    let left = done.iter().filter(|d| !**d).count();
+                    tracing::error!("giving up on {left} chunk(s) after {secs}s: {err}");
+                    return self.fail_rest(&run, &done, Error::Deadline { secs, last: err });
                 }
             }
             self.stats.retries.fetch_add(1, Ordering::Relaxed);
@@ -1279,32 +1503,39 @@ impl Inner {
         }
     }
 
-    fn fail(&self, run: &Run, e: Error) {
-        tracing::error!(
-            "fetch of blob range {}+{} failed: {e}",
-            run.blob_offset,
-            run.len
-        );
+    /// Fail the chunks of the parts of `run` not yet stored.
+    fn fail_rest(&self, run: &Run, done: &[bool], e: Error) {
+        if !matches!(e, Error::ShuttingDown) {
+            tracing::error!(
+                "fetch of blob range {}+{} failed: {e}",
+                run.blob_offset,
+                run.len
+            );
+        }
         let be: BlockError = e.into();
-        self.complete(&run.chunks(), Some(&be));
+        let chunks: Vec<u64> = run
+            .parts
+            .iter()
+            .zip(done)
+            .filter(|(_, d)| !**d)
+            .flat_map(|((_, c), _)| c.iter().copied())
+            .collect();
+        self.complete(&chunks, Some(&be));
     }
 
-    /// Verify and write every chunk of a fetched run. Runs on a blocking thread.
-    fn store_run(&self, run: &Run, bytes: &Bytes) -> Result<()> {
-        for (e, chunks) in &run.parts {
-            let missing: Vec<u64> = chunks
-                .iter()
-                .copied()
-                .filter(|&c| !self.present.get(c))
-                .collect();
-            if missing.is_empty() {
-                continue;
-            }
-            let start = (e.blob_offset - run.blob_offset) as usize;
-            let stored = &bytes[start..start + e.stored_len as usize];
-            let want = self.manifest.chunk_len(missing[0]) as usize;
+    /// Verify part `i` of a run (its stored bytes), write it into the data file and complete
+    /// its chunks. Runs on a blocking thread.
+    fn store_part(&self, run: &Run, i: usize, stored: &[u8]) -> Result<()> {
+        let (e, chunks) = &run.parts[i];
+        let missing: Vec<u64> = chunks
+            .iter()
+            .copied()
+            .filter(|&c| !self.present.get(c))
+            .collect();
+        if let Some(&first) = missing.first() {
+            let want = self.manifest.chunk_len(first) as usize;
             let corrupt = |detail: String| Error::ChunkCorrupt {
-                index: missing[0],
+                index: first,
                 detail,
             };
             let plain: std::borrow::Cow<'_, [u8]> = match e.encoding {
@@ -1330,6 +1561,12 @@ impl Inner {
                     .map_err(|err| Error::io(&self.data_path, err))?;
             }
         }
+        if run.background {
+            self.stats
+                .background_chunks
+                .fetch_add(chunks.len() as u64, Ordering::Relaxed);
+        }
+        self.complete(chunks, None);
         Ok(())
     }
 
@@ -1387,8 +1624,8 @@ impl BlockSource for ChunkStore {
                 return None;
             }
             inner.note_access(first, last);
+            inner.check_triggers(first, last);
         }
-        inner.stats.hits.fetch_add(1, Ordering::Relaxed);
         Some(Located {
             fd: inner.data.as_raw_fd(),
             offset,

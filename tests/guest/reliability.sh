@@ -83,7 +83,10 @@ shape delay 20ms rate 4mbit
 n=0
 for t in 0.2 0.5 1 1.5 2; do
     n=$((n + 1))
-    fresh img2
+    # Round 1 also checks that the new daemon keeps the first one's store settings.
+    extra=""
+    [ $n = 1 ] && extra="--cache-limit 64M --readahead 2 --max-requests 5"
+    fresh img2 $extra
     t0=$(now_ms)
     bg_start crash lazyblk-testkit digest-tree $M
     sleep $t
@@ -95,6 +98,15 @@ for t in 0.2 0.5 1 1.5 2; do
     lazyblk recover "$ID" > /tmp/recover.out 2>&1 || { cat /tmp/recover.out; die "round $n: lazyblk recover"; }
     rec=$(secs_since "$tk")
     mounted || die "round $n: the mount went away"
+    if [ $n = 1 ]; then
+        lazyblk status "$ID" --json | tr -d ' \n' | grep -q '"cache_limit":67108864' \
+            || die "the recovered daemon lost --cache-limit: $(lazyblk status "$ID" --json)"
+        tr -d ' \n' < /run/lazyblk/$ID.json | grep -q '"--readahead","2","--readahead-max","32"' \
+            || die "the recovered daemon's record lost --readahead 2: $(cat /run/lazyblk/$ID.json)"
+        tr -d ' \n' < /run/lazyblk/$ID.json | grep -q '"--max-requests","5"' \
+            || die "the recovered daemon's record lost --max-requests 5"
+        ok "recover kept the store settings of add (cache limit, readahead, request limit)"
+    fi
     bg_wait crash 120
     check_tree img2 crash
     no_io_errors "round $n"

@@ -35,6 +35,8 @@ pub enum Fault {
     Huge,
     /// Answer correctly, but only after this many milliseconds.
     Delay(u64),
+    /// Send the first half of the body, pause this many milliseconds, then the rest.
+    Stall(u64),
 }
 
 impl std::str::FromStr for Fault {
@@ -50,6 +52,9 @@ impl std::str::FromStr for Fault {
             "too-long" => Fault::TooLong,
             "redirect-offhost" => Fault::RedirectOffHost,
             "huge" => Fault::Huge,
+            s if s.starts_with("stall") => {
+                Fault::Stall(s[5..].parse().map_err(|_| format!("bad stall in {s}"))?)
+            }
             s if s.starts_with("delay") => {
                 Fault::Delay(s[5..].parse().map_err(|_| format!("bad delay in {s}"))?)
             }
@@ -356,6 +361,23 @@ fn serve(stream: TcpStream, st: &State) {
                 }
                 let _ = out.shutdown(Shutdown::Both);
                 return;
+            }
+            Some(Fault::Stall(ms)) => {
+                let hdr = format!(
+                    "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\n{cr}\r\nETag: {etag}\r\n\r\n",
+                    body.len()
+                );
+                let half = body.len() / 2;
+                if out.write_all(hdr.as_bytes()).is_err() || out.write_all(&body[..half]).is_err() {
+                    return;
+                }
+                let _ = out.flush();
+                std::thread::sleep(Duration::from_millis(ms));
+                if out.write_all(&body[half..]).is_err() {
+                    return;
+                }
+                st.bytes.fetch_add(body.len() as u64, Ordering::SeqCst);
+                continue;
             }
             Some(Fault::Truncate) => {
                 let hdr = format!(

@@ -2,6 +2,7 @@
 
 use lazyblk_blocksource::{BlockError, BlockSource};
 use lazyblk_chunkstore::builder::{build_image, BuildOptions};
+use lazyblk_chunkstore::format::ChunkRef;
 use lazyblk_chunkstore::remote::HttpOptions;
 use lazyblk_chunkstore::{ChunkStore, Error, ImageId, Location, StoreOptions};
 use lazyblk_tests::fault::{Fault, FaultServer};
@@ -177,7 +178,12 @@ fn transient_faults_are_retried_and_never_cached_bad() {
 fn persistent_corruption_fails_clearly_and_marks_nothing() {
     let f = fixture(1 << 20, 64 << 10, 4);
     let srv = FaultServer::start(&f.serve, "blob");
-    let store = ChunkStore::open(&Location::parse(&srv.url("manifest")), opts(&f)).unwrap();
+    // No readahead: the flipped byte must land in the chunk that is read.
+    let o = StoreOptions {
+        readahead_chunks: 0,
+        ..opts(&f)
+    };
+    let store = ChunkStore::open(&Location::parse(&srv.url("manifest")), o).unwrap();
     for _ in 0..3 {
         srv.push(Fault::FlipByte);
     }
@@ -720,4 +726,137 @@ fn an_all_zero_image_has_an_empty_blob_and_opens_over_http() {
     let mut buf = vec![1u8; 300_000];
     store.read_at(0, &mut buf).unwrap();
     assert!(buf.iter().all(|&b| b == 0));
+}
+
+/// First stored chunk at or after `from` whose next `n` chunks are stored too (so a miss there
+/// with readahead is one multi-chunk request).
+fn stored_run_start(store: &ChunkStore, from: u64, n: u64) -> u64 {
+    let m = store.manifest();
+    (from..m.chunk_count() - n)
+        .find(|&i| (i..i + n).all(|c| matches!(m.chunk(c), ChunkRef::Stored(_))))
+        .expect("a run of stored chunks")
+}
+
+#[test]
+fn a_miss_completes_before_its_readahead_arrives() {
+    let f = fixture(2 << 20, 64 << 10, 21);
+    let srv = FaultServer::start(&f.serve, "blob");
+    let o = StoreOptions {
+        readahead_chunks: 6,
+        ..opts(&f)
+    };
+    let store = ChunkStore::open(&Location::parse(&srv.url("manifest")), o).unwrap();
+    let c = stored_run_start(&store, 0, 7);
+    // The server sends the first half of the (7-chunk) range, then stalls for 5 s.
+    srv.push(Fault::Stall(5000));
+    let mut buf = vec![0u8; 4096];
+    store.read_at(c * 65536, &mut buf).unwrap();
+    assert_eq!(&buf[..], &f.image[c as usize * 65536..][..4096]);
+    // The read returned while the response was still stalled: the readahead is not in yet.
+    assert_eq!(srv.max_in_flight(), 1);
+    assert!(
+        !store.chunk_present(c + 6),
+        "the read waited for the whole range"
+    );
+    let s = store.stats();
+    assert_eq!(s.requests, 1, "{s:?}");
+}
+
+#[test]
+fn a_corrupt_readahead_chunk_does_not_fail_the_read() {
+    let f = fixture(2 << 20, 64 << 10, 22);
+    let srv = FaultServer::start(&f.serve, "blob");
+    let o = StoreOptions {
+        readahead_chunks: 6,
+        ..opts(&f)
+    };
+    let store = ChunkStore::open(&Location::parse(&srv.url("manifest")), o).unwrap();
+    let c = stored_run_start(&store, 0, 7);
+    // The flipped byte is in the middle of the 7-chunk range: a readahead chunk.
+    srv.push(Fault::FlipByte);
+    let mut buf = vec![0u8; 4096];
+    store.read_at(c * 65536, &mut buf).unwrap();
+    assert_eq!(&buf[..], &f.image[c as usize * 65536..][..4096]);
+    store.flush().unwrap();
+    // The corrupt chunk was fetched again (only the parts not yet stored) and is right now.
+    let t0 = std::time::Instant::now();
+    while !(c..c + 7).all(|i| store.chunk_present(i)) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "readahead never completed"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut all = vec![0u8; 7 * 65536];
+    store.read_at(c * 65536, &mut all).unwrap();
+    assert_eq!(&all[..], &f.image[c as usize * 65536..][..7 * 65536]);
+    let s = store.stats();
+    assert_eq!(s.verify_failures, 1, "{s:?}");
+    assert_eq!(s.failed_ios, 0, "{s:?}");
+}
+
+#[test]
+fn a_truncated_range_is_resumed_not_refetched() {
+    let f = fixture(2 << 20, 64 << 10, 23);
+    let srv = FaultServer::start(&f.serve, "blob");
+    // No readahead: the read below is the whole (7-chunk) range.
+    let o = StoreOptions {
+        readahead_chunks: 0,
+        ..opts(&f)
+    };
+    let store = ChunkStore::open(&Location::parse(&srv.url("manifest")), o).unwrap();
+    let c = stored_run_start(&store, 0, 7);
+    let m = store.manifest();
+    let range: u64 = (c..c + 7)
+        .map(|i| match m.chunk(i) {
+            ChunkRef::Stored(e) => u64::from(e.stored_len),
+            ChunkRef::Zero => 0,
+        })
+        .sum();
+    srv.push(Fault::Truncate);
+    let mut all = vec![0u8; 7 * 65536];
+    store.read_at(c * 65536, &mut all).unwrap();
+    assert_eq!(&all[..], &f.image[c as usize * 65536..][..7 * 65536]);
+    let s = store.stats();
+    assert_eq!(s.requests, 2, "{s:?}");
+    assert_eq!(s.retries, 1, "{s:?}");
+    // The retry asked only for the parts the truncated body did not deliver whole.
+    assert!(
+        s.bytes_fetched < range + range / 2 + 70_000,
+        "fetched {} bytes for a {range}-byte range",
+        s.bytes_fetched
+    );
+}
+
+#[test]
+fn sequential_reads_grow_the_readahead_window() {
+    let f = fixture(8 << 20, 64 << 10, 24);
+    let requests = |max: u64| {
+        let srv = FaultServer::start(&f.serve, "blob");
+        let o = StoreOptions {
+            cache_root: f.root.join(format!("cache-{max}")),
+            readahead_chunks: 2,
+            readahead_max_chunks: max,
+            ..opts(&f)
+        };
+        let store = ChunkStore::open(&Location::parse(&srv.url("manifest")), o).unwrap();
+        let n = store.manifest().chunk_count();
+        let mut buf = vec![0u8; 65536];
+        for i in 0..n {
+            store.read_at(i * 65536, &mut buf).unwrap();
+            assert_eq!(&buf[..], &f.image[i as usize * 65536..][..65536]);
+        }
+        store.flush().unwrap();
+        store.stats()
+    };
+    let fixed = requests(2);
+    let grown = requests(16);
+    // A fixed 2-chunk window is one request per 3 chunks or so; growing windows (2, 4, 8, 16,
+    // 16, ...), each requested when the reader enters the previous one, need far fewer, and the
+    // reader waits less often.
+    assert!(
+        grown.requests * 2 <= fixed.requests,
+        "growing window: {grown:?}\nfixed window: {fixed:?}"
+    );
+    assert!(grown.misses < fixed.misses, "{grown:?}\n{fixed:?}");
 }

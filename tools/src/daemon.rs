@@ -43,6 +43,10 @@ pub struct Record {
     /// The COW layer of a writable device (`add --writable`).
     #[serde(default)]
     pub cow: Option<PathBuf>,
+    /// The store settings of `add` as flags (cache dir, deadline, request limits, readahead,
+    /// cache limit, hydration, prefetch), so `recover` and the supervisor keep them.
+    #[serde(default)]
+    pub store_args: Vec<String>,
 }
 
 /// Paths in the state directory.
@@ -81,6 +85,8 @@ pub fn query_status(state: &Path, id: u32) -> Result<StatsSnapshot> {
 pub struct DaemonArgs {
     pub manifest: String,
     pub store: StoreOptions,
+    /// The same settings as `add` flags, kept in the device record.
+    pub store_args: Vec<String>,
     pub ublk: lazyblk_ublk::Options,
     pub state_dir: PathBuf,
     pub log: Option<PathBuf>,
@@ -220,6 +226,7 @@ fn run_inner(args: &mut DaemonArgs) -> Result<()> {
         log: args.log.clone(),
         supervisor: args.supervisor,
         cow: cow_dir,
+        store_args: args.store_args.clone(),
     };
     let mut ublk = args.ublk.clone();
     ublk.target_data = serde_json::to_value(&record)?;
@@ -249,6 +256,7 @@ fn run_inner(args: &mut DaemonArgs) -> Result<()> {
     let dev2 = dev_id.clone();
     let stop2 = stopping.clone();
     let gate = ublk.gate.clone();
+    let io_stats = ublk.stats.clone();
     let on_live = move |live: &lazyblk_ublk::LiveDevice| {
         dev2.store(live.id, Ordering::SeqCst);
         record.id = live.id;
@@ -263,7 +271,7 @@ fn run_inner(args: &mut DaemonArgs) -> Result<()> {
         {
             tracing::error!("writing {}: {e}", rp.display());
         }
-        spawn_control(&state_dir, live.id, st2, cow2, stop2, gate);
+        spawn_control(&state_dir, live.id, st2, cow2, stop2, gate, io_stats);
         let mut ready = ready;
         say_ready(&mut ready, &format!("OK {} {}", live.id, live.bdev));
         tracing::info!(
@@ -322,6 +330,7 @@ fn spawn_control(
     cow: Option<Weak<lazyblk_cow::Cow>>,
     stopping: Arc<AtomicBool>,
     gate: Arc<FetchGate>,
+    io_stats: Arc<lazyblk_ublk::IoStats>,
 ) {
     let path = socket_path(state, id);
     let _ = std::fs::remove_file(&path);
@@ -347,7 +356,10 @@ fn spawn_control(
             };
             match line.trim() {
                 "status" => {
-                    let s = serde_json::to_string(&store.stats()).unwrap_or_default();
+                    let mut stats = store.stats();
+                    // The frontend sees every read, the store only the misses.
+                    stats.hits = io_stats.reads().saturating_sub(io_stats.read_misses());
+                    let s = serde_json::to_string(&stats).unwrap_or_default();
                     let _ = writeln!(w, "{s}");
                 }
                 "stop" => {
@@ -384,6 +396,11 @@ fn spawn_control(
                 }
                 "trace" => {
                     let t = serde_json::to_string(&store.access_trace()).unwrap_or_default();
+                    let _ = writeln!(w, "{t}");
+                }
+                "published" => {
+                    let l = store.prefetch_list().unwrap_or_default();
+                    let t = serde_json::to_string(l).unwrap_or_default();
                     let _ = writeln!(w, "{t}");
                 }
                 cmd if cmd.starts_with("export ") => {

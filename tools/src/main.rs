@@ -50,9 +50,12 @@ struct StoreArgs {
     /// Range requests in flight.
     #[arg(long, default_value_t = 8)]
     max_requests: usize,
-    /// Chunks read ahead after a miss.
+    /// Chunks read ahead after a miss (the first window; 0: no readahead).
     #[arg(long, default_value_t = 4)]
     readahead: u64,
+    /// Largest readahead window in chunks: sequential reads double the window up to it.
+    #[arg(long, default_value_t = 32)]
+    readahead_max: u64,
     /// Seconds one HTTP request may take (headers and body) before it is retried.
     #[arg(long, default_value_t = 30)]
     http_timeout: u64,
@@ -95,6 +98,38 @@ fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 impl StoreArgs {
+    /// These settings as `add` flags, for the device record: `recover` and the supervisor start
+    /// the next daemon with exactly them. (`--digest` is left out: recovery pins the image.)
+    fn to_args(&self) -> Vec<String> {
+        let mut a = vec![
+            "--cache-dir".to_string(),
+            self.cache_dir.display().to_string(),
+            "--io-deadline".into(),
+            self.io_deadline.to_string(),
+            "--max-requests".into(),
+            self.max_requests.to_string(),
+            "--readahead".into(),
+            self.readahead.to_string(),
+            "--readahead-max".into(),
+            self.readahead_max.to_string(),
+            "--http-timeout".into(),
+            self.http_timeout.to_string(),
+        ];
+        if let Some(l) = self.cache_limit {
+            a.extend(["--cache-limit".into(), l.to_string()]);
+        }
+        if self.hydrate {
+            a.push("--hydrate".into());
+        }
+        if let Some(r) = self.hydrate_rate {
+            a.extend(["--hydrate-rate".into(), r.to_string()]);
+        }
+        if self.no_prefetch {
+            a.push("--no-prefetch".into());
+        }
+        a
+    }
+
     fn options(&self) -> Result<StoreOptions> {
         Ok(StoreOptions {
             cache_root: self.cache_dir.clone(),
@@ -105,6 +140,7 @@ impl StoreArgs {
             },
             max_requests: self.max_requests,
             readahead_chunks: self.readahead,
+            readahead_max_chunks: self.readahead_max,
             io_deadline: (self.io_deadline > 0).then(|| Duration::from_secs(self.io_deadline)),
             cache_limit: self.cache_limit,
             hydrate: self.hydrate,
@@ -159,8 +195,8 @@ enum Cmd {
         /// Hardware queues.
         #[arg(long, default_value_t = 2)]
         queues: u16,
-        /// Queue depth.
-        #[arg(long, default_value_t = 64)]
+        /// Queue depth (each tag holds an IO buffer of up to 512 KiB).
+        #[arg(long, default_value_t = 32)]
         depth: u16,
         /// Device id (default: the kernel picks).
         #[arg(long)]
@@ -191,6 +227,10 @@ enum Cmd {
         /// Output file.
         #[arg(short, long)]
         output: PathBuf,
+        /// Only the trace: do not append the rest of the list the image was published with
+        /// (e.g. the metadata list `build` makes for erofs images).
+        #[arg(long)]
+        trace_only: bool,
     },
     /// Write the whole verified raw image of a running device to a file (fetching what is
     /// missing). For an image that is not attached, use `lazyblk cat -o`.
@@ -328,6 +368,7 @@ fn run(cli: Cli) -> Result<()> {
                 queues,
                 depth,
                 recover: recover_id.is_some(),
+                stats: std::sync::Arc::new(lazyblk_ublk::IoStats::new(usize::from(queues))),
                 ..Default::default()
             };
             if foreground && supervise {
@@ -344,6 +385,7 @@ fn run(cli: Cli) -> Result<()> {
                 daemon::run(daemon::DaemonArgs {
                     manifest,
                     store: store.options()?,
+                    store_args: store.to_args(),
                     ublk,
                     state_dir: state,
                     log: Some(log_file),
@@ -365,7 +407,11 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::List => cmd_list(&state),
-        Cmd::Trace { id, output } => cmd_trace(&state, id, &output),
+        Cmd::Trace {
+            id,
+            output,
+            trace_only,
+        } => cmd_trace(&state, id, &output, trace_only),
         Cmd::Export { id, output } => {
             lazyblk_ublk::device_state(id)?;
             let out = std::path::absolute(&output)?;
@@ -615,25 +661,31 @@ fn present_pct(state: &Path, id: u32, rec: &daemon::Record) -> Option<f64> {
     Some(100.0 * bits as f64 / n.max(1) as f64)
 }
 
-fn cmd_trace(state: &Path, id: u32, output: &Path) -> Result<()> {
+fn cmd_trace(state: &Path, id: u32, output: &Path, trace_only: bool) -> Result<()> {
     lazyblk_ublk::device_state(id)?;
     let rec =
         record_of(state, id).with_context(|| format!("device {id} is not a lazyblk device"))?;
-    let chunks: Vec<u32> = serde_json::from_str(&daemon::control(
-        state,
-        id,
-        "trace",
-        Duration::from_secs(10),
-    )?)
-    .context("bad trace answer from the daemon")?;
+    let ask = |what: &str| -> Result<Vec<u32>> {
+        serde_json::from_str(&daemon::control(state, id, what, Duration::from_secs(10))?)
+            .with_context(|| format!("bad {what} answer from the daemon"))
+    };
+    let mut chunks = ask("trace")?;
+    let traced = chunks.len();
+    if !trace_only {
+        // The published list (e.g. the build-time metadata list) follows the trace, so the
+        // new list does not lose what the old one had.
+        let seen: std::collections::HashSet<u32> = chunks.iter().copied().collect();
+        let published = ask("published")?;
+        chunks.extend(published.into_iter().filter(|c| !seen.contains(c)));
+    }
     let list = lazyblk_chunkstore::format::PrefetchList {
         image: lazyblk_chunkstore::ImageId::parse(&rec.image)?,
         chunks,
     };
     std::fs::write(output, list.encode()).with_context(|| format!("{}", output.display()))?;
     println!(
-        "{} chunks in first-access order written to {} (publish it next to the manifest as `prefetch`)",
-        list.chunks.len(),
+        "{traced} chunks in first-access order, {} from the published list, written to {} (publish it next to the manifest as `prefetch`)",
+        list.chunks.len() - traced,
         output.display()
     );
     Ok(())
@@ -784,19 +836,26 @@ pub(crate) fn recover_args(state: &Path, id: u32) -> Result<Vec<String>> {
         state.display().to_string(),
         "add".into(),
         rec.manifest.clone(),
-        "--cache-dir".into(),
-        rec.cache_root.display().to_string(),
         "--digest".into(),
         rec.image.clone(),
         "--queues".into(),
         rec.queues.to_string(),
         "--depth".into(),
         rec.depth.to_string(),
-        "--io-deadline".into(),
-        rec.io_deadline_secs.to_string(),
         "--recover-id".into(),
         id.to_string(),
     ];
+    if rec.store_args.is_empty() {
+        // A record written before the store settings were kept.
+        args.extend([
+            "--cache-dir".into(),
+            rec.cache_root.display().to_string(),
+            "--io-deadline".into(),
+            rec.io_deadline_secs.to_string(),
+        ]);
+    } else {
+        args.extend(rec.store_args.iter().cloned());
+    }
     if let Some(l) = &rec.log {
         args.extend(["--log-file".into(), l.display().to_string()]);
     }
@@ -873,4 +932,64 @@ fn cmd_detach(state: &Path, id: u32, wait: u64) -> Result<()> {
         rec.pid
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store_of(argv: &[&str]) -> StoreArgs {
+        match Cli::try_parse_from(argv).expect("parses").cmd {
+            Cmd::Add { store, .. } => store,
+            _ => panic!("not add"),
+        }
+    }
+
+    #[test]
+    fn recorded_store_args_give_the_same_options() {
+        let store = store_of(&[
+            "lazyblk",
+            "add",
+            "http://h/img/manifest",
+            "--cache-dir",
+            "/c",
+            "--cache-limit",
+            "2G",
+            "--hydrate",
+            "--hydrate-rate",
+            "20M",
+            "--readahead",
+            "8",
+            "--readahead-max",
+            "64",
+            "--max-requests",
+            "4",
+            "--http-timeout",
+            "9",
+            "--io-deadline",
+            "0",
+            "--no-prefetch",
+        ]);
+        let mut argv = vec!["lazyblk", "add", "m"];
+        let recorded = store.to_args();
+        argv.extend(recorded.iter().map(String::as_str));
+        let again = store_of(&argv);
+        assert_eq!(again.to_args(), recorded);
+        let (a, b) = (store.options().unwrap(), again.options().unwrap());
+        assert_eq!(format!("{a:?}"), format!("{b:?}"));
+        assert_eq!(b.cache_limit, Some(2 << 30));
+        assert_eq!(b.hydrate_rate, Some(20 << 20));
+        assert!(b.hydrate && !b.use_prefetch_list && b.io_deadline.is_none());
+        assert_eq!((b.readahead_chunks, b.readahead_max_chunks), (8, 64));
+        assert_eq!(b.max_requests, 4);
+        // The defaults survive too.
+        let d = store_of(&["lazyblk", "add", "m"]);
+        let mut argv = vec!["lazyblk", "add", "m"];
+        let rec = d.to_args();
+        argv.extend(rec.iter().map(String::as_str));
+        assert_eq!(
+            format!("{:?}", store_of(&argv).options().unwrap()),
+            format!("{:?}", d.options().unwrap())
+        );
+    }
 }

@@ -31,6 +31,7 @@ use libublk::{BufDesc, UblkError, UblkFlags, UblkUringData};
 use notify::Notifier;
 use std::path::Path;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// Errors of the ublk frontend.
@@ -79,6 +80,55 @@ fn ublk_err(e: UblkError) -> Error {
     Error::Ublk(e.to_string())
 }
 
+/// Read counters of a device, one cache line per queue: each queue thread bumps only its own,
+/// so counting costs no shared-line traffic on the IO path.
+#[derive(Debug)]
+pub struct IoStats {
+    queues: Box<[QueueStats]>,
+}
+
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct QueueStats {
+    reads: AtomicU64,
+    read_misses: AtomicU64,
+}
+
+impl IoStats {
+    /// Counters for up to `queues` queues (more queues share slots).
+    pub fn new(queues: usize) -> Self {
+        IoStats {
+            queues: (0..queues.max(1)).map(|_| QueueStats::default()).collect(),
+        }
+    }
+
+    fn queue(&self, qid: u16) -> &QueueStats {
+        &self.queues[usize::from(qid) % self.queues.len()]
+    }
+
+    /// Reads served so far.
+    pub fn reads(&self) -> u64 {
+        self.queues
+            .iter()
+            .map(|q| q.reads.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Reads that had to wait for a fetch.
+    pub fn read_misses(&self) -> u64 {
+        self.queues
+            .iter()
+            .map(|q| q.read_misses.load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
+impl Default for IoStats {
+    fn default() -> Self {
+        IoStats::new(16)
+    }
+}
+
 /// How to create (or recover) a device.
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -96,6 +146,8 @@ pub struct Options {
     pub target_data: serde_json::Value,
     /// Closed to stop fetching before a planned hand-over to a new daemon.
     pub gate: Arc<FetchGate>,
+    /// Read counters, kept by the queue threads.
+    pub stats: Arc<IoStats>,
 }
 
 impl Default for Options {
@@ -108,6 +160,7 @@ impl Default for Options {
             recover: false,
             target_data: serde_json::Value::Null,
             gate: Arc::default(),
+            stats: Arc::default(),
         }
     }
 }
@@ -319,7 +372,10 @@ pub fn serve(
     };
     let src = source.clone();
     let gate = opts.gate.clone();
-    let q_fn = move |qid: u16, dev: &UblkDev| queue_main(qid, dev, src.clone(), gate.clone());
+    let stats = opts.stats.clone();
+    let q_fn = move |qid: u16, dev: &UblkDev| {
+        queue_main(qid, dev, src.clone(), gate.clone(), stats.clone())
+    };
     let wh = move |c: &UblkCtrl| {
         let info = c.dev_info();
         on_live(&LiveDevice {
@@ -332,7 +388,13 @@ pub fn serve(
     Ok(())
 }
 
-fn queue_main(qid: u16, dev: &UblkDev, source: Arc<dyn BlockSource>, gate: Arc<FetchGate>) {
+fn queue_main(
+    qid: u16,
+    dev: &UblkDev,
+    source: Arc<dyn BlockSource>,
+    gate: Arc<FetchGate>,
+    stats: Arc<IoStats>,
+) {
     let depth = dev.dev_info.queue_depth;
     let q = match UblkQueue::new(qid, dev) {
         Ok(q) => Rc::new(q),
@@ -352,8 +414,15 @@ fn queue_main(qid: u16, dev: &UblkDev, source: Arc<dyn BlockSource>, gate: Arc<F
     let mut tasks = Vec::new();
     for tag in 0..depth {
         let (q, n, s, g) = (q.clone(), notifier.clone(), source.clone(), gate.clone());
+        let st = stats.clone();
         tasks.push(exe.spawn(async move {
-            match io_task(&q, tag, &n, &*s, &g).await {
+            let ctx = IoCtx {
+                notifier: &n,
+                source: &*s,
+                gate: &g,
+                stats: st.queue(qid),
+            };
+            match io_task(&q, tag, &ctx).await {
                 Ok(()) | Err(UblkError::QueueIsDown) => {}
                 Err(e) => tracing::error!("queue {qid} tag {tag}: {e}"),
             }
@@ -374,31 +443,27 @@ fn queue_main(qid: u16, dev: &UblkDev, source: Arc<dyn BlockSource>, gate: Arc<F
     }));
 }
 
-async fn io_task(
-    q: &UblkQueue<'_>,
-    tag: u16,
-    notifier: &Arc<Notifier>,
-    source: &dyn BlockSource,
-    gate: &FetchGate,
-) -> Result<(), UblkError> {
+/// What an IO task of a queue works with.
+struct IoCtx<'a> {
+    notifier: &'a Arc<Notifier>,
+    source: &'a dyn BlockSource,
+    gate: &'a FetchGate,
+    stats: &'a QueueStats,
+}
+
+async fn io_task(q: &UblkQueue<'_>, tag: u16, ctx: &IoCtx<'_>) -> Result<(), UblkError> {
     let mut buf = IoBuf::<u8>::new(q.dev.dev_info.max_io_buf_bytes as usize);
     q.submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), 0, Some(&buf))
         .await?;
     loop {
-        let res = handle_io(q, tag, notifier, source, gate, buf.as_mut_slice()).await;
+        let res = handle_io(q, tag, ctx, buf.as_mut_slice()).await;
         q.submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res)
             .await?;
     }
 }
 
-async fn handle_io(
-    q: &UblkQueue<'_>,
-    tag: u16,
-    notifier: &Arc<Notifier>,
-    source: &dyn BlockSource,
-    gate: &FetchGate,
-    buf: &mut [u8],
-) -> i32 {
+async fn handle_io(q: &UblkQueue<'_>, tag: u16, ctx: &IoCtx<'_>, buf: &mut [u8]) -> i32 {
+    let (notifier, source) = (ctx.notifier, ctx.source);
     let iod = q.get_iod(tag);
     let op = iod.op_flags & 0xff;
     let off = iod.start_sector << 9;
@@ -408,10 +473,12 @@ async fn handle_io(
             if len > buf.len() {
                 return -libc::EINVAL;
             }
+            ctx.stats.reads.fetch_add(1, Ordering::Relaxed);
             let loc = match source.locate(off, len as u64) {
                 Some(loc) => loc,
                 None => {
-                    let Some(_fetching) = gate.enter() else {
+                    ctx.stats.read_misses.fetch_add(1, Ordering::Relaxed);
+                    let Some(_fetching) = ctx.gate.enter() else {
                         // Handing over to a new daemon: never complete this read here; the
                         // kernel re-issues it to the next daemon once this one has exited.
                         return std::future::pending().await;

@@ -3,7 +3,7 @@
 //! seen at open so a blob replaced on the server is detected instead of mixed.
 
 use super::{BlobInfo, BoxFuture, Remote, RemoteError};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use reqwest::header::{HeaderMap, CONTENT_RANGE, ETAG, IF_MATCH, RANGE};
 use reqwest::StatusCode;
 use std::sync::Mutex;
@@ -164,11 +164,16 @@ impl Remote for HttpRemote {
         })
     }
 
-    fn read_range(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Bytes, RemoteError>> {
+    fn read_range_with<'a>(
+        &'a self,
+        offset: u64,
+        len: u64,
+        sink: &'a mut (dyn FnMut(Bytes) + Send),
+    ) -> BoxFuture<'a, Result<(), RemoteError>> {
         Box::pin(async move {
             let url = &self.url;
             if len == 0 {
-                return Ok(Bytes::new());
+                return Ok(());
             }
             let last = offset + len - 1;
             let mut req = self
@@ -210,32 +215,30 @@ impl Remote for HttpRemote {
                     ))
                 }
             }
-            let mut body = BytesMut::with_capacity(len as usize);
+            let mut got = 0u64;
             loop {
                 match resp.chunk().await {
                     Ok(Some(c)) => {
-                        if body.len() as u64 + c.len() as u64 > len {
+                        if got + c.len() as u64 > len {
                             return Err(RemoteError::transient(
                                 url,
                                 format!("body of range {offset}+{len} is longer than asked"),
                             ));
                         }
-                        body.extend_from_slice(&c);
+                        got += c.len() as u64;
+                        sink(c);
                     }
                     Ok(None) => break,
                     Err(e) => return Err(classify(url, e)),
                 }
             }
-            if (body.len() as u64) < len {
+            if got < len {
                 return Err(RemoteError::transient(
                     url,
-                    format!(
-                        "truncated body: {} of {len} bytes at offset {offset}",
-                        body.len()
-                    ),
+                    format!("truncated body: {got} of {len} bytes at offset {offset}"),
                 ));
             }
-            Ok(body.freeze())
+            Ok(())
         })
     }
 }

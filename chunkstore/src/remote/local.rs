@@ -33,21 +33,28 @@ impl Remote for LocalRemote {
         })
     }
 
-    fn read_range(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Bytes, RemoteError>> {
+    fn read_range_with<'a>(
+        &'a self,
+        offset: u64,
+        len: u64,
+        sink: &'a mut (dyn FnMut(Bytes) + Send),
+    ) -> BoxFuture<'a, Result<(), RemoteError>> {
         let path = self.path.clone();
         Box::pin(async move {
             let loc = path.display().to_string();
-            tokio::task::spawn_blocking(move || {
+            let bytes = tokio::task::spawn_blocking(move || {
                 let f = std::fs::File::open(&path)
                     .map_err(|e| RemoteError::permanent(&loc, e.to_string()))?;
                 let mut buf = vec![0u8; len as usize];
                 f.read_exact_at(&mut buf, offset).map_err(|e| {
                     RemoteError::permanent(&loc, format!("read {offset}+{len}: {e}"))
                 })?;
-                Ok(Bytes::from(buf))
+                Ok::<_, RemoteError>(Bytes::from(buf))
             })
             .await
-            .map_err(|e| RemoteError::transient("local read", e.to_string()))?
+            .map_err(|e| RemoteError::transient("local read", e.to_string()))??;
+            sink(bytes);
+            Ok(())
         })
     }
 }

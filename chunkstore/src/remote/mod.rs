@@ -80,8 +80,25 @@ pub trait Remote: Send + Sync + 'static {
     /// Check that the blob exists and ranges work; report its size and ETag.
     fn probe(&self) -> BoxFuture<'_, Result<BlobInfo, RemoteError>>;
 
-    /// Read exactly `len` bytes at `offset`.
-    fn read_range(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Bytes, RemoteError>>;
+    /// Read exactly `len` bytes at `offset`, handing them to `sink` in order as they arrive
+    /// (in pieces of any size), so a caller can use the start of a long range before its end
+    /// is in. On an error, the pieces already handed over are valid bytes of the range.
+    fn read_range_with<'a>(
+        &'a self,
+        offset: u64,
+        len: u64,
+        sink: &'a mut (dyn FnMut(Bytes) + Send),
+    ) -> BoxFuture<'a, Result<(), RemoteError>>;
+
+    /// Read exactly `len` bytes at `offset` into one buffer.
+    fn read_range(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Bytes, RemoteError>> {
+        Box::pin(async move {
+            let mut body = bytes::BytesMut::with_capacity(len as usize);
+            let mut sink = |piece: Bytes| body.extend_from_slice(&piece);
+            self.read_range_with(offset, len, &mut sink).await?;
+            Ok(body.freeze())
+        })
+    }
 }
 
 /// Where a manifest or blob lives: a local path or an HTTP(S) URL.
