@@ -9,7 +9,7 @@ set -u
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 # shellcheck disable=SC1091
 . /bench/bench.conf
-SYSTEMS=${BENCH_SYSTEMS:-loop ublkloop download nbdkit qemu lazyblk lazyblk-pf}
+SYSTEMS=${BENCH_SYSTEMS:-loop ublkloop download nbdkit qemu lazyblk-od lazyblk lazyblk-pf}
 WORKLOADS=${BENCH_WORKLOADS:-w1 w2 w3 w4}
 NETEM=${BENCH_NETEM:-delay 10ms rate 100mbit}
 FIO_SECS=${BENCH_FIO_SECS:-5}
@@ -185,15 +185,21 @@ det_qemu() {
 }
 
 LZ_ID=""
-att_lazyblk() { # lazyblk add <manifest URL> with a fresh cache dir
+# The build-time metadata list, as published by lazyblk build (img/prefetch), kept aside so the
+# trace run can replace it and put it back.
+[ -f "$WWW/img/prefetch" ] && cp "$WWW/img/prefetch" "$WWW/img/prefetch.meta"
+att_lazyblk() { # lazyblk add <manifest URL> [ADD-ARGS...] with a fresh cache dir
     rm -rf "$SCRATCH/lazyblk"
-    out=$(lazyblk add "$URL/img/manifest" --cache-dir "$SCRATCH/lazyblk" 2>&1) || { echo "$out"; return 1; }
+    out=$(lazyblk add "$URL/img/manifest" --cache-dir "$SCRATCH/lazyblk" "$@" 2>&1) || { echo "$out"; return 1; }
     DEV=$(echo "$out" | tail -n 1)
     [ -b "$DEV" ] || { echo "$out"; return 1; }
     LZ_ID=${DEV#/dev/ublkb}
     DPID=$(sed -n 's/.*"pid": *\([0-9]*\).*/\1/p' "/run/lazyblk/$LZ_ID.json" 2>/dev/null | head -n 1)
 }
 det_lazyblk() { lazyblk del "$LZ_ID" >/dev/null 2>&1 || lazyblk del --all >/dev/null 2>&1; rm -rf "$SCRATCH/lazyblk"; }
+# lazyblk on demand only: the published list ignored (--no-prefetch)
+att_lazyblk_od() { att_lazyblk --no-prefetch; }
+det_lazyblk_od() { det_lazyblk; }
 
 # lazyblk with trace prefetch: the trace of the W1 run of plain lazyblk, served as img/prefetch
 PF_AVAILABLE=""
@@ -203,7 +209,11 @@ att_lazyblk_pf() {
     cp "$WWW/img/prefetch.trace" "$WWW/img/prefetch"
     att_lazyblk
 }
-det_lazyblk_pf() { det_lazyblk; rm -f "$WWW/img/prefetch"; }
+det_lazyblk_pf() {
+    det_lazyblk
+    rm -f "$WWW/img/prefetch"
+    [ -f "$WWW/img/prefetch.meta" ] && cp "$WWW/img/prefetch.meta" "$WWW/img/prefetch"
+}
 
 record_trace() { # after lazyblk's W1: lazyblk trace <id> -o <file>
     if ! lazyblk trace --help >/dev/null 2>&1; then
@@ -373,7 +383,7 @@ cold() {
 has() { case " $2 " in *" $1 "*) return 0 ;; esac; return 1; }
 # W4 needs only one instance per device path: download is a kernel loop device like loop, and
 # lazyblk-pf is the same daemon as lazyblk.
-w4_systems="loop ublkloop nbdkit qemu lazyblk"
+w4_systems="loop ublkloop nbdkit qemu lazyblk"  # (lazyblk-od and -pf: the same daemon)
 
 # ------------------------------------------------------------------ run
 say "systems: $SYSTEMS; workloads: $WORKLOADS; image $IMAGE_BYTES bytes, blob $BLOB_BYTES bytes"

@@ -2,13 +2,15 @@
 //! cache that fetches missing chunks on demand.
 //!
 //! * [`format`]: the manifest (one encoder, one fuzzed decoder) and the image identity.
-//! * [`builder`]: cut a raw image into a blob of zstd chunks plus a manifest.
+//! * [`builder`]: cut a raw image into a blob of zstd chunks plus a manifest (and, for erofs
+//!   images, a prefetch list of the file-system metadata found by [`erofs`]).
 //! * [`remote`]: where blobs come from (HTTP range requests, local paths), behind a trait.
 //! * [`bitmap`]: the persistent presence bitmap.
 //! * [`store`]: [`ChunkStore`], which implements [`lazyblk_blocksource::BlockSource`].
 
 pub mod bitmap;
 pub mod builder;
+pub mod erofs;
 pub mod error;
 pub mod format;
 pub mod remote;

@@ -8,6 +8,8 @@
 //!   image, once while open (dirty) and once after a clean close, each prefixed with the chunk
 //!   count and image id the `bitmap` target expects (see `fuzz_targets/bitmap.rs`).
 //! * `prefetch/`: prefetch lists for that image (`PrefetchList::encode`), with the same prefix.
+//! * `erofs/`: small erofs images made by `mkfs.erofs` (erofs-utils): plain, with extended
+//!   inodes, xattrs and a multi-block directory, lz4-compressed, and with chunk-based files.
 //!
 //! Every seed is decoded once here, so a seed that stopped being valid fails loudly.
 
@@ -17,6 +19,7 @@ use lazyblk_chunkstore::builder::{build_image, BuildOptions};
 use lazyblk_chunkstore::format::{ImageId, Manifest, PrefetchList};
 use lazyblk_chunkstore::{ChunkStore, Location, StoreOptions};
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 /// Deterministic bytes that zstd cannot shrink.
 fn noise(seed: u64, len: usize) -> Vec<u8> {
@@ -87,6 +90,111 @@ fn bitmap_seed(dir: &Path, name: &str, file: &[u8], id: ImageId, chunks: u64, wa
     write(dir, name, &seed);
 }
 
+/// Make an erofs image of the tree `populate` writes, with `mkfs.erofs` and `opts`; check that
+/// the metadata walk accepts it.
+fn erofs_seed(work: &Path, dir: &Path, name: &str, opts: &[&str], populate: impl Fn(&Path)) {
+    let tree = work.join(format!("{name}.tree"));
+    std::fs::create_dir_all(&tree).expect("create tree");
+    populate(&tree);
+    let img = work.join(format!("{name}.img"));
+    let st = Command::new("mkfs.erofs")
+        // fixed time and UUID: the same tree gives the same bytes
+        .args(["--quiet", "-T0", "-U6c617a79-626c-6b00-8000-00000000e0f5"])
+        .args(opts)
+        .arg(&img)
+        .arg(&tree)
+        .status()
+        .expect("run mkfs.erofs (install erofs-utils)");
+    assert!(st.success(), "mkfs.erofs {opts:?} failed");
+    let bytes = std::fs::read(&img).expect("read image");
+    let mut read_at = |off: u64, buf: &mut [u8]| {
+        let at = off as usize;
+        buf.copy_from_slice(&bytes[at..at + buf.len()]);
+        Ok(())
+    };
+    lazyblk_chunkstore::erofs::metadata_extents(&mut read_at, bytes.len() as u64)
+        .expect("the metadata walk accepts a real erofs image");
+    write(dir, name, &bytes);
+}
+
+fn put(tree: &Path, path: &str, data: &[u8]) {
+    let p = tree.join(path);
+    std::fs::create_dir_all(p.parent().unwrap()).expect("mkdir");
+    std::fs::write(p, data).expect("write file");
+}
+
+fn erofs_seeds(work: &Path, dir: &Path) {
+    let text = |len| -> Vec<u8> {
+        b"erofs seed text. "
+            .iter()
+            .copied()
+            .cycle()
+            .take(len)
+            .collect()
+    };
+    erofs_seed(work, dir, "plain", &["--all-root"], |t| {
+        put(t, "dir/file", b"hello\n");
+        put(t, "dir/sub/longer", &text(300));
+        std::fs::create_dir(t.join("empty")).expect("mkdir");
+        std::os::unix::fs::symlink("dir/file", t.join("link")).expect("symlink");
+    });
+    erofs_seed(
+        work,
+        dir,
+        "extended-xattr-bigdir",
+        &["--force-uid=100000"],
+        |t| {
+            for i in 0..200 {
+                put(
+                    t,
+                    &format!("many/name-number-{i}"),
+                    format!("{i}").as_bytes(),
+                );
+            }
+            // Shared (several inodes) and inline xattrs, where the file system allows user xattrs.
+            for i in 0..4 {
+                let _ = xattr_set(
+                    &t.join(format!("many/name-number-{i}")),
+                    "user.shared",
+                    b"v",
+                );
+            }
+            let _ = xattr_set(&t.join("many"), "user.own", b"on a directory");
+        },
+    );
+    erofs_seed(work, dir, "lz4", &["--all-root", "-zlz4"], |t| {
+        put(t, "d/text", &text(40_000));
+        put(t, "d/noise", &noise(4, 2000));
+        std::os::unix::fs::symlink("d/text", t.join("l")).expect("symlink");
+    });
+    erofs_seed(
+        work,
+        dir,
+        "chunked",
+        &["--all-root", "--chunksize=4096"],
+        |t| {
+            put(t, "d/noise", &noise(5, 12_000));
+            put(t, "d/small", b"small");
+        },
+    );
+}
+
+/// `setfattr`: keeps the example free of an xattr dependency.
+fn xattr_set(path: &Path, name: &str, value: &[u8]) -> std::io::Result<()> {
+    let st = Command::new("setfattr")
+        .arg("-n")
+        .arg(name)
+        .arg("-v")
+        .arg(String::from_utf8_lossy(value).as_ref())
+        .arg(path)
+        .status()?;
+    if st.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other("setfattr failed"))
+    }
+}
+
 fn main() {
     let corpus = PathBuf::from(
         std::env::args()
@@ -150,6 +258,8 @@ fn main() {
         seed.extend_from_slice(&file);
         write(&pdir, name, &seed);
     }
+
+    erofs_seeds(&work, &corpus.join("erofs"));
 
     std::fs::remove_dir_all(&work).expect("remove work dir");
 }

@@ -10,6 +10,27 @@ subset() { # the "container start" subset: a fixed tenth of the small files
     for f in /mnt/p/small/d*/f1*.txt; do cat "$f"; done > /dev/null
 }
 
+step "the build-time metadata list: after it, listing the whole tree needs no fetch"
+check "lazyblk build published a metadata prefetch list" [ -s /www/img1/prefetch ]
+cp /www/img1/prefetch /tmp/metadata.prefetch
+DEV=$(lazyblk add "$URL" --cache-dir /tmp/c-meta) || die "add"
+ID=${DEV#/dev/ublkb}
+i=0
+while status_json "$ID" > /tmp/s.json && [ "$(field /tmp/s.json background_done)" != true ] && [ $i -lt 300 ]; do
+    sleep 0.1; i=$((i + 1))
+done
+check "metadata prefetch finished" [ "$(field /tmp/s.json background_done)" = true ]
+BEFORE=$(field /tmp/s.json misses)
+P=$(field /tmp/s.json present_chunks); T=$(field /tmp/s.json total_chunks)
+echo "after the metadata list: $P of $T chunks present"
+check "the metadata list is not the whole image" [ "$P" -lt "$T" ]
+mount -t erofs -o ro "$DEV" /mnt/p || die "mount"
+ls -lR /mnt/p > /dev/null
+status_json "$ID" > /tmp/s.json
+echo "misses during mount + ls -lR: $(( $(field /tmp/s.json misses) - BEFORE ))"
+check "mount + ls -lR of the whole tree ran without a single miss" [ "$(field /tmp/s.json misses)" -eq "$BEFORE" ]
+umount /mnt/p; lazyblk del "$ID" > /dev/null
+
 step "trace what a workload reads"
 DEV=$(lazyblk add "$URL" --cache-dir /tmp/c-trace) || die "add"
 mount -t erofs -o ro "$DEV" /mnt/p || die "mount"

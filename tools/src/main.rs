@@ -169,6 +169,10 @@ enum Cmd {
         /// Keep the intermediate erofs image (when building from a directory) at this path.
         #[arg(long)]
         keep_image: Option<PathBuf>,
+        /// Do not write the metadata prefetch list (`prefetch`: the chunks holding an erofs
+        /// image's inodes, directories and xattrs, fetched first at every `add`).
+        #[arg(long)]
+        no_metadata_prefetch: bool,
     },
     /// Read an image through the chunk store (no kernel device needed).
     Cat {
@@ -342,7 +346,18 @@ fn run(cli: Cli) -> Result<()> {
             chunk_kib,
             level,
             keep_image,
-        } => cmd_build(&input, &output, chunk_kib, level, keep_image),
+            no_metadata_prefetch,
+        } => cmd_build(
+            &input,
+            &output,
+            BuildOptions {
+                chunk_size: chunk_kib.saturating_mul(1024),
+                level,
+                metadata_prefetch: !no_metadata_prefetch,
+                ..Default::default()
+            },
+            keep_image,
+        ),
         Cmd::Cat {
             manifest,
             store,
@@ -524,13 +539,7 @@ fn spawn_daemon(args: &[String], log: &Path) -> Result<(u32, String)> {
     )
 }
 
-fn cmd_build(
-    input: &Path,
-    output: &Path,
-    chunk_kib: u32,
-    level: i32,
-    keep: Option<PathBuf>,
-) -> Result<()> {
+fn cmd_build(input: &Path, output: &Path, opts: BuildOptions, keep: Option<PathBuf>) -> Result<()> {
     let md = std::fs::metadata(input).with_context(|| format!("{}", input.display()))?;
     std::fs::create_dir_all(output).with_context(|| format!("creating {}", output.display()))?;
     let (image, temp) = if md.is_dir() {
@@ -563,11 +572,6 @@ fn cmd_build(
     } else {
         indicatif::ProgressBar::hidden()
     };
-    let opts = BuildOptions {
-        chunk_size: chunk_kib.saturating_mul(1024),
-        level,
-        ..Default::default()
-    };
     let s = build_image(&image, output, &opts, |done| bar.set_position(done));
     bar.finish_and_clear();
     if temp {
@@ -579,7 +583,7 @@ fn cmd_build(
     println!(
         "chunks     {} x {} KiB: {} zero, {} stored, {} unique (dedup {:.2}x)",
         s.chunks,
-        chunk_kib,
+        opts.chunk_size / 1024,
         s.zero_chunks,
         stored,
         s.unique_chunks,
@@ -591,6 +595,13 @@ fn cmd_build(
         100.0 * s.blob_size as f64 / s.image_size.max(1) as f64
     );
     println!("manifest   {} bytes", s.manifest_size);
+    if s.prefetch_chunks > 0 {
+        println!(
+            "prefetch   {} chunks hold the file-system metadata ({:.0}% of the stored chunks): listed in `prefetch`, fetched first at `add`",
+            s.prefetch_chunks,
+            100.0 * s.prefetch_chunks as f64 / stored.max(1) as f64
+        );
+    }
     println!("digest     {}", s.id);
     Ok(())
 }
