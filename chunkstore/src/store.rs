@@ -357,6 +357,9 @@ impl ChunkStore {
     pub fn open(manifest: &Location, opts: StoreOptions) -> Result<ChunkStore> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(opts.fetch_threads.max(1))
+            // Verifying and writing chunks (zstd + BLAKE3 + pwrite) runs on the blocking pool:
+            // CPU-bound, so no more threads than a few per core (tokio's default is 512).
+            .max_blocking_threads(verify_threads())
             .thread_name("lazyblk-fetch")
             .enable_all()
             .build()
@@ -811,6 +814,11 @@ fn reverify(
         list.len() as u64,
         bad.into_inner(),
     )
+}
+
+/// Threads that verify and store fetched chunks: two per core, at least 2, at most 16.
+fn verify_threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| (2 * n.get()).clamp(2, 16))
 }
 
 fn opts_background(o: &StoreOptions) -> usize {
