@@ -153,7 +153,8 @@ def main():
     p(f"| image | {img.get('debootstrap')} (apt lists and caches removed): {img.get('files')} files, "
       f"{int(img.get('file_bytes', 0)) / mib:.0f} MiB of file data, erofs image "
       f"{int(img.get('image_bytes', 0)) / mib:.0f} MiB; lazyblk blob "
-      f"{float(res.get(('image', 'info'), {}).get('blob_bytes', 0)) / mib:.0f} MiB |")
+      f"{float(res.get(('image', 'info'), {}).get('blob_bytes', 0)) / mib:.0f} MiB "
+      f"({info.get('lazyblk_build', '?')}) |")
     cal = res.get(("calib", "lazyblk-cat"), {})
     if cal and info.get("host_calib_secs"):
         slow = float(cal["secs"]) / max(0.01, float(info["host_calib_secs"]))

@@ -13,6 +13,7 @@
 #   BENCH_FIO_SECS   fio runtime per job in seconds (default 5, plus 1 s ramp)
 #   BENCH_MEM        guest RAM in MB (default 4096)
 #   BENCH_ROUNDS     rounds of every cold run (default 1; the table shows medians and spread)
+#   BENCH_CHUNK_KIB  chunk size of the lazyblk image (default: lazyblk build's, 128)
 #   BENCH_NO_DOC=1   do not rewrite the generated part of docs/BENCHMARKS.md
 #   LAZYBLK_BIN      use this lazyblk binary instead of building one
 #   BENCH_PREPARE_ONLY=1  build everything, do not boot the guest
@@ -36,6 +37,7 @@ workloads=${BENCH_WORKLOADS:-w1 w2 w3 w4}
 netem=${BENCH_NETEM:-delay 10ms rate 100mbit}
 fio_secs=${BENCH_FIO_SECS:-5}
 mem=${BENCH_MEM:-4096}
+chunk_kib=${BENCH_CHUNK_KIB:-128}
 
 # ------------------------------------------------------------------ host packages
 # Commands, and files that are no command (block-curl.so, libclang).
@@ -131,17 +133,17 @@ fi
 msg "image: $files files ($((file_bytes / 1048576)) MiB), erofs image $((image_bytes / 1048576)) MiB; W1 reads $w1_files files ($((w1_bytes / 1048576)) MiB)"
 
 # The lazyblk image (manifest + blob), rebuilt when the lazyblk binary changes.
-lzimg=$cache/lzimg-$img_key-$lz_hash
+lzimg=$cache/lzimg-$img_key-$lz_hash-${chunk_kib}k
 if [[ ! -f $lzimg/.complete ]]; then
     rm -rf "$cache"/lzimg-* && mkdir -p "$lzimg"
     msg "lazyblk build (chunking + zstd)"
-    "$lazyblk" build "$imgdir/image.erofs" -o "$lzimg/img" >"$lzimg/build.out" 2>&1 ||
+    "$lazyblk" build "$imgdir/image.erofs" -o "$lzimg/img" --chunk-kib "$chunk_kib" >"$lzimg/build.out" 2>&1 ||
         die "lazyblk build failed: $(tail -3 "$lzimg/build.out")"
     touch "$lzimg/.complete"
 fi
 
 # The data disk: one erofs holding what the guest's web server serves, plus the file lists.
-data=$cache/data-$img_key-$lz_hash.erofs
+data=$cache/data-$img_key-$lz_hash-${chunk_kib}k.erofs
 if [[ ! -f $data ]]; then
     stage=$cache/stage.tmp
     rm -rf "$stage" && mkdir -p "$stage/www/img" "$stage/lists"
@@ -177,6 +179,7 @@ host_info() {
     echo "qemu=\"$(qemu-system-x86_64 --version | head -1)\""
     echo "lazyblk_rev=$lz_rev"
     echo "lazyblk_sha=$lz_hash"
+    echo "lazyblk_build=\"$(sed -n 's/^chunks *//p; s/^prefetch *\([0-9]*\) chunks.*(\(.*\)).*/metadata list: \1 chunks, \2/p' "$lzimg/build.out" | paste -sd ';' | sed 's/;/; /')\""
     echo "rublk=$rublk_ver"
     echo "nbdkit=\"$(nbdkit --version | head -1)\""
     echo "nbd_client=\"$(dpkg-query -W -f='${Version}' nbd-client)\""
