@@ -59,6 +59,28 @@ check "tree 1 still matches" cmp -s /expected/img1.txt /tmp/got1b.txt
 lazyblk list | tee /tmp/list.txt
 check "list shows both devices live" [ "$(grep -c ' live' /tmp/list.txt)" -eq 2 ]
 
+step "status counts each read once: a miss is not also a hit"
+DEV3=$(lazyblk add http://127.0.0.1:8080/img2/manifest --cache-dir /tmp/c-count --no-prefetch --readahead 0) || die "add (counting)"
+ID3=${DEV3#/dev/ublkb}
+sleep 1 # the kernel's partition scan at device creation reads too
+st() { lazyblk status "$ID3" --json | tr -d ' \n' | sed -n "s/.*\"$1\":\([0-9]*\).*/\1/p"; }
+# Each direct 4 KiB read is one IO: it must count as exactly one hit or one miss (zero chunks
+# are always present, so a cold read may be a hit), and reading it again is a hit.
+cold_misses=0
+for off in 524288 1572864 2621440; do
+    h0=$(st hits); m0=$(st misses)
+    lazyblk-testkit par-read "$DEV3" $off > /dev/null || die "direct read at $off"
+    h1=$(st hits); m1=$(st misses)
+    lazyblk-testkit par-read "$DEV3" $off > /dev/null || die "direct read again at $off"
+    h2=$(st hits); m2=$(st misses)
+    echo "read at $off: hits/misses $h0/$m0 -> $h1/$m1 -> again $h2/$m2"
+    [ $((h1 - h0 + m1 - m0)) -eq 1 ] || die "the cold read at $off counted $((h1 - h0)) hits and $((m1 - m0)) misses"
+    [ $((h2 - h1)) -eq 1 ] && [ $((m2 - m1)) -eq 0 ] || die "the second read at $off was not one hit"
+    cold_misses=$((cold_misses + m1 - m0))
+done
+check "every read counted once (as a hit or a miss), $cold_misses of the 3 cold reads missed" [ $cold_misses -ge 1 ]
+lazyblk del "$ID3" > /dev/null
+
 step "errors are one clear line"
 if lazyblk status 99 2> /tmp/err.txt; then die "status of an unknown device succeeded"; fi
 cat /tmp/err.txt

@@ -597,7 +597,7 @@ fn cmd_build(input: &Path, output: &Path, opts: BuildOptions, keep: Option<PathB
     println!("manifest   {} bytes", s.manifest_size);
     if s.prefetch_chunks > 0 {
         println!(
-            "prefetch   {} chunks hold the file-system metadata ({:.0}% of the stored chunks): listed in `prefetch`, fetched first at `add`",
+            "prefetch   {} chunks hold the file-system metadata ({:.1}% of the stored chunks): listed in `prefetch`, fetched first at `add`",
             s.prefetch_chunks,
             100.0 * s.prefetch_chunks as f64 / stored.max(1) as f64
         );
