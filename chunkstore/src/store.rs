@@ -1138,7 +1138,10 @@ impl Inner {
             };
             for run in self.make_runs(batch, false, true) {
                 let Ok(permit) = slots.clone().acquire_owned().await else {
-                    return;
+                    // Never closed; but reserved chunks must not be left without a fetch.
+                    let none = vec![false; run.parts.len()];
+                    self.fail_rest(&run, &none, Error::ShuttingDown);
+                    continue;
                 };
                 sent += run.len;
                 let inner = self.clone();
