@@ -45,6 +45,10 @@ impl BlockSource for FileSource {
         })
     }
 
+    fn files(&self) -> Vec<std::os::fd::RawFd> {
+        vec![self.file.as_raw_fd()]
+    }
+
     fn fetch(&self, offset: u64, len: u64, done: Completion) {
         done(check_range(self.geometry.size, offset, len));
     }

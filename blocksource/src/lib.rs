@@ -139,6 +139,13 @@ pub trait BlockSource: Send + Sync + 'static {
     /// If `[offset, offset + len)` is entirely local, where to read it from. Never blocks.
     fn locate(&self, offset: u64, len: u64) -> Option<Located>;
 
+    /// Every file descriptor [`BlockSource::locate`] can return. A frontend may register them
+    /// with the kernel (io_uring fixed files) to save a file lookup per IO; they must stay open
+    /// as long as the source lives. Empty (the default) means: nothing to register.
+    fn files(&self) -> Vec<RawFd> {
+        Vec::new()
+    }
+
     /// Make `[offset, offset + len)` local, then call `done`. `done` may run on the calling
     /// thread (when nothing is missing) or on a fetcher thread.
     fn fetch(&self, offset: u64, len: u64, done: Completion);

@@ -6,8 +6,8 @@ use std::sync::mpsc;
 use std::sync::Arc;
 
 /// Random reads of `source` must equal `reference` (the device's expected contents, zero-padded
-/// to the device size). Exercises `read_at`, `fetch` + `locate`, out-of-range and concurrent
-/// readers. Panics with a description on the first mismatch.
+/// to the device size). Exercises `read_at`, `fetch` + `locate` (whose descriptors must be among
+/// `files()` when that is not empty), out-of-range and concurrent readers. Panics with a description on the first mismatch.
 pub fn check_reads(source: Arc<dyn BlockSource>, reference: Arc<Vec<u8>>, seed: u64, reads: usize) {
     let geo = source.geometry();
     assert_eq!(geo.size, reference.len() as u64, "device size");
@@ -39,6 +39,12 @@ pub fn check_reads(source: Arc<dyn BlockSource>, reference: Arc<Vec<u8>>, seed: 
                         source.fetch(off, len, Box::new(move |r| tx.send(r).unwrap()));
                         rx.recv().unwrap().expect("fetch");
                         let loc = source.locate(off, len).expect("range local after fetch");
+                        let files = source.files();
+                        assert!(
+                            files.is_empty() || files.contains(&loc.fd),
+                            "locate returned fd {} that files() ({files:?}) does not name",
+                            loc.fd
+                        );
                         crate::pread_exact_or_zero(loc.fd, &mut buf, loc.offset).unwrap();
                     }
                     let want = &reference[off as usize..(off + len) as usize];

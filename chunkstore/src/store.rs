@@ -1643,6 +1643,10 @@ impl BlockSource for ChunkStore {
         })
     }
 
+    fn files(&self) -> Vec<std::os::fd::RawFd> {
+        vec![self.inner.data.as_raw_fd()]
+    }
+
     fn fetch(&self, offset: u64, len: u64, done: Completion) {
         self.inner.fetch(offset, len, done)
     }

@@ -728,6 +728,12 @@ impl BlockSource for Cow {
         }
     }
 
+    fn files(&self) -> Vec<std::os::fd::RawFd> {
+        let mut fds = vec![self.inner.data.as_raw_fd()];
+        fds.extend(self.inner.base.files());
+        fds
+    }
+
     fn locate(&self, offset: u64, len: u64) -> Option<Located> {
         let inner = &self.inner;
         check_range(inner.size, offset, len).ok()?;

@@ -351,9 +351,20 @@ pub fn serve(
         })?;
     let target_data = opts.target_data.clone();
     let read_only = geo.read_only;
+    // The source's files become fixed files 1.. of every queue's ring (0 is /dev/ublkcN), so a
+    // present read skips the per-IO file lookup.
+    let mut fixed = source.files();
+    fixed.dedup();
+    fixed.truncate(MAX_FIXED_FILES);
+    let fixed = Arc::new(fixed);
+    let fixed_init = fixed.clone();
     let tgt_init = move |dev: &mut UblkDev| {
         let max_sectors = dev.dev_info.max_io_buf_bytes >> 9;
         let tgt = &mut dev.tgt;
+        for &fd in fixed_init.iter() {
+            tgt.fds[tgt.nr_fds as usize] = fd;
+            tgt.nr_fds += 1;
+        }
         tgt.dev_size = geo.size;
         let shift = geo.block_size.trailing_zeros() as u8;
         tgt.params = libublk::sys::ublk_params {
@@ -381,7 +392,14 @@ pub fn serve(
     let gate = opts.gate.clone();
     let stats = opts.stats.clone();
     let q_fn = move |qid: u16, dev: &UblkDev| {
-        queue_main(qid, dev, src.clone(), gate.clone(), stats.clone())
+        queue_main(
+            qid,
+            dev,
+            src.clone(),
+            gate.clone(),
+            stats.clone(),
+            fixed.clone(),
+        )
     };
     let wh = move |c: &UblkCtrl| {
         let info = c.dev_info();
@@ -401,6 +419,7 @@ fn queue_main(
     source: Arc<dyn BlockSource>,
     gate: Arc<FetchGate>,
     stats: Arc<IoStats>,
+    fixed: Arc<Vec<i32>>,
 ) {
     let depth = dev.dev_info.queue_depth;
     let q = match UblkQueue::new(qid, dev) {
@@ -421,13 +440,14 @@ fn queue_main(
     let mut tasks = Vec::new();
     for tag in 0..depth {
         let (q, n, s, g) = (q.clone(), notifier.clone(), source.clone(), gate.clone());
-        let st = stats.clone();
+        let (st, fx) = (stats.clone(), fixed.clone());
         tasks.push(exe.spawn(async move {
             let ctx = IoCtx {
                 notifier: &n,
                 source: &*s,
                 gate: &g,
                 stats: st.queue(qid),
+                fixed: &fx,
             };
             match io_task(&q, tag, &ctx).await {
                 Ok(()) | Err(UblkError::QueueIsDown) => {}
@@ -456,6 +476,8 @@ struct IoCtx<'a> {
     source: &'a dyn BlockSource,
     gate: &'a FetchGate,
     stats: &'a QueueStats,
+    /// Fixed file `i + 1` of the ring is `fixed[i]`.
+    fixed: &'a [i32],
 }
 
 async fn io_task(q: &UblkQueue<'_>, tag: u16, ctx: &IoCtx<'_>) -> Result<(), UblkError> {
@@ -507,7 +529,11 @@ async fn handle_io(q: &UblkQueue<'_>, tag: u16, ctx: &IoCtx<'_>, buf: &mut [u8])
                     }
                 }
             };
-            read_local(loc.fd, loc.offset, &mut buf[..len]).await
+            let file = match ctx.fixed.iter().position(|&fd| fd == loc.fd) {
+                Some(i) => File::Fixed(i as u32 + 1),
+                None => File::Fd(loc.fd),
+            };
+            read_local(file, loc.offset, &mut buf[..len]).await
         }
         libublk::sys::UBLK_IO_OP_FLUSH => match source.flush() {
             Ok(()) => 0,
@@ -527,17 +553,28 @@ async fn handle_io(q: &UblkQueue<'_>, tag: u16, ctx: &IoCtx<'_>, buf: &mut [u8])
     }
 }
 
-/// Read `buf.len()` bytes at `offset` of `fd` on the queue's ring, retrying short reads.
-async fn read_local(fd: i32, offset: u64, buf: &mut [u8]) -> i32 {
+/// Fixed files of a queue's ring besides /dev/ublkcN (libublk has room for 32 in all).
+const MAX_FIXED_FILES: usize = 16;
+
+/// Where a present read comes from: a file registered with the ring, or a plain descriptor.
+#[derive(Clone, Copy)]
+enum File {
+    Fixed(u32),
+    Fd(i32),
+}
+
+/// Read `buf.len()` bytes at `offset` of `file` on the queue's ring, retrying short reads.
+async fn read_local(file: File, offset: u64, buf: &mut [u8]) -> i32 {
     let mut done = 0usize;
     while done < buf.len() {
         let rest = &mut buf[done..];
-        let sqe = io_uring::opcode::Read::new(
-            io_uring::types::Fd(fd),
-            rest.as_mut_ptr(),
-            rest.len() as u32,
-        )
-        .offset(offset + done as u64)
+        let (ptr, n, at) = (rest.as_mut_ptr(), rest.len() as u32, offset + done as u64);
+        let sqe = match file {
+            File::Fixed(i) => {
+                io_uring::opcode::Read::new(io_uring::types::Fixed(i), ptr, n).offset(at)
+            }
+            File::Fd(fd) => io_uring::opcode::Read::new(io_uring::types::Fd(fd), ptr, n).offset(at),
+        }
         .build();
         let r = ublk_submit_sqe_async(sqe, UblkUringData::Target as u64)
             .await
