@@ -9,7 +9,8 @@
 #
 # Exit status: the status of the guest script (from its LAZYBLK-GUEST-EXIT=<n>
 # line); 124 when --timeout expired; 125 when the guest never printed the
-# marker (kernel panic, init failure, qemu failed to start) or a module did not
+# line); 124 when --timeout expired; 126 when the kernel died before the guest's init ran
+# (an emulator flake: callers may boot again); 125 when the guest never printed the
 # load; 1 for host-side errors (missing tool, kernel, module or file); 2 for usage.
 # See qemu/README.md.
 set -euo pipefail
@@ -355,6 +356,12 @@ if [[ $rc == 124 || $rc == 137 ]]; then
         report "TIMEOUT: the guest did not finish within ${timeout_s} s; qemu killed after ${elapsed} s. Log: $log"
         exit 124
     fi
+fi
+if [[ -z $marker ]] && ! tr -d '\r' <"$log" | grep -a -q '^LAZYBLK-GUEST: init started'; then
+    # The kernel died before the guest's init ran (seen: an int3 Oops in early boot under
+    # multi-threaded TCG): the emulator, not the test. Callers may boot again.
+    report "FAILED: the guest kernel died before init ran; qemu exit status $rc after ${elapsed} s. Log: $log"
+    exit 126
 fi
 if [[ -z $marker ]]; then
     report "FAILED: no LAZYBLK-GUEST-EXIT line (kernel panic, init failure or qemu failed to start); qemu exit status $rc after ${elapsed} s. Log: $log"

@@ -37,12 +37,19 @@ done
 
 # boot SUITE-SCRIPT [run-guest.sh args...]
 boot() {
-    local script=$1
+    local script=$1 st
     shift
-    bash "$top/qemu/run-guest.sh" --script "$here/$script" \
-        --bin "$work/bin/lazyblk" --bin "$work/bin/lazyblk-testkit" \
-        --file "$here/lib.sh:/guest/lib.sh" \
-        --dir "$work/www:/www" --dir "$work/expected:/expected" "$@"
+    for attempt in 1 2; do
+        st=0
+        bash "$top/qemu/run-guest.sh" --script "$here/$script" \
+            --bin "$work/bin/lazyblk" --bin "$work/bin/lazyblk-testkit" \
+            --file "$here/lib.sh:/guest/lib.sh" \
+            --dir "$work/www:/www" --dir "$work/expected:/expected" "$@" || st=$?
+        # 126: the guest kernel died before init (an emulator flake, never a test result).
+        [[ $st == 126 && $attempt == 1 ]] || break
+        echo "### boot: the guest kernel died before running $script; booting once more"
+    done
+    return $st
 }
 
 # The reliability suite: a main boot, then hard resets of the guest with the cache on a disk.
