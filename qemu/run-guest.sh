@@ -8,9 +8,9 @@
 #          [--append "extra kernel args"] [--log <file>] [--qemu-arg <arg>]...
 #
 # Exit status: the status of the guest script (from its LAZYBLK-GUEST-EXIT=<n>
-# line); 124 when --timeout expired; 125 when the guest never printed the
 # line); 124 when --timeout expired; 126 when the kernel died before the guest's init ran
 # (an emulator flake: callers may boot again); 125 when the guest never printed the
+# marker (kernel panic, init failure, qemu failed to start) or a module did not
 # load; 1 for host-side errors (missing tool, kernel, module or file); 2 for usage.
 # See qemu/README.md.
 set -euo pipefail
