@@ -1030,14 +1030,20 @@ impl Inner {
         (first..=last).all(|i| self.present.get(i))
     }
 
-    /// Record an access: first-access order for the trace, referenced bits for eviction.
-    fn note_access(&self, first: u64, last: u64) {
+    /// Record a read of chunks `first..=last` (present or not), in one pass: first-access order
+    /// for the trace, referenced bits for eviction, and the readahead triggers it reaches (a
+    /// read that reaches a trigger starts the stream's next window, whether the chunk is
+    /// present or still in flight).
+    fn note_access(self: &Arc<Self>, first: u64, last: u64) {
         for i in first..=last {
             if !self.accessed.get(i) && !self.accessed.test_and_set(i) {
                 self.trace.lock().expect("lock").push(i as u32);
             }
             if self.opts.cache_limit.is_some() && !self.referenced.get(i) {
                 self.referenced.set(i);
+            }
+            if self.ra_trigger.get(i) && self.ra_trigger.test_and_clear(i) {
+                self.on_trigger(i);
             }
         }
     }
@@ -1192,9 +1198,6 @@ impl Inner {
         self.last_miss_ms
             .store(self.ms_since_open().max(1), Ordering::Relaxed);
         self.note_access(first, last);
-        // A read that reaches a trigger while its window is still in flight starts the next
-        // window now, like a present read would.
-        self.check_triggers(first, last);
         let waiter = Waiter::new(done);
         let mut todo = Vec::new();
         {
@@ -1221,15 +1224,6 @@ impl Inner {
         todo.extend(self.readahead_after_miss(first, last));
         self.schedule(todo, true, false);
         waiter.chunk_done(None);
-    }
-
-    /// Fire the readahead triggers in chunks `first..=last`.
-    fn check_triggers(self: &Arc<Self>, first: u64, last: u64) {
-        for c in first..=last {
-            if self.ra_trigger.get(c) && self.ra_trigger.test_and_clear(c) {
-                self.on_trigger(c);
-            }
-        }
     }
 
     /// Reserve (mark in flight) the missing chunks in `from..=to`.
@@ -1635,7 +1629,6 @@ impl BlockSource for ChunkStore {
                 return None;
             }
             inner.note_access(first, last);
-            inner.check_triggers(first, last);
         }
         Some(Located {
             fd: inner.data.as_raw_fd(),

@@ -6,19 +6,21 @@ URL=http://127.0.0.1:8080/img1/manifest
 mkdir -p /mnt/p
 status_json() { lazyblk status "$1" --json; }
 field() { sed -n "s/.*\"$2\": *\([0-9a-z]*\).*/\1/p" "$1"; }
+wait_background() { # wait_background ID: until the prefetch list is done (30 s at most); status in /tmp/s.json
+    i=0
+    while status_json "$1" > /tmp/s.json && [ "$(field /tmp/s.json background_done)" != true ] && [ $i -lt 300 ]; do
+        sleep 0.1; i=$((i + 1))
+    done
+}
 subset() { # the "container start" subset: a fixed tenth of the small files
     for f in /mnt/p/small/d*/f1*.txt; do cat "$f"; done > /dev/null
 }
 
 step "the build-time metadata list: after it, listing the whole tree needs no fetch"
 check "lazyblk build published a metadata prefetch list" [ -s /www/img1/prefetch ]
-cp /www/img1/prefetch /tmp/metadata.prefetch
 DEV=$(lazyblk add "$URL" --cache-dir /tmp/c-meta) || die "add"
 ID=${DEV#/dev/ublkb}
-i=0
-while status_json "$ID" > /tmp/s.json && [ "$(field /tmp/s.json background_done)" != true ] && [ $i -lt 300 ]; do
-    sleep 0.1; i=$((i + 1))
-done
+wait_background "$ID"
 check "metadata prefetch finished" [ "$(field /tmp/s.json background_done)" = true ]
 BEFORE=$(field /tmp/s.json misses)
 P=$(field /tmp/s.json present_chunks); T=$(field /tmp/s.json total_chunks)
@@ -43,10 +45,7 @@ cp /tmp/prefetch /www/img1/prefetch
 step "a cold add with the published list: the workload needs no fetch of its own"
 DEV=$(lazyblk add "$URL" --cache-dir /tmp/c-prefetch) || die "add"
 ID=${DEV#/dev/ublkb}
-i=0
-while status_json "$ID" > /tmp/s.json && [ "$(field /tmp/s.json background_done)" != true ] && [ $i -lt 300 ]; do
-    sleep 0.1; i=$((i + 1))
-done
+wait_background "$ID"
 check "prefetch finished" [ "$(field /tmp/s.json background_done)" = true ]
 check "prefetched chunks counted" [ "$(field /tmp/s.json background_chunks)" -gt 0 ]
 BEFORE=$(field /tmp/s.json misses) # the kernel's partition scan at device creation may race the prefetch

@@ -179,11 +179,7 @@ fn persistent_corruption_fails_clearly_and_marks_nothing() {
     let f = fixture(1 << 20, 64 << 10, 4);
     let srv = FaultServer::start(&f.serve, "blob");
     // No readahead: the flipped byte must land in the chunk that is read.
-    let o = StoreOptions {
-        readahead_chunks: 0,
-        ..opts(&f)
-    };
-    let store = ChunkStore::open(&Location::parse(&srv.url("manifest")), o).unwrap();
+    let store = open_with_readahead(&f, &srv, 0);
     for _ in 0..3 {
         srv.push(Fault::FlipByte);
     }
@@ -728,6 +724,15 @@ fn an_all_zero_image_has_an_empty_blob_and_opens_over_http() {
     assert!(buf.iter().all(|&b| b == 0));
 }
 
+/// A store over `srv` with the test options and a readahead window of `chunks`.
+fn open_with_readahead(f: &Fixture, srv: &FaultServer, chunks: u64) -> ChunkStore {
+    let o = StoreOptions {
+        readahead_chunks: chunks,
+        ..opts(f)
+    };
+    ChunkStore::open(&Location::parse(&srv.url("manifest")), o).unwrap()
+}
+
 /// First stored chunk at or after `from` whose next `n` chunks are stored too (so a miss there
 /// with readahead is one multi-chunk request).
 fn stored_run_start(store: &ChunkStore, from: u64, n: u64) -> u64 {
@@ -741,11 +746,7 @@ fn stored_run_start(store: &ChunkStore, from: u64, n: u64) -> u64 {
 fn a_miss_completes_before_its_readahead_arrives() {
     let f = fixture(2 << 20, 64 << 10, 21);
     let srv = FaultServer::start(&f.serve, "blob");
-    let o = StoreOptions {
-        readahead_chunks: 6,
-        ..opts(&f)
-    };
-    let store = ChunkStore::open(&Location::parse(&srv.url("manifest")), o).unwrap();
+    let store = open_with_readahead(&f, &srv, 6);
     let c = stored_run_start(&store, 0, 7);
     // The server sends the first half of the (7-chunk) range, then stalls for 5 s.
     srv.push(Fault::Stall(5000));
@@ -766,11 +767,7 @@ fn a_miss_completes_before_its_readahead_arrives() {
 fn a_corrupt_readahead_chunk_does_not_fail_the_read() {
     let f = fixture(2 << 20, 64 << 10, 22);
     let srv = FaultServer::start(&f.serve, "blob");
-    let o = StoreOptions {
-        readahead_chunks: 6,
-        ..opts(&f)
-    };
-    let store = ChunkStore::open(&Location::parse(&srv.url("manifest")), o).unwrap();
+    let store = open_with_readahead(&f, &srv, 6);
     let c = stored_run_start(&store, 0, 7);
     // The flipped byte is in the middle of the 7-chunk range: a readahead chunk.
     srv.push(Fault::FlipByte);
@@ -800,11 +797,7 @@ fn a_truncated_range_is_resumed_not_refetched() {
     let f = fixture(2 << 20, 64 << 10, 23);
     let srv = FaultServer::start(&f.serve, "blob");
     // No readahead: the read below is the whole (7-chunk) range.
-    let o = StoreOptions {
-        readahead_chunks: 0,
-        ..opts(&f)
-    };
-    let store = ChunkStore::open(&Location::parse(&srv.url("manifest")), o).unwrap();
+    let store = open_with_readahead(&f, &srv, 0);
     let c = stored_run_start(&store, 0, 7);
     let m = store.manifest();
     let range: u64 = (c..c + 7)
