@@ -185,9 +185,6 @@ det_qemu() {
 }
 
 LZ_ID=""
-# The build-time metadata list, as published by lazyblk build (img/prefetch), kept aside so the
-# trace run can replace it and put it back.
-[ -f "$WWW/img/prefetch" ] && cp "$WWW/img/prefetch" "$WWW/img/prefetch.meta"
 att_lazyblk() { # lazyblk add <manifest URL> [ADD-ARGS...] with a fresh cache dir
     rm -rf "$SCRATCH/lazyblk"
     out=$(lazyblk add "$URL/img/manifest" --cache-dir "$SCRATCH/lazyblk" "$@" 2>&1) || { echo "$out"; return 1; }
@@ -197,7 +194,8 @@ att_lazyblk() { # lazyblk add <manifest URL> [ADD-ARGS...] with a fresh cache di
     DPID=$(sed -n 's/.*"pid": *\([0-9]*\).*/\1/p' "/run/lazyblk/$LZ_ID.json" 2>/dev/null | head -n 1)
 }
 det_lazyblk() { lazyblk del "$LZ_ID" >/dev/null 2>&1 || lazyblk del --all >/dev/null 2>&1; rm -rf "$SCRATCH/lazyblk"; }
-# lazyblk on demand only: the published list ignored (--no-prefetch)
+# lazyblk on demand only (--no-prefetch): neither the image's metadata pack nor a published list
+# is fetched ahead
 att_lazyblk_od() { att_lazyblk --no-prefetch; }
 det_lazyblk_od() { det_lazyblk; }
 
@@ -212,7 +210,6 @@ att_lazyblk_pf() {
 det_lazyblk_pf() {
     det_lazyblk
     rm -f "$WWW/img/prefetch"
-    [ -f "$WWW/img/prefetch.meta" ] && cp "$WWW/img/prefetch.meta" "$WWW/img/prefetch"
 }
 
 record_trace() { # after lazyblk's W1: lazyblk trace <id> -o <file>

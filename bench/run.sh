@@ -149,8 +149,6 @@ if [[ ! -f $data ]]; then
     rm -rf "$stage" && mkdir -p "$stage/www/img" "$stage/lists"
     ln "$imgdir/image.erofs" "$stage/www/image.erofs"
     ln "$lzimg/img/manifest" "$lzimg/img/blob" "$stage/www/img/"
-    # The build-time metadata list (absent if the build wrote none); served as img/prefetch.
-    [[ -f $lzimg/img/prefetch ]] && ln "$lzimg/img/prefetch" "$stage/www/img/prefetch"
     ln "$imgdir/lists/all.list" "$imgdir/lists/w1.list" "$stage/lists/"
     cp "$imgdir/stats" "$stage/lists/stats"
     rm -f "$cache"/data-*.erofs
@@ -179,7 +177,7 @@ host_info() {
     echo "qemu=\"$(qemu-system-x86_64 --version | head -1)\""
     echo "lazyblk_rev=$lz_rev"
     echo "lazyblk_sha=$lz_hash"
-    echo "lazyblk_build=\"$(sed -n 's/^chunks *//p; s/^prefetch *\([0-9]*\) chunks.*(\(.*\)).*/metadata list: \1 chunks, \2/p' "$lzimg/build.out" | paste -sd ';' | sed 's/;/; /')\""
+    echo "lazyblk_build=\"$(sed -n 's/^chunks *//p; s/^metadata *\([0-9]*\) blocks.* over \([0-9]*\) chunks (\(.*\)); packed into \([0-9]*\) bytes.*/metadata pack: \1 blocks of 4 KiB (spread over \2 chunks, \3), \4 bytes/p' "$lzimg/build.out" | paste -sd ';' | sed 's/;/; /')\""
     echo "rublk=$rublk_ver"
     echo "nbdkit=\"$(nbdkit --version | head -1)\""
     echo "nbd_client=\"$(dpkg-query -W -f='${Version}' nbd-client)\""

@@ -1,10 +1,11 @@
 //! Cut a raw image into chunks: the blob and the manifest (`lazyblk build`), and for erofs
-//! images a prefetch list of the chunks holding the file-system metadata.
+//! images a metadata pack: the blocks holding the file-system metadata, stored a second time,
+//! densely, at the end of the blob ([`crate::format::MetaPack`]).
 
 use crate::error::{Error, Result};
 use crate::format::{
-    valid_blob_name, Encoding, Entry, ImageId, Manifest, PrefetchList, MAX_CHUNK_SIZE,
-    MIN_CHUNK_SIZE, PREFETCH_FILE,
+    valid_blob_name, Encoding, Entry, ImageId, Manifest, MetaPack, PrefetchList,
+    DEFAULT_PACK_FRAME_BLOCKS, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, PACK_BLOCK, PREFETCH_FILE,
 };
 use std::collections::HashMap;
 use std::fs::File;
@@ -21,9 +22,21 @@ pub struct BuildOptions {
     pub level: i32,
     /// File name of the blob inside the output directory.
     pub blob_name: String,
-    /// For an erofs image, write `prefetch` ([`PREFETCH_FILE`]) listing the chunks that hold
-    /// the file-system metadata, in the order a walk of the tree first needs them.
-    pub metadata_prefetch: bool,
+    /// Which blocks go into the metadata pack.
+    pub metadata_pack: PackBlocks,
+}
+
+/// Which blocks of the image a build stores in the metadata pack.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PackBlocks {
+    /// For an erofs image, every block holding file-system metadata (found by walking it,
+    /// [`crate::erofs::metadata_extents`]); no pack for other images.
+    Erofs,
+    /// No pack.
+    Off,
+    /// These 4 KiB image block numbers (any order, duplicates and blocks beyond the image
+    /// ignored): for other file systems, and for tests.
+    Blocks(Vec<u64>),
 }
 
 impl Default for BuildOptions {
@@ -32,7 +45,7 @@ impl Default for BuildOptions {
             chunk_size: crate::format::DEFAULT_CHUNK_SIZE,
             level: 9,
             blob_name: "blob".into(),
-            metadata_prefetch: true,
+            metadata_pack: PackBlocks::Erofs,
         }
     }
 }
@@ -58,8 +71,13 @@ pub struct BuildSummary {
     pub blob_size: u64,
     /// Manifest size.
     pub manifest_size: u64,
-    /// Chunks in the metadata prefetch list written (0 when none was written).
-    pub prefetch_chunks: u64,
+    /// 4 KiB blocks in the metadata pack (0: no pack).
+    pub pack_blocks: u64,
+    /// Stored (compressed) bytes of the metadata pack, included in `blob_size`.
+    pub pack_bytes: u64,
+    /// Stored chunks the pack's blocks are spread over in the image: what a client without
+    /// the pack would fetch to read all of them.
+    pub pack_chunks: u64,
 }
 
 /// Name of the manifest file in a build output directory.
@@ -143,6 +161,62 @@ pub fn build_image(
         }
         progress((i * cs as u64 + len as u64).min(image_size));
     }
+    let pack_list = match &opts.metadata_pack {
+        PackBlocks::Off => None,
+        PackBlocks::Erofs => erofs_metadata_blocks(&input, image, image_size),
+        PackBlocks::Blocks(b) => Some(b.clone()),
+    };
+    let mut pack_chunks = 0;
+    let pack = match pack_list {
+        Some(mut blocks) => {
+            blocks.retain(|&b| b < image_size.div_ceil(PACK_BLOCK) && b <= u64::from(u32::MAX));
+            blocks.sort_unstable();
+            blocks.dedup();
+            let mut chunks: Vec<u64> = blocks
+                .iter()
+                .map(|&b| b * PACK_BLOCK / cs as u64)
+                .filter(|&c| map[c as usize] != 0)
+                .collect();
+            chunks.dedup();
+            pack_chunks = chunks.len() as u64;
+            let blocks: Vec<u32> = blocks.into_iter().map(|b| b as u32).collect();
+            let mut p = MetaPack {
+                blocks,
+                frame_blocks: DEFAULT_PACK_FRAME_BLOCKS,
+                frames: Vec::new(),
+            };
+            let mut raw =
+                Vec::with_capacity(DEFAULT_PACK_FRAME_BLOCKS as usize * PACK_BLOCK as usize);
+            for f in 0..p.blocks.len().div_ceil(p.frame_blocks as usize) {
+                raw.clear();
+                for &b in &p.blocks[p.frame_positions(f)] {
+                    let at = u64::from(b) * PACK_BLOCK;
+                    let len = (image_size - at).min(PACK_BLOCK) as usize;
+                    let start = raw.len();
+                    raw.resize(start + len, 0);
+                    input
+                        .read_exact_at(&mut raw[start..], at)
+                        .map_err(|e| Error::io(image, e))?;
+                }
+                let z = compressor.compress(&raw).map_err(|e| Error::io(image, e))?;
+                let (bytes, encoding) = if z.len() < raw.len() {
+                    (&z[..], Encoding::Zstd)
+                } else {
+                    (&raw[..], Encoding::Raw)
+                };
+                blob.write_all(bytes).map_err(|e| Error::io(&tmp_blob, e))?;
+                p.frames.push(Entry {
+                    digest: blake3::hash(&raw).into(),
+                    blob_offset: blob_off,
+                    stored_len: bytes.len() as u32,
+                    encoding,
+                });
+                blob_off += bytes.len() as u64;
+            }
+            (!p.blocks.is_empty()).then_some(p)
+        }
+        None => None,
+    };
     let blob_file = blob
         .into_inner()
         .map_err(|e| Error::io(&tmp_blob, e.into_error()))?;
@@ -155,16 +229,14 @@ pub fn build_image(
         blob_name: opts.blob_name.clone(),
         map,
         entries,
+        pack,
     };
     let bytes = manifest.encode();
     write_atomic(&manifest_path, &bytes)?;
     let id = ImageId::of(&bytes);
-    let metadata = if opts.metadata_prefetch {
-        erofs_metadata_chunks(&input, image, &manifest)
-    } else {
-        None
-    };
-    let prefetch_chunks = write_prefetch(&outdir.join(PREFETCH_FILE), id, &manifest, metadata)?;
+    // The build writes no prefetch list of its own (the pack holds the metadata); one
+    // recorded for this very image by `lazyblk trace` is kept.
+    remove_stale_prefetch(&outdir.join(PREFETCH_FILE), id, &manifest)?;
     Ok(BuildSummary {
         id,
         manifest_path,
@@ -175,74 +247,54 @@ pub fn build_image(
         unique_chunks: manifest.entries.len() as u64,
         blob_size: blob_off,
         manifest_size: bytes.len() as u64,
-        prefetch_chunks,
+        pack_blocks: manifest.pack.as_ref().map_or(0, |p| p.blocks.len() as u64),
+        pack_bytes: manifest.pack.as_ref().map_or(0, MetaPack::stored_bytes),
+        pack_chunks,
     })
 }
 
-/// If `input` is an erofs image, the stored chunks holding its file-system metadata in the
-/// order a walk of the tree first needs them. `None` for other images, and (with a warning)
-/// when the walk fails: the list is an optimization, never a reason to fail a build.
-fn erofs_metadata_chunks(input: &File, image: &Path, manifest: &Manifest) -> Option<Vec<u32>> {
+/// If `input` is an erofs image, the 4 KiB blocks holding its file-system metadata. `None`
+/// for other images, and (with a warning) when the walk fails: the pack is an optimization,
+/// never a reason to fail a build.
+fn erofs_metadata_blocks(input: &File, image: &Path, image_size: u64) -> Option<Vec<u64>> {
     let mut head = [0u8; 2048];
-    let head = &mut head[..manifest.image_size.min(2048) as usize];
+    let head = &mut head[..image_size.min(2048) as usize];
     if let Err(e) = input.read_exact_at(head, 0) {
-        tracing::warn!("{}: no metadata prefetch list: {e}", image.display());
+        tracing::warn!("{}: no metadata pack: {e}", image.display());
         return None;
     }
     if !crate::erofs::is_erofs(head) {
         return None;
     }
     let mut read_at = |offset, buf: &mut [u8]| input.read_exact_at(buf, offset);
-    let extents = match crate::erofs::metadata_extents(&mut read_at, manifest.image_size) {
+    let extents = match crate::erofs::metadata_extents(&mut read_at, image_size) {
         Ok(extents) => extents,
         Err(e) => {
-            tracing::warn!("{}: no metadata prefetch list: {e}", image.display());
+            tracing::warn!("{}: no metadata pack: {e}", image.display());
             return None;
         }
     };
-    let cs = u64::from(manifest.chunk_size);
-    let mut listed = vec![false; manifest.map.len()];
-    let mut chunks = Vec::new();
-    for e in extents.iter().filter(|e| e.len > 0) {
-        for c in e.offset / cs..=(e.end() - 1) / cs {
-            let c = c as usize;
-            // Extents lie inside the image; all-zero chunks need no fetch.
-            if manifest.map.get(c).is_some_and(|&k| k != 0) && !listed[c] {
-                listed[c] = true;
-                chunks.push(c as u32);
-            }
-        }
-    }
-    Some(chunks)
+    Some(
+        extents
+            .iter()
+            .filter(|e| e.len > 0)
+            .flat_map(|e| e.offset / PACK_BLOCK..=(e.end() - 1) / PACK_BLOCK)
+            .collect(),
+    )
 }
 
-/// Write `chunks` as the prefetch list at `path`, or with none, remove a list left there for
-/// another image (a list recorded for this very image, e.g. by `lazyblk trace`, is kept).
-/// Returns the number of chunks written.
-fn write_prefetch(
-    path: &Path,
-    image: ImageId,
-    manifest: &Manifest,
-    chunks: Option<Vec<u32>>,
-) -> Result<u64> {
-    match chunks {
-        Some(chunks) if !chunks.is_empty() => {
-            let n = chunks.len() as u64;
-            write_atomic(path, &PrefetchList { image, chunks }.encode())?;
-            Ok(n)
-        }
-        _ => {
-            let stale = match std::fs::read(path) {
-                Ok(b) => PrefetchList::decode(&b, &image, manifest.chunk_count()).is_err(),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
-                Err(e) => return Err(Error::io(path, e)),
-            };
-            if stale {
-                std::fs::remove_file(path).map_err(|e| Error::io(path, e))?;
-            }
-            Ok(0)
-        }
+/// Remove a prefetch list at `path` left there for another image (a list recorded for this
+/// very image, e.g. by `lazyblk trace`, is kept).
+fn remove_stale_prefetch(path: &Path, image: ImageId, manifest: &Manifest) -> Result<()> {
+    let stale = match std::fs::read(path) {
+        Ok(b) => PrefetchList::decode(&b, &image, manifest.chunk_count()).is_err(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    if stale {
+        std::fs::remove_file(path).map_err(|e| Error::io(path, e))?;
     }
+    Ok(())
 }
 
 /// Write `bytes` to `path` through a temporary file, fsync and rename.
@@ -293,8 +345,35 @@ mod tests {
         assert_eq!(ImageId::of(&std::fs::read(&s.manifest_path).unwrap()), s.id);
     }
 
+    /// Every block of the pack decodes, from the blob, to the image's bytes at that block.
+    fn check_pack(s: &BuildSummary, image: &[u8]) -> MetaPack {
+        let m = Manifest::decode(&std::fs::read(&s.manifest_path).unwrap()).unwrap();
+        assert!(m.entries_contiguous());
+        let blob = std::fs::read(&s.blob_path).unwrap();
+        let p = m.pack.clone().expect("a metadata pack");
+        for (f, e) in p.frames.iter().enumerate() {
+            let stored = &blob[e.blob_offset as usize..][..e.stored_len as usize];
+            let raw = match e.encoding {
+                Encoding::Raw => stored.to_vec(),
+                Encoding::Zstd => zstd::bulk::decompress(stored, 1 << 22).unwrap(),
+            };
+            assert_eq!(raw.len() as u64, p.frame_raw_len(f, m.image_size));
+            assert_eq!(*blake3::hash(&raw).as_bytes(), e.digest);
+            let mut at = 0;
+            for &b in &p.blocks[p.frame_positions(f)] {
+                let off = b as usize * PACK_BLOCK as usize;
+                let want = &image[off..(off + PACK_BLOCK as usize).min(image.len())];
+                assert_eq!(&raw[at..at + want.len()], want, "block {b}");
+                at += want.len();
+            }
+        }
+        assert_eq!(s.pack_blocks, p.blocks.len() as u64);
+        assert_eq!(s.pack_bytes, p.stored_bytes());
+        p
+    }
+
     #[test]
-    fn erofs_image_gets_a_metadata_prefetch_list() {
+    fn erofs_image_gets_a_metadata_pack() {
         use crate::erofs::tests::{mkfs, noise, Reader};
         let dir = tempfile::tempdir().unwrap();
         let tree = dir.path().join("tree");
@@ -307,44 +386,92 @@ mod tests {
         let bytes = mkfs(&tree, &img, &["-T0", "--all-root"]).expect("mkfs.erofs");
         let out = dir.path().join("out");
         let opts = BuildOptions {
-            chunk_size: 4096,
+            chunk_size: 16384,
             ..Default::default()
         };
+        // A list recorded for another image is removed by the build.
+        std::fs::create_dir_all(&out).unwrap();
+        let other = PrefetchList {
+            image: ImageId([9; 32]),
+            chunks: vec![0],
+        };
+        std::fs::write(out.join(PREFETCH_FILE), other.encode()).unwrap();
         let s = build_image(&img, &out, &opts, |_| {}).unwrap();
-        let list = std::fs::read(out.join(PREFETCH_FILE)).expect("prefetch list written");
-        let list = PrefetchList::decode(&list, &s.id, s.chunks).unwrap();
-        assert_eq!(list.chunks.len() as u64, s.prefetch_chunks);
-        assert_eq!(list.chunks[0], 0, "the superblock comes first");
-        assert!(s.prefetch_chunks < s.chunks / 4, "{s:?}");
+        assert!(!out.join(PREFETCH_FILE).exists());
+        let p = check_pack(&s, &bytes);
+        assert_eq!(p.blocks[0], 0, "the superblock is in the pack");
+        assert!(s.pack_blocks < s.image_size / PACK_BLOCK / 4, "{s:?}");
+        assert!(
+            s.pack_chunks >= 1 && s.pack_chunks <= s.unique_chunks,
+            "{s:?}"
+        );
         let r = Reader::new(&bytes);
         let root = r.inode(r.root);
-        let mut wanted = vec![root.pos / 4096];
-        wanted.extend(r.blocks(&root).iter().map(|(at, _)| at / 4096));
-        for c in wanted {
+        let mut wanted = vec![root.pos as u64 / PACK_BLOCK];
+        wanted.extend(
+            r.blocks(&root)
+                .iter()
+                .map(|(at, _)| *at as u64 / PACK_BLOCK),
+        );
+        for b in wanted {
             assert!(
-                list.chunks.contains(&(c as u32)),
-                "chunk {c} of the root is not listed"
+                p.covers(b, b).is_some(),
+                "block {b} of the root is not in the pack"
             );
         }
+        // No file data: the 20 KB files' full data blocks are not in the pack.
+        let child = |dir: &crate::erofs::tests::RInode, name: &[u8]| {
+            let e = r.entries(dir);
+            r.inode(e.iter().find(|e| e.0 == name).expect("entry").1)
+        };
+        let f0 = child(&child(&root, b"d"), b"f0");
+        for (at, data) in r.blocks(&f0) {
+            let b = at as u64 / PACK_BLOCK;
+            if data.len() as u64 == PACK_BLOCK {
+                assert!(p.covers(b, b).is_none(), "data block at {at}");
+            }
+        }
 
-        // Without the option nothing is written, and the list for this image is kept.
+        // Without the option there is no pack; the same image otherwise.
         let opts = BuildOptions {
-            metadata_prefetch: false,
+            metadata_pack: PackBlocks::Off,
             ..opts
         };
-        let s = build_image(&img, &out, &opts, |_| {}).unwrap();
-        assert_eq!(s.prefetch_chunks, 0);
-        assert!(out.join(PREFETCH_FILE).exists());
+        let s2 = build_image(&img, &out, &opts, |_| {}).unwrap();
+        assert_eq!(s2.pack_blocks, 0);
+        assert_eq!(s2.blob_size, s.blob_size - s.pack_bytes);
+        let m = Manifest::decode(&std::fs::read(&s2.manifest_path).unwrap()).unwrap();
+        assert!(m.pack.is_none());
 
-        // A raw image: no list, and the erofs image's list is removed.
+        // A raw image: no pack.
         std::fs::write(&img, noise(1, 50_000)).unwrap();
         let s = build_image(&img, &out, &BuildOptions::default(), |_| {}).unwrap();
-        assert_eq!(s.prefetch_chunks, 0);
-        assert!(!out.join(PREFETCH_FILE).exists());
+        assert_eq!(s.pack_blocks, 0);
     }
 
     #[test]
-    fn broken_erofs_image_builds_without_a_list() {
+    fn explicit_pack_blocks_of_any_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("img");
+        let data: Vec<u8> = (0..4096 * 9 + 700).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(&img, &data).unwrap();
+        let opts = BuildOptions {
+            chunk_size: 8192,
+            metadata_pack: PackBlocks::Blocks(vec![9, 3, 3, 0, 4, 99, 1 << 40]),
+            ..Default::default()
+        };
+        let s = build_image(&img, &dir.path().join("out"), &opts, |_| {}).unwrap();
+        let p = check_pack(&s, &data);
+        assert_eq!(
+            p.blocks,
+            vec![0, 3, 4, 9],
+            "sorted, deduplicated, inside the image"
+        );
+        assert_eq!(s.pack_chunks, 4, "chunks 0, 1, 2 and 4");
+    }
+
+    #[test]
+    fn broken_erofs_image_builds_without_a_pack() {
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("img");
         // an erofs superblock whose root inode is beyond the image
@@ -360,8 +487,7 @@ mod tests {
             |_| {},
         )
         .unwrap();
-        assert_eq!(s.prefetch_chunks, 0);
-        assert!(!dir.path().join("out").join(PREFETCH_FILE).exists());
+        assert_eq!(s.pack_blocks, 0);
     }
 
     #[test]

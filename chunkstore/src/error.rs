@@ -41,6 +41,14 @@ pub enum Error {
         /// What was wrong.
         detail: String,
     },
+    /// A metadata pack frame's bytes do not hash to the digest in the manifest.
+    #[error("metadata pack frame {frame} failed verification: {detail}")]
+    PackCorrupt {
+        /// Frame index.
+        frame: u64,
+        /// What was wrong.
+        detail: String,
+    },
     /// Fetching from the remote failed.
     #[error(transparent)]
     Remote(#[from] crate::remote::RemoteError),

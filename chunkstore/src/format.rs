@@ -27,6 +27,18 @@ pub const MAX_CHUNK_SIZE: u32 = 64 << 20;
 /// Default chunk size (justified in `docs/FORMAT.md`).
 pub const DEFAULT_CHUNK_SIZE: u32 = 128 << 10;
 const COMPRESSION_ZSTD: u8 = 1;
+/// Header flag: a metadata pack section follows the entries.
+const FLAG_META_PACK: u32 = 1;
+/// Size of one metadata pack block: the block size the store exposes to frontends, so every
+/// read of the device covers whole pack blocks.
+pub const PACK_BLOCK: u64 = 4096;
+const PACK_BLOCK_SHIFT: u32 = 12;
+/// Fixed part of the pack section.
+const PACK_HEADER_LEN: usize = 24;
+/// Default number of pack blocks per frame (256 KiB of raw blocks per zstd frame).
+pub const DEFAULT_PACK_FRAME_BLOCKS: u32 = 64;
+/// Largest number of pack blocks per frame (4 MiB of raw blocks).
+pub const MAX_PACK_FRAME_BLOCKS: u32 = 1024;
 const DIGEST_BLAKE3: u8 = 1;
 
 /// How a unique chunk is stored in the blob.
@@ -113,6 +125,71 @@ pub struct Manifest {
     pub map: Vec<u32>,
     /// The unique stored chunks.
     pub entries: Vec<Entry>,
+    /// The metadata pack, if the image has one.
+    pub pack: Option<MetaPack>,
+}
+
+/// The metadata pack: copies of scattered 4 KiB blocks of the image (an erofs image's inodes,
+/// directories, xattrs and the like), stored together in a few frames at the end of the blob,
+/// so a lazy client can fetch all of the file-system metadata with a few requests instead of
+/// every chunk it is scattered over. The blocks stay where they are in the image too: the pack
+/// is a second, denser source of the same bytes, pinned by the manifest like every chunk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MetaPack {
+    /// Image block numbers (offset / [`PACK_BLOCK`]), strictly ascending.
+    pub blocks: Vec<u32>,
+    /// Blocks per frame: frame `f` holds the blocks at positions
+    /// `f * frame_blocks .. (f + 1) * frame_blocks` of `blocks`, back to back.
+    pub frame_blocks: u32,
+    /// One stored frame per group of blocks, in blob order after the chunk entries; the digest
+    /// is of the frame's raw (concatenated) blocks.
+    pub frames: Vec<Entry>,
+}
+
+impl MetaPack {
+    /// Positions (in `blocks`) of the blocks of frame `f`.
+    pub fn frame_positions(&self, f: usize) -> std::ops::Range<usize> {
+        let fb = self.frame_blocks as usize;
+        f * fb..((f + 1) * fb).min(self.blocks.len())
+    }
+
+    /// The frame holding the block at position `pos`.
+    pub fn frame_of(&self, pos: usize) -> usize {
+        pos / self.frame_blocks as usize
+    }
+
+    /// Length of the raw bytes of frame `f` of an image of `image_size` bytes (the image's
+    /// last block may be short).
+    pub fn frame_raw_len(&self, f: usize, image_size: u64) -> u64 {
+        self.blocks[self.frame_positions(f)]
+            .iter()
+            .map(|&b| (image_size - u64::from(b) * PACK_BLOCK).min(PACK_BLOCK))
+            .sum()
+    }
+
+    /// If every block of `first..=last` is in the pack, their positions in `blocks`.
+    pub fn covers(&self, first: u64, last: u64) -> Option<std::ops::Range<usize>> {
+        let n = last.checked_sub(first)? as usize + 1;
+        let first = u32::try_from(first).ok()?;
+        let pos = self.blocks.binary_search(&first).ok()?;
+        let end = pos.checked_add(n)?;
+        // Strictly ascending: n entries from `first` are consecutive iff the n-th is first + n - 1.
+        (end <= self.blocks.len()
+            && u64::from(self.blocks[end - 1]) == u64::from(first) + n as u64 - 1)
+            .then_some(pos..end)
+    }
+
+    /// Positions of the pack blocks in `first..=last` (maybe none).
+    pub fn within(&self, first: u64, last: u64) -> std::ops::Range<usize> {
+        let lo = self.blocks.partition_point(|&b| u64::from(b) < first);
+        let hi = self.blocks.partition_point(|&b| u64::from(b) <= last);
+        lo..hi.max(lo)
+    }
+
+    /// Sum of the stored bytes of the frames.
+    pub fn stored_bytes(&self) -> u64 {
+        self.frames.iter().map(|e| u64::from(e.stored_len)).sum()
+    }
 }
 
 fn bad(msg: impl Into<String>) -> Error {
@@ -129,6 +206,18 @@ fn le_u32(b: &[u8], at: usize) -> u32 {
 
 fn le_u64(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// Digest, stored length and encoding of the 36-byte entry at `at`.
+fn read_entry(b: &[u8], at: usize) -> ([u8; 32], u32, Encoding) {
+    let digest: [u8; 32] = b[at..at + 32].try_into().expect("32 bytes");
+    let word = le_u32(b, at + 32);
+    let encoding = if word & RAW_FLAG != 0 {
+        Encoding::Raw
+    } else {
+        Encoding::Zstd
+    };
+    (digest, word & !RAW_FLAG, encoding)
 }
 
 /// Whether `name` is acceptable as a blob name (a single relative path component).
@@ -167,19 +256,31 @@ impl Manifest {
         }
     }
 
-    /// Whether entries are back to back from offset 0 (the only layout the encoding can hold).
+    /// Whether entries, then the pack's frames, are back to back from offset 0 (the only
+    /// layout the encoding can hold).
     pub fn entries_contiguous(&self) -> bool {
         let mut at = 0u64;
-        self.entries.iter().all(|e| {
+        let frames = self.pack.iter().flat_map(|p| p.frames.iter());
+        self.entries.iter().chain(frames).all(|e| {
             let ok = e.blob_offset == at;
             at += u64::from(e.stored_len);
             ok
         }) && at == self.blob_size
     }
 
-    /// Sum of stored bytes of all unique chunks.
+    /// Sum of stored bytes of all unique chunks (without the metadata pack).
     pub fn stored_bytes(&self) -> u64 {
         self.entries.iter().map(|e| u64::from(e.stored_len)).sum()
+    }
+
+    /// Frames of the metadata pack (0 without one).
+    pub fn frame_count(&self) -> u64 {
+        self.pack.as_ref().map_or(0, |p| p.frames.len() as u64)
+    }
+
+    /// Blocks of 4 KiB in the image (the last may be short).
+    pub fn block_count(&self) -> u64 {
+        self.image_size.div_ceil(PACK_BLOCK)
     }
 
     /// Encode to bytes (the image identity is [`ImageId::of`] these bytes).
@@ -187,10 +288,20 @@ impl Manifest {
         let name = self.blob_name.as_bytes();
         let map_at = pad8(HEADER_LEN + name.len());
         let entries_at = pad8(map_at + 4 * self.map.len());
-        let total = entries_at + ENTRY_LEN * self.entries.len();
+        let pack_at = pad8(entries_at + ENTRY_LEN * self.entries.len());
+        let (frames_at, total) = match &self.pack {
+            Some(p) => {
+                let frames_at = pad8(pack_at + PACK_HEADER_LEN + 4 * p.blocks.len());
+                (frames_at, frames_at + ENTRY_LEN * p.frames.len())
+            }
+            None => (0, entries_at + ENTRY_LEN * self.entries.len()),
+        };
         let mut out = vec![0u8; total];
         out[0..8].copy_from_slice(MAGIC);
         out[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        if self.pack.is_some() {
+            out[12..16].copy_from_slice(&FLAG_META_PACK.to_le_bytes());
+        }
         out[16..20].copy_from_slice(&self.chunk_size.to_le_bytes());
         out[20] = COMPRESSION_ZSTD;
         out[21] = DIGEST_BLAKE3;
@@ -203,8 +314,7 @@ impl Manifest {
         for (i, k) in self.map.iter().enumerate() {
             out[map_at + 4 * i..map_at + 4 * i + 4].copy_from_slice(&k.to_le_bytes());
         }
-        for (i, e) in self.entries.iter().enumerate() {
-            let at = entries_at + ENTRY_LEN * i;
+        let put_entry = |out: &mut [u8], at: usize, e: &Entry| {
             out[at..at + 32].copy_from_slice(&e.digest);
             let word = e.stored_len
                 | match e.encoding {
@@ -212,6 +322,22 @@ impl Manifest {
                     Encoding::Raw => RAW_FLAG,
                 };
             out[at + 32..at + 36].copy_from_slice(&word.to_le_bytes());
+        };
+        for (i, e) in self.entries.iter().enumerate() {
+            put_entry(&mut out, entries_at + ENTRY_LEN * i, e);
+        }
+        if let Some(p) = &self.pack {
+            out[pack_at..pack_at + 4].copy_from_slice(&PACK_BLOCK_SHIFT.to_le_bytes());
+            out[pack_at + 4..pack_at + 8].copy_from_slice(&p.frame_blocks.to_le_bytes());
+            out[pack_at + 8..pack_at + 16].copy_from_slice(&(p.blocks.len() as u64).to_le_bytes());
+            out[pack_at + 16..pack_at + 24].copy_from_slice(&(p.frames.len() as u64).to_le_bytes());
+            for (i, b) in p.blocks.iter().enumerate() {
+                let at = pack_at + PACK_HEADER_LEN + 4 * i;
+                out[at..at + 4].copy_from_slice(&b.to_le_bytes());
+            }
+            for (i, e) in p.frames.iter().enumerate() {
+                put_entry(&mut out, frames_at + ENTRY_LEN * i, e);
+            }
         }
         out
     }
@@ -231,9 +357,11 @@ impl Manifest {
                 supported: VERSION,
             });
         }
-        if le_u32(b, 12) != 0 {
+        let flags = le_u32(b, 12);
+        if flags & !FLAG_META_PACK != 0 {
             return Err(bad("unknown flags set"));
         }
+        let has_pack = flags & FLAG_META_PACK != 0;
         let chunk_size = le_u32(b, 16);
         if !chunk_size.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size)
         {
@@ -263,11 +391,57 @@ impl Manifest {
         let entries_at = (map_at as u64)
             .checked_add(4 * chunk_count)
             .map(|x| x.div_ceil(8) * 8);
-        let total = entries_at.and_then(|e| e.checked_add(ENTRY_LEN as u64 * unique));
-        let (entries_at, total) = match (entries_at, total) {
+        let entries_end = entries_at.and_then(|e| e.checked_add(ENTRY_LEN as u64 * unique));
+        let (entries_at, entries_end) = match (entries_at, entries_end) {
             (Some(e), Some(t)) => (e as usize, t),
             _ => return Err(bad("size overflow")),
         };
+        let mut total = entries_end;
+        let mut pack_layout = None;
+        if has_pack {
+            let pack_at = entries_end.div_ceil(8) * 8;
+            if pack_at + PACK_HEADER_LEN as u64 > b.len() as u64 {
+                return Err(bad(format!(
+                    "length is {} bytes, too short for the metadata pack header",
+                    b.len()
+                )));
+            }
+            let pack_at = pack_at as usize;
+            let shift = le_u32(b, pack_at);
+            let frame_blocks = le_u32(b, pack_at + 4);
+            let blocks = le_u64(b, pack_at + 8);
+            let frames = le_u64(b, pack_at + 16);
+            if shift != PACK_BLOCK_SHIFT {
+                return Err(bad(format!(
+                    "metadata pack: unsupported block shift {shift}"
+                )));
+            }
+            if !(1..=MAX_PACK_FRAME_BLOCKS).contains(&frame_blocks) {
+                return Err(bad(format!(
+                    "metadata pack: invalid blocks per frame {frame_blocks}"
+                )));
+            }
+            if blocks == 0 || blocks > image_size.div_ceil(PACK_BLOCK) {
+                return Err(bad(format!(
+                    "metadata pack: {blocks} blocks for an image of {image_size} bytes"
+                )));
+            }
+            if frames != blocks.div_ceil(u64::from(frame_blocks)) {
+                return Err(bad(format!(
+                    "metadata pack: {frames} frames for {blocks} blocks of {frame_blocks}"
+                )));
+            }
+            let frames_at = (pack_at + PACK_HEADER_LEN) as u64 + 4 * blocks;
+            let frames_at = frames_at.div_ceil(8) * 8;
+            total = frames_at + ENTRY_LEN as u64 * frames;
+            pack_layout = Some((
+                pack_at,
+                frame_blocks,
+                blocks as usize,
+                frames as usize,
+                frames_at as usize,
+            ));
+        }
         if total != b.len() as u64 {
             return Err(bad(format!(
                 "length is {} bytes, the header implies {total}",
@@ -306,15 +480,7 @@ impl Manifest {
         let mut entries = Vec::with_capacity(unique as usize);
         let mut blob_offset = 0u64;
         for i in 0..unique as usize {
-            let at = entries_at + ENTRY_LEN * i;
-            let digest: [u8; 32] = b[at..at + 32].try_into().expect("32 bytes");
-            let word = le_u32(b, at + 32);
-            let stored_len = word & !RAW_FLAG;
-            let encoding = if word & RAW_FLAG != 0 {
-                Encoding::Raw
-            } else {
-                Encoding::Zstd
-            };
+            let (digest, stored_len, encoding) = read_entry(b, entries_at + ENTRY_LEN * i);
             if stored_len == 0 || u64::from(stored_len) > max_stored {
                 return Err(bad(format!(
                     "entry {i}: invalid stored length {stored_len}"
@@ -328,6 +494,59 @@ impl Manifest {
             });
             blob_offset += u64::from(stored_len);
         }
+        let pack = match pack_layout {
+            None => None,
+            Some((pack_at, frame_blocks, nblocks, nframes, frames_at)) => {
+                let blocks_at = pack_at + PACK_HEADER_LEN;
+                if b[entries_end as usize..pack_at].iter().any(|&x| x != 0)
+                    || b[blocks_at + 4 * nblocks..frames_at]
+                        .iter()
+                        .any(|&x| x != 0)
+                {
+                    return Err(bad("padding bytes are not zero"));
+                }
+                let image_blocks = image_size.div_ceil(PACK_BLOCK);
+                let mut blocks = Vec::with_capacity(nblocks);
+                for i in 0..nblocks {
+                    let blk = le_u32(b, blocks_at + 4 * i);
+                    if u64::from(blk) >= image_blocks {
+                        return Err(bad(format!(
+                            "metadata pack: block {blk} is beyond the image"
+                        )));
+                    }
+                    if blocks.last().is_some_and(|&prev| prev >= blk) {
+                        return Err(bad(format!("metadata pack: block {blk} is out of order")));
+                    }
+                    blocks.push(blk);
+                }
+                let mut p = MetaPack {
+                    blocks,
+                    frame_blocks,
+                    frames: Vec::with_capacity(nframes),
+                };
+                for f in 0..nframes {
+                    let (digest, stored_len, encoding) = read_entry(b, frames_at + ENTRY_LEN * f);
+                    let raw = p.frame_raw_len(f, image_size);
+                    let max = raw + (raw >> 7) + 4096;
+                    if stored_len == 0
+                        || u64::from(stored_len) > max
+                        || (encoding == Encoding::Raw && u64::from(stored_len) != raw)
+                    {
+                        return Err(bad(format!(
+                            "metadata pack frame {f}: invalid stored length {stored_len}"
+                        )));
+                    }
+                    p.frames.push(Entry {
+                        digest,
+                        blob_offset,
+                        stored_len,
+                        encoding,
+                    });
+                    blob_offset += u64::from(stored_len);
+                }
+                Some(p)
+            }
+        };
         if blob_offset != blob_size {
             return Err(bad(format!(
                 "entries add up to {blob_offset} blob bytes, the header says {blob_size}"
@@ -340,6 +559,7 @@ impl Manifest {
             blob_name,
             map,
             entries,
+            pack,
         };
         // A raw entry's length must equal the length of every chunk that uses it.
         for i in 0..m.chunk_count() {
@@ -378,7 +598,102 @@ mod tests {
                     encoding: Encoding::Raw,
                 },
             ],
+            pack: None,
         }
+    }
+
+    /// `sample` with a pack of blocks 0, 2, 3 in frames of 2 blocks (the second frame raw: the
+    /// last block is 100 bytes).
+    fn sample_with_pack() -> Manifest {
+        let mut m = sample();
+        m.pack = Some(MetaPack {
+            blocks: vec![0, 2, 3],
+            frame_blocks: 2,
+            frames: vec![
+                Entry {
+                    digest: [1; 32],
+                    blob_offset: 300,
+                    stored_len: 50,
+                    encoding: Encoding::Zstd,
+                },
+                Entry {
+                    digest: [2; 32],
+                    blob_offset: 350,
+                    stored_len: 100,
+                    encoding: Encoding::Raw,
+                },
+            ],
+        });
+        m.blob_size = 450;
+        m
+    }
+
+    #[test]
+    fn pack_roundtrip_lookup_and_checks() {
+        let m = sample_with_pack();
+        let b = m.encode();
+        assert_eq!(Manifest::decode(&b).unwrap(), m);
+        assert!(m.entries_contiguous());
+        assert_eq!(m.frame_count(), 2);
+        let p = m.pack.as_ref().unwrap();
+        assert_eq!(p.frame_raw_len(0, m.image_size), 8192);
+        assert_eq!(p.frame_raw_len(1, m.image_size), 100);
+        assert_eq!(p.covers(2, 3), Some(1..3));
+        assert_eq!(p.covers(0, 0), Some(0..1));
+        assert_eq!(p.covers(0, 2), None, "block 1 is not in the pack");
+        assert_eq!(p.covers(1, 1), None);
+        assert_eq!(p.covers(3, 4), None);
+        assert_eq!(p.within(1, 3), 1..3);
+        assert_eq!(p.within(1, 1), 1..1);
+        assert_eq!(p.frame_of(2), 1);
+        assert_eq!(p.frame_positions(1), 2..3);
+        for n in 0..b.len() {
+            assert!(Manifest::decode(&b[..n]).is_err(), "truncated to {n}");
+        }
+        let reject = |m: &Manifest, what: &str| {
+            let e = Manifest::decode(&m.encode()).unwrap_err().to_string();
+            assert!(e.contains(what), "{e}");
+        };
+        let mut bad = sample_with_pack();
+        bad.pack.as_mut().unwrap().blocks = vec![0, 3, 2];
+        reject(&bad, "out of order");
+        let mut bad = sample_with_pack();
+        bad.pack.as_mut().unwrap().blocks = vec![0, 2, 4];
+        reject(&bad, "beyond the image");
+        let mut bad = sample_with_pack();
+        bad.pack.as_mut().unwrap().frames[1].stored_len = 99; // raw, must be 100
+        bad.blob_size = 449;
+        reject(&bad, "frame 1");
+        let mut bad = sample_with_pack();
+        bad.blob_size = 451;
+        reject(&bad, "blob bytes");
+        let mut bad = sample_with_pack();
+        bad.pack.as_mut().unwrap().frame_blocks = 3; // 1 frame for 3 blocks, 2 given
+        reject(&bad, "frames for");
+        let mut bad = sample_with_pack();
+        bad.pack.as_mut().unwrap().frame_blocks = MAX_PACK_FRAME_BLOCKS + 1;
+        reject(&bad, "blocks per frame");
+        let mut bad = sample_with_pack();
+        bad.pack.as_mut().unwrap().blocks.clear();
+        bad.pack.as_mut().unwrap().frames.clear();
+        bad.blob_size = 300;
+        reject(&bad, "0 blocks");
+        // An unknown flag next to the pack flag.
+        let mut v = b.clone();
+        v[12] |= 2;
+        assert!(Manifest::decode(&v)
+            .unwrap_err()
+            .to_string()
+            .contains("flags"));
+        // The block shift must be 12.
+        let mut v = b.clone();
+        let pack_at = b.len() - 2 * ENTRY_LEN - pad8(PACK_HEADER_LEN + 12);
+        assert_eq!(le_u32(&v, pack_at), 12);
+        v[pack_at] = 9;
+        assert!(Manifest::decode(&v)
+            .unwrap_err()
+            .to_string()
+            .contains("shift"));
     }
 
     #[test]

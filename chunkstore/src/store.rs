@@ -13,7 +13,7 @@
 
 use crate::bitmap::{BitmapFile, Trust};
 use crate::error::{Error, Result};
-use crate::format::{ChunkRef, Encoding, Entry, ImageId, Manifest};
+use crate::format::{ChunkRef, Encoding, Entry, ImageId, Manifest, PACK_BLOCK};
 use crate::remote::{open_remote, read_whole, HttpOptions, Location, Remote, RemoteError};
 use bitvec::prelude::*;
 use bytes::{Bytes, BytesMut};
@@ -72,6 +72,10 @@ pub struct StoreOptions {
     pub background_requests: usize,
     /// Fetch the prefetch list published next to the manifest, if any.
     pub use_prefetch_list: bool,
+    /// Fetch the image's metadata pack (if it has one) as soon as background work starts,
+    /// ahead of the prefetch list. Without it, pack frames are still fetched on demand: a
+    /// read that lies wholly in pack blocks always waits for (and is served from) the pack.
+    pub prefetch_pack: bool,
     /// Background policy for [`ChunkStore::start_default_background`]: after the prefetch list,
     /// fetch every remaining chunk.
     pub hydrate: bool,
@@ -96,6 +100,7 @@ impl Default for StoreOptions {
             evict_grace: Duration::from_secs(10),
             background_requests: 2,
             use_prefetch_list: true,
+            prefetch_pack: true,
             hydrate: false,
             hydrate_rate: None,
         }
@@ -158,6 +163,12 @@ pub struct StatsSnapshot {
     pub background_chunks: u64,
     /// Background work (prefetch list, hydration) has finished.
     pub background_done: bool,
+    /// Frames of the image's metadata pack (0: the image has none).
+    #[serde(default)]
+    pub pack_frames: u64,
+    /// Pack frames present.
+    #[serde(default)]
+    pub pack_frames_present: u64,
 }
 
 /// What opening found in the cache.
@@ -207,11 +218,18 @@ impl AtomicBits {
     fn clear(&self, i: u64) {
         self.0[(i / 64) as usize].fetch_and(!(1 << (i % 64)), Ordering::AcqRel);
     }
-    fn count(&self) -> u64 {
-        self.0
+    /// Bits set among `from..to`.
+    fn count_range(&self, from: u64, to: u64) -> u64 {
+        (from..to).filter(|&i| self.get(i)).count() as u64
+    }
+    /// Bits set below `n`.
+    fn count_below(&self, n: u64) -> u64 {
+        let full = (n / 64) as usize;
+        let whole: u64 = self.0[..full]
             .iter()
             .map(|w| u64::from(w.load(Ordering::Relaxed).count_ones()))
-            .sum()
+            .sum();
+        whole + self.count_range(full as u64 * 64, n)
     }
 }
 
@@ -294,6 +312,7 @@ struct Inner {
     data_path: PathBuf,
     data: File,
     device_size: u64,
+    /// Presence of units: chunks `0..n`, then the metadata pack's frames `n..n + frames`.
     present: AtomicBits,
     inflight: Mutex<HashMap<u64, Vec<Arc<Waiter>>>>,
     remote: Box<dyn Remote>,
@@ -486,6 +505,8 @@ impl ChunkStore {
         let data_len = data.metadata().map_err(|e| Error::io(&data_path, e))?.len();
         let bitmap_path = dir.join("bitmap");
         let n = m.chunk_count();
+        // The bitmap holds a bit per unit: chunks, then the metadata pack's frames.
+        let units = n + m.frame_count();
         let opened = if report.fresh || !bitmap_path.exists() {
             None
         } else if data_len != device_size {
@@ -494,7 +515,7 @@ impl ChunkStore {
             ));
             None
         } else {
-            match BitmapFile::open(&bitmap_path, id, n) {
+            match BitmapFile::open(&bitmap_path, id, units) {
                 Ok(x) => Some(x),
                 Err(e) => {
                     report.discarded = Some(e.to_string());
@@ -512,7 +533,7 @@ impl ChunkStore {
                 report.reverified = checked;
                 report.dropped = bad;
                 if bad > 0 {
-                    tracing::warn!("{bad} of {checked} cached chunks failed re-verification; they will be fetched again");
+                    tracing::warn!("{bad} of {checked} cached chunks and pack frames failed re-verification; they will be fetched again");
                 }
                 b.replace(bits)?;
                 b
@@ -521,16 +542,16 @@ impl ChunkStore {
                 data.set_len(0)
                     .and_then(|_| data.set_len(device_size))
                     .map_err(|e| Error::io(&data_path, e))?;
-                BitmapFile::create(&bitmap_path, id, n)?
+                BitmapFile::create(&bitmap_path, id, units)?
             }
         };
         if data_len != device_size && report.discarded.is_none() {
             data.set_len(device_size)
                 .map_err(|e| Error::io(&data_path, e))?;
         }
-        let present = AtomicBits::new(n);
-        for i in 0..n {
-            if bitmap.bits()[i as usize] || m.chunk(i) == ChunkRef::Zero {
+        let present = AtomicBits::new(units);
+        for i in 0..units {
+            if bitmap.bits()[i as usize] || (i < n && m.chunk(i) == ChunkRef::Zero) {
                 present.set(i);
             }
         }
@@ -644,13 +665,23 @@ impl ChunkStore {
             failed_ios: s.failed_ios.load(Ordering::Relaxed),
             fetch_latency_us_mean: s.fetch_micros_total.load(Ordering::Relaxed) / req.max(1),
             fetch_latency_us_max: s.fetch_micros_max.load(Ordering::Relaxed),
-            present_chunks: self.inner.present.count(),
+            present_chunks: self
+                .inner
+                .present
+                .count_below(self.inner.manifest.chunk_count()),
             total_chunks: self.inner.manifest.chunk_count(),
             cached_bytes: self.inner.cached_bytes.load(Ordering::Relaxed),
             cache_limit: self.inner.opts.cache_limit.unwrap_or(0),
             evicted_chunks: s.evicted.load(Ordering::Relaxed),
             background_chunks: s.background_chunks.load(Ordering::Relaxed),
             background_done: self.inner.background_done.load(Ordering::Relaxed),
+            pack_frames: self.inner.manifest.frame_count(),
+            pack_frames_present: {
+                let n = self.inner.manifest.chunk_count();
+                self.inner
+                    .present
+                    .count_range(n, n + self.inner.manifest.frame_count())
+            },
         }
     }
 
@@ -664,13 +695,21 @@ impl ChunkStore {
         self.inner.prefetch_list.as_deref()
     }
 
-    /// Start the background work the options ask for: the published prefetch list, in order,
-    /// then hydration when `hydrate` is set. Does nothing when there is neither.
+    /// Start the background work the options ask for: the metadata pack (`prefetch_pack`),
+    /// the published prefetch list, in order, then hydration when `hydrate` is set. Does
+    /// nothing when there is none of them.
     pub fn start_default_background(&self) {
-        let order: Vec<u64> = self
-            .prefetch_list()
-            .map(|l| l.iter().map(|&c| u64::from(c)).collect())
-            .unwrap_or_default();
+        let mut order: Vec<u64> = Vec::new();
+        if self.inner.opts.prefetch_pack {
+            let n = self.inner.manifest.chunk_count();
+            order.extend(n..n + self.inner.manifest.frame_count());
+        }
+        order.extend(
+            self.prefetch_list()
+                .into_iter()
+                .flatten()
+                .map(|&c| u64::from(c)),
+        );
         if !order.is_empty() || self.inner.opts.hydrate {
             self.start_background(order, self.inner.opts.hydrate, self.inner.opts.hydrate_rate);
         } else {
@@ -701,6 +740,8 @@ impl ChunkStore {
 
     /// Start background work: fetch `order` first, in order, then (with `hydrate`) every other
     /// missing chunk, at most `rate` bytes per second, always yielding to on-demand misses.
+    /// `order` holds units: chunk indices, and `chunk_count + f` for frame `f` of the
+    /// metadata pack.
     pub fn start_background(&self, order: Vec<u64>, hydrate: bool, rate: Option<u64>) {
         let inner = self.inner.clone();
         self.inner.handle.spawn(async move {
@@ -773,7 +814,8 @@ async fn fetch_manifest(loc: &Location, http: &HttpOptions) -> Result<Vec<u8>> {
     }
 }
 
-/// Re-hash every chunk `claimed` says is present; return the bits that hold, checked, bad.
+/// Re-hash every unit (chunk or pack frame) `claimed` says is present; return the bits that
+/// hold, checked, bad.
 fn reverify(
     m: &Manifest,
     data: &File,
@@ -790,14 +832,19 @@ fn reverify(
             let (good, bad) = (&good, &bad);
             s.spawn(move || {
                 let mut buf = vec![0u8; m.chunk_size as usize];
+                let n = m.chunk_count();
                 for &i in part {
-                    let ok = match m.chunk(i) {
-                        ChunkRef::Zero => true,
-                        ChunkRef::Stored(e) => {
-                            let len = m.chunk_len(i) as usize;
-                            data.read_exact_at(&mut buf[..len], m.chunk_offset(i))
-                                .is_ok()
-                                && *blake3::hash(&buf[..len]).as_bytes() == e.digest
+                    let ok = if i >= n {
+                        frame_intact(m, data, (i - n) as usize)
+                    } else {
+                        match m.chunk(i) {
+                            ChunkRef::Zero => true,
+                            ChunkRef::Stored(e) => {
+                                let len = m.chunk_len(i) as usize;
+                                data.read_exact_at(&mut buf[..len], m.chunk_offset(i))
+                                    .is_ok()
+                                    && *blake3::hash(&buf[..len]).as_bytes() == e.digest
+                            }
                         }
                     };
                     if ok {
@@ -814,6 +861,24 @@ fn reverify(
         list.len() as u64,
         bad.into_inner(),
     )
+}
+
+/// Whether the blocks of pack frame `f` in the data file hash to the frame's digest.
+fn frame_intact(m: &Manifest, data: &File, f: usize) -> bool {
+    let Some(p) = m.pack.as_ref().filter(|p| f < p.frames.len()) else {
+        return false;
+    };
+    let mut h = blake3::Hasher::new();
+    let mut block = vec![0u8; PACK_BLOCK as usize];
+    for &b in &p.blocks[p.frame_positions(f)] {
+        let at = u64::from(b) * PACK_BLOCK;
+        let len = (m.image_size - at).min(PACK_BLOCK) as usize;
+        if data.read_exact_at(&mut block[..len], at).is_err() {
+            return false;
+        }
+        h.update(&block[..len]);
+    }
+    *h.finalize().as_bytes() == p.frames[f].digest
 }
 
 /// Threads that verify and store fetched chunks: two per core, at least 2, at most 16.
@@ -917,10 +982,10 @@ fn maintenance(inner: &Inner, bitmap: &Mutex<Option<BitmapFile>>) {
             if inner.present.get(c) || inflight.contains_key(&c) {
                 continue; // fetched again meanwhile: its bytes are live
             }
-            let off = inner.manifest.chunk_offset(c);
-            let len = u64::from(inner.manifest.chunk_len(c));
-            if let Err(e) = lazyblk_blocksource::fsutil::punch_hole(&inner.data, off, len) {
-                tracing::warn!("punching evicted chunk {c}: {e}");
+            for (off, len) in inner.punchable(c) {
+                if let Err(e) = lazyblk_blocksource::fsutil::punch_hole(&inner.data, off, len) {
+                    tracing::warn!("punching evicted chunk {c}: {e}");
+                }
             }
         }
     }
@@ -1018,6 +1083,57 @@ fn persister(inner: &Inner, bitmap: &Mutex<Option<BitmapFile>>) {
 }
 
 impl Inner {
+    /// The byte ranges of chunk `c` that eviction may punch out of the data file: all of it
+    /// but the metadata pack's blocks, which stay (the pack is never evicted: it is small, and
+    /// its frames' bits would otherwise have to follow every chunk they overlap).
+    fn punchable(&self, c: u64) -> Vec<(u64, u64)> {
+        let off = self.manifest.chunk_offset(c);
+        let end = off + u64::from(self.manifest.chunk_len(c));
+        let mut out = Vec::new();
+        let mut at = off;
+        if let Some(p) = &self.manifest.pack {
+            for &b in &p.blocks[p.within(off / PACK_BLOCK, (end - 1) / PACK_BLOCK)] {
+                let b_off = u64::from(b) * PACK_BLOCK;
+                if b_off > at {
+                    out.push((at, b_off - at));
+                }
+                at = b_off + PACK_BLOCK;
+            }
+        }
+        if end > at {
+            out.push((at, end - at));
+        }
+        out
+    }
+
+    /// The pack frames (as units) that serve the part of the read `offset..offset + len` that
+    /// lies in chunk `c`, if that part lies wholly in metadata pack blocks.
+    fn pack_units(&self, c: u64, offset: u64, len: u64) -> Option<std::ops::RangeInclusive<u64>> {
+        let p = self.manifest.pack.as_ref()?;
+        let start = offset.max(self.manifest.chunk_offset(c));
+        let end =
+            (offset + len).min(self.manifest.chunk_offset(c) + u64::from(self.manifest.chunk_size));
+        let pos = p.covers(start / PACK_BLOCK, (end - 1) / PACK_BLOCK)?;
+        let n = self.manifest.chunk_count();
+        Some(n + p.frame_of(pos.start) as u64..=n + p.frame_of(pos.end - 1) as u64)
+    }
+
+    /// The stored entry behind a unit (`None` for an all-zero chunk).
+    fn unit_entry(&self, u: u64) -> Option<Entry> {
+        let n = self.manifest.chunk_count();
+        if u >= n {
+            return self
+                .manifest
+                .pack
+                .as_ref()
+                .map(|p| p.frames[(u - n) as usize]);
+        }
+        match self.manifest.chunk(u) {
+            ChunkRef::Stored(e) => Some(*e),
+            ChunkRef::Zero => None,
+        }
+    }
+
     fn chunk_range(&self, offset: u64, len: u64) -> (u64, u64) {
         let cs = u64::from(self.manifest.chunk_size);
         let last_chunk = self.manifest.chunk_count().saturating_sub(1);
@@ -1060,7 +1176,8 @@ impl Inner {
     /// most `rate` bytes per second, and it pauses while on-demand misses happen.
     async fn background_work(self: Arc<Self>, order: Vec<u64>, hydrate: bool, rate: Option<u64>) {
         let n = self.manifest.chunk_count();
-        let order: Vec<u64> = order.into_iter().filter(|&c| c < n).collect();
+        let units = n + self.manifest.frame_count();
+        let order: Vec<u64> = order.into_iter().filter(|&c| c < units).collect();
         if !order.is_empty() {
             let slots = self.opts.max_requests.max(1);
             self.fetch_list(&order, &self.prefetch_slots, slots, None, false)
@@ -1073,7 +1190,7 @@ impl Inner {
                 .await;
         }
         self.background_done.store(true, Ordering::SeqCst);
-        if hydrate && self.present.count() == n {
+        if hydrate && self.present.count_below(n) == n {
             tracing::info!("hydration complete: the image is fully present, no network needed");
         } else {
             tracing::info!("prefetch complete");
@@ -1191,29 +1308,53 @@ impl Inner {
         if self.all_present(first, last) {
             return done(Ok(()));
         }
+        // The units this read waits for: each missing chunk, or, where the read's part of a
+        // missing chunk lies wholly in metadata pack blocks, the pack frames holding that part
+        // (a metadata read never pulls in a chunk of file data, nor starts a readahead).
+        let mut need: Vec<u64> = Vec::new();
+        let mut chunk_miss: Option<(u64, u64)> = None;
+        for i in first..=last {
+            if self.present.get(i) {
+                continue;
+            }
+            match self.pack_units(i, offset, len) {
+                Some(frames) => need.extend(frames.filter(|&u| !self.present.get(u))),
+                None => {
+                    need.push(i);
+                    chunk_miss = Some(chunk_miss.map_or((i, i), |(lo, _)| (lo, i)));
+                }
+            }
+        }
+        need.sort_unstable();
+        need.dedup();
+        if need.is_empty() {
+            return done(Ok(()));
+        }
         if self.shutdown.load(Ordering::Relaxed) {
             return done(Err(BlockError::ShuttingDown));
         }
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
         self.last_miss_ms
             .store(self.ms_since_open().max(1), Ordering::Relaxed);
-        self.note_access(first, last);
+        if let Some((lo, hi)) = chunk_miss {
+            self.note_access(lo, hi);
+        }
         let waiter = Waiter::new(done);
         let mut todo = Vec::new();
         {
             let mut inflight = self.inflight.lock().expect("lock");
-            for i in first..=last {
-                if self.present.get(i) {
+            for u in need {
+                if self.present.get(u) {
                     continue;
                 }
                 waiter.remaining.fetch_add(1, Ordering::Relaxed);
-                match inflight.entry(i) {
+                match inflight.entry(u) {
                     std::collections::hash_map::Entry::Occupied(mut o) => {
                         o.get_mut().push(waiter.clone())
                     }
                     std::collections::hash_map::Entry::Vacant(v) => {
                         v.insert(vec![waiter.clone()]);
-                        todo.push(i);
+                        todo.push(u);
                     }
                 }
             }
@@ -1221,7 +1362,9 @@ impl Inner {
         // The readahead goes into the same coalesced requests, after the demanded chunks in
         // blob order; `fetch_run` completes each chunk as soon as its own bytes are in, so the
         // readahead does not delay the read that missed.
-        todo.extend(self.readahead_after_miss(first, last));
+        if let Some((lo, hi)) = chunk_miss {
+            todo.extend(self.readahead_after_miss(lo, hi));
+        }
         self.schedule(todo, true, false);
         waiter.chunk_done(None);
     }
@@ -1360,13 +1503,13 @@ impl Inner {
     fn make_runs(&self, chunks: Vec<u64>, with_deadline: bool, background: bool) -> Vec<Run> {
         let mut by_offset: BTreeMap<u64, (Entry, Vec<u64>)> = BTreeMap::new();
         for c in chunks {
-            match self.manifest.chunk(c) {
-                ChunkRef::Stored(e) => by_offset
+            match self.unit_entry(c) {
+                Some(e) => by_offset
                     .entry(e.blob_offset)
-                    .or_insert((*e, vec![]))
+                    .or_insert((e, vec![]))
                     .1
                     .push(c),
-                ChunkRef::Zero => self.complete(&[c], None),
+                None => self.complete(&[c], None),
             }
         }
         let deadline = if with_deadline {
@@ -1464,7 +1607,9 @@ impl Inner {
             for (i, job) in jobs {
                 match job.await {
                     Ok(Ok(())) => done[i] = true,
-                    Ok(Err(e @ Error::ChunkCorrupt { .. })) => bad = Some(e),
+                    Ok(Err(e @ (Error::ChunkCorrupt { .. } | Error::PackCorrupt { .. }))) => {
+                        bad = Some(e)
+                    }
                     Ok(Err(e)) => fatal = Some(e),
                     Err(e) => fatal = Some(Error::Invalid(format!("store task failed: {e}"))),
                 }
@@ -1529,19 +1674,35 @@ impl Inner {
     }
 
     /// Verify part `i` of a run (its stored bytes), write it into the data file and complete
-    /// its chunks. Runs on a blocking thread.
+    /// its units. Runs on a blocking thread.
     fn store_part(&self, run: &Run, i: usize, stored: &[u8]) -> Result<()> {
-        let (e, chunks) = &run.parts[i];
-        let missing: Vec<u64> = chunks
+        let (e, units) = &run.parts[i];
+        let n = self.manifest.chunk_count();
+        let missing: Vec<u64> = units
             .iter()
             .copied()
             .filter(|&c| !self.present.get(c))
             .collect();
         if let Some(&first) = missing.first() {
-            let want = self.manifest.chunk_len(first) as usize;
-            let corrupt = |detail: String| Error::ChunkCorrupt {
-                index: first,
-                detail,
+            let (want, corrupt): (usize, Box<dyn Fn(String) -> Error>) = if first >= n {
+                let f = first - n;
+                let p = self
+                    .manifest
+                    .pack
+                    .as_ref()
+                    .expect("units past the chunks are frames");
+                (
+                    p.frame_raw_len(f as usize, self.manifest.image_size) as usize,
+                    Box::new(move |detail| Error::PackCorrupt { frame: f, detail }),
+                )
+            } else {
+                (
+                    self.manifest.chunk_len(first) as usize,
+                    Box::new(move |detail| Error::ChunkCorrupt {
+                        index: first,
+                        detail,
+                    }),
+                )
             };
             let plain: std::borrow::Cow<'_, [u8]> = match e.encoding {
                 Encoding::Raw => stored.into(),
@@ -1561,33 +1722,67 @@ impl Inner {
                 )));
             }
             for &c in &missing {
-                self.data
-                    .write_all_at(&plain, self.manifest.chunk_offset(c))
-                    .map_err(|err| Error::io(&self.data_path, err))?;
+                if c >= n {
+                    self.write_frame(c - n, &plain)?;
+                } else {
+                    self.data
+                        .write_all_at(&plain, self.manifest.chunk_offset(c))
+                        .map_err(|err| Error::io(&self.data_path, err))?;
+                }
             }
         }
         if run.background {
+            let chunks = units.iter().filter(|&&u| u < n).count();
             self.stats
                 .background_chunks
-                .fetch_add(chunks.len() as u64, Ordering::Relaxed);
+                .fetch_add(chunks as u64, Ordering::Relaxed);
         }
-        self.complete(chunks, None);
+        self.complete(units, None);
+        Ok(())
+    }
+
+    /// Write the verified raw bytes of pack frame `f` to its blocks' places in the data file,
+    /// one write per run of adjacent blocks.
+    fn write_frame(&self, f: u64, raw: &[u8]) -> Result<()> {
+        let p = self.manifest.pack.as_ref().expect("a pack");
+        let blocks = &p.blocks[p.frame_positions(f as usize)];
+        let size = self.manifest.image_size;
+        let mut at = 0usize;
+        let mut k = 0;
+        while k < blocks.len() {
+            let mut j = k + 1;
+            while j < blocks.len() && blocks[j] == blocks[j - 1] + 1 {
+                j += 1;
+            }
+            let off = u64::from(blocks[k]) * PACK_BLOCK;
+            let len = ((u64::from(blocks[j - 1]) + 1) * PACK_BLOCK).min(size) - off;
+            self.data
+                .write_all_at(&raw[at..at + len as usize], off)
+                .map_err(|err| Error::io(&self.data_path, err))?;
+            at += len as usize;
+            k = j;
+        }
         Ok(())
     }
 
     /// Finish chunks: mark present (on success), queue persistence, wake waiters.
     fn complete(&self, chunks: &[u64], err: Option<&BlockError>) {
         if err.is_none() {
+            let n = self.manifest.chunk_count();
             let mut bytes = 0u64;
+            let mut frames = 0;
             for &c in chunks {
-                if !self.present.test_and_set(c) && self.manifest.chunk(c) != ChunkRef::Zero {
+                let was = self.present.test_and_set(c);
+                if c >= n {
+                    frames += 1;
+                } else if !was && self.manifest.chunk(c) != ChunkRef::Zero {
                     bytes += u64::from(self.manifest.chunk_len(c));
                 }
             }
             self.cached_bytes.fetch_add(bytes, Ordering::Relaxed);
             self.stats
                 .chunks_fetched
-                .fetch_add(chunks.len() as u64, Ordering::Relaxed);
+                .fetch_add(chunks.len() as u64 - frames, Ordering::Relaxed);
             let mut p = self.persist.lock().expect("lock");
             p.pending.extend_from_slice(chunks);
             p.queued += 1;
@@ -1625,10 +1820,21 @@ impl BlockSource for ChunkStore {
         check_range(inner.device_size, offset, len).ok()?;
         if len > 0 && inner.manifest.chunk_count() > 0 {
             let (first, last) = inner.chunk_range(offset, len);
-            if !inner.all_present(first, last) {
-                return None;
+            if inner.all_present(first, last) {
+                inner.note_access(first, last);
+            } else {
+                // A missing chunk's part of the read may be served by present pack frames.
+                // Such reads are metadata: they are not traced and start no readahead.
+                let served = (first..=last).all(|i| {
+                    inner.present.get(i)
+                        || inner
+                            .pack_units(i, offset, len)
+                            .is_some_and(|mut f| f.all(|u| inner.present.get(u)))
+                });
+                if !served {
+                    return None;
+                }
             }
-            inner.note_access(first, last);
         }
         Some(Located {
             fd: inner.data.as_raw_fd(),

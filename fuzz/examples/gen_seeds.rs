@@ -15,7 +15,7 @@
 
 use lazyblk_blocksource::BlockSource;
 use lazyblk_chunkstore::bitmap::{self, Trust};
-use lazyblk_chunkstore::builder::{build_image, BuildOptions};
+use lazyblk_chunkstore::builder::{build_image, BuildOptions, PackBlocks};
 use lazyblk_chunkstore::format::{ImageId, Manifest, PrefetchList};
 use lazyblk_chunkstore::{ChunkStore, Location, StoreOptions};
 use std::path::{Path, PathBuf};
@@ -67,11 +67,23 @@ fn write(dir: &Path, name: &str, bytes: &[u8]) {
 
 /// Build `raw` with `chunk_size`; return the manifest path and bytes.
 fn build(work: &Path, name: &str, raw: &[u8], chunk_size: u32) -> (PathBuf, Vec<u8>) {
+    build_with(work, name, raw, chunk_size, PackBlocks::Erofs)
+}
+
+/// [`build`] with the metadata pack of `pack`.
+fn build_with(
+    work: &Path,
+    name: &str,
+    raw: &[u8],
+    chunk_size: u32,
+    pack: PackBlocks,
+) -> (PathBuf, Vec<u8>) {
     let img = work.join(format!("{name}.img"));
     std::fs::write(&img, raw).expect("write image");
     let out = work.join(name);
     let opts = BuildOptions {
         chunk_size,
+        metadata_pack: pack,
         ..Default::default()
     };
     let s = build_image(&img, &out, &opts, |_| {}).expect("build image");
@@ -216,6 +228,14 @@ fn main() {
     write(&mdir, "built-64k-full-tail", &b);
     let (_, b) = build(&work, "empty", &[], 4096);
     write(&mdir, "built-empty", &b);
+    let (_, b) = build_with(
+        &work,
+        "pack",
+        &image(65536, 20000, false),
+        16384,
+        PackBlocks::Blocks(vec![0, 2, 3, 4, 9, 21]),
+    );
+    write(&mdir, "built-16k-metadata-pack", &b);
 
     // A real cache: read chunks 0, 2 and the tail through the store (no readahead, so only
     // those and the zero chunks are marked), flush (the bitmap is dirty while open), then close

@@ -2,7 +2,7 @@
 //! canonical (re-encoding gives back the exact input) and safe to walk chunk by chunk.
 #![no_main]
 
-use lazyblk_chunkstore::format::{ChunkRef, Encoding, Manifest};
+use lazyblk_chunkstore::format::{ChunkRef, Encoding, Manifest, PACK_BLOCK};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -45,9 +45,47 @@ fuzz_target!(|data: &[u8]| {
         m.entries_contiguous(),
         "decoded entries are not back to back"
     );
+    let pack_bytes = m.pack.as_ref().map_or(0, |p| p.stored_bytes());
     assert_eq!(
-        m.stored_bytes(),
+        m.stored_bytes() + pack_bytes,
         m.blob_size,
-        "entries do not fill the blob"
+        "entries and pack frames do not fill the blob"
     );
+    if let Some(p) = &m.pack {
+        assert!(!p.blocks.is_empty(), "an empty pack was accepted");
+        assert!(
+            p.blocks.windows(2).all(|w| w[0] < w[1]),
+            "pack blocks not ascending"
+        );
+        assert!(
+            u64::from(*p.blocks.last().unwrap()) < m.block_count(),
+            "pack block beyond the image"
+        );
+        let mut seen = 0;
+        for (f, e) in p.frames.iter().enumerate() {
+            let pos = p.frame_positions(f);
+            assert!(
+                !pos.is_empty() && pos.start == seen,
+                "frame {f}: positions {pos:?}"
+            );
+            seen = pos.end;
+            assert_eq!(p.frame_of(pos.start), f);
+            let raw = p.frame_raw_len(f, m.image_size);
+            assert!(
+                raw > 0 && raw <= pos.len() as u64 * PACK_BLOCK,
+                "frame {f}: raw length {raw}"
+            );
+            if e.encoding == Encoding::Raw {
+                assert_eq!(u64::from(e.stored_len), raw, "frame {f}: raw length");
+            }
+            let (first, last) = (p.blocks[pos.start], p.blocks[pos.end - 1]);
+            let covered = p.covers(u64::from(first), u64::from(last));
+            assert_eq!(
+                covered.is_some(),
+                u64::from(last - first) + 1 == pos.len() as u64,
+                "frame {f}: covers"
+            );
+        }
+        assert_eq!(seen, p.blocks.len(), "frames do not hold every block");
+    }
 });

@@ -13,11 +13,17 @@
 //! * a Raw entry is stored uncompressed, so its stored_len equals the length of every chunk that
 //!   uses it (an entry shared by full chunks and the short last chunk can only be Zstd);
 //! * the blob name is 1..=255 bytes, one path component (no '/' or '\'), not "." or "..", and
-//!   has no control characters.
+//!   has no control characters;
+//! * an optional metadata pack: 1.. strictly ascending 4 KiB block numbers inside the image,
+//!   1..=1024 blocks per frame, one frame per group, stored after the entries with the same
+//!   length rules against the frame's raw length (its blocks, the image's last one maybe short).
 #![no_main]
 
 use arbitrary::{Arbitrary, Result, Unstructured};
-use lazyblk_chunkstore::format::{Encoding, Entry, Manifest, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
+use lazyblk_chunkstore::format::{
+    Encoding, Entry, Manifest, MetaPack, MAX_CHUNK_SIZE, MAX_PACK_FRAME_BLOCKS, MIN_CHUNK_SIZE,
+    PACK_BLOCK,
+};
 use libfuzzer_sys::fuzz_target;
 use std::collections::HashMap;
 
@@ -121,6 +127,47 @@ impl<'a> Arbitrary<'a> for ValidManifest {
             });
             blob_offset += u64::from(stored_len);
         }
+        // An optional metadata pack: ascending blocks inside the image, frames after the
+        // entries, raw frames exactly as long as their blocks.
+        let image_blocks = image_size.div_ceil(PACK_BLOCK);
+        let pack = if image_blocks > 0 && u.arbitrary::<bool>()? {
+            let frame_blocks = u.int_in_range(1..=MAX_PACK_FRAME_BLOCKS)?;
+            let mut blocks = Vec::new();
+            let mut next = u64::from(u.int_in_range(0..=7u32)?);
+            while next < image_blocks.min(u64::from(u32::MAX)) && blocks.len() < 4096 {
+                blocks.push(next as u32);
+                next += 1 + u64::from(u.int_in_range(0..=15u32)?);
+                if blocks.len() > 1 && u.ratio(1, 8)? {
+                    break;
+                }
+            }
+            let mut p = MetaPack {
+                blocks,
+                frame_blocks,
+                frames: Vec::new(),
+            };
+            for f in 0..p.blocks.len().div_ceil(frame_blocks as usize) {
+                let raw = p.frame_raw_len(f, image_size);
+                let (stored_len, encoding) = if u.arbitrary::<bool>()? {
+                    (raw as u32, Encoding::Raw)
+                } else {
+                    (
+                        u.int_in_range(1..=(raw + (raw >> 7) + 4096) as u32)?,
+                        Encoding::Zstd,
+                    )
+                };
+                p.frames.push(Entry {
+                    digest: u.arbitrary()?,
+                    blob_offset,
+                    stored_len,
+                    encoding,
+                });
+                blob_offset += u64::from(stored_len);
+            }
+            Some(p)
+        } else {
+            None
+        };
         let blob_size = blob_offset;
         Ok(ValidManifest(Manifest {
             image_size,
@@ -129,6 +176,7 @@ impl<'a> Arbitrary<'a> for ValidManifest {
             blob_name: blob_name(u)?,
             map,
             entries,
+            pack,
         }))
     }
 }

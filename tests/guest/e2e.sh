@@ -6,8 +6,8 @@ start_nginx /www 8080
 BLOB1_SIZE=$(wc -c < /www/img1/blob)
 
 step "add image 1"
-# --no-prefetch: this suite checks pure on-demand loading; the build-time metadata list
-# (fetched first by default) is checked in the policies suite.
+# --no-prefetch: this suite checks pure on-demand loading; the image's metadata pack (fetched
+# first by default) is checked in the policies suite.
 DEV1=$(lazyblk add http://127.0.0.1:8080/img1/manifest --no-prefetch) || die "lazyblk add"
 echo "device: $DEV1"
 check "add printed a ublk block device" test -b "$DEV1"

@@ -1,8 +1,9 @@
 //! Property test: random reads through the lazy path equal the original image, across chunk
-//! sizes, with concurrent readers.
+//! sizes, with concurrent readers, with and without a metadata pack (fetched ahead or on
+//! demand) of scattered blocks.
 
 use lazyblk_blocksource::BlockSource;
-use lazyblk_chunkstore::builder::{build_image, BuildOptions};
+use lazyblk_chunkstore::builder::{build_image, BuildOptions, PackBlocks};
 use lazyblk_chunkstore::{ChunkStore, Location, StoreOptions};
 use lazyblk_tests::fault::FaultServer;
 use proptest::prelude::*;
@@ -21,14 +22,22 @@ proptest! {
         let image = lazyblk_tests::sample_image(size, seed);
         std::fs::write(dir.path().join("raw"), &image).unwrap();
         let serve = dir.path().join("www");
+        // A pack of pseudo-random scattered blocks for two seeds in three.
+        let blocks = size.div_ceil(4096) as u64;
+        let pack = match seed % 3 {
+            0 => PackBlocks::Off,
+            k => PackBlocks::Blocks((0..blocks).filter(|b| (b ^ seed).wrapping_mul(0x9E37_79B9) % 7 < k).collect()),
+        };
         build_image(&dir.path().join("raw"), &serve,
-            &BuildOptions { chunk_size: 1 << chunk_shift, ..Default::default() }, |_| {}).unwrap();
+            &BuildOptions { chunk_size: 1 << chunk_shift, metadata_pack: pack, ..Default::default() }, |_| {}).unwrap();
         let srv = FaultServer::start(&serve, "blob");
         let store = Arc::new(ChunkStore::open(&Location::parse(&srv.url("manifest")), StoreOptions {
             cache_root: dir.path().join("cache"),
             readahead_chunks: seed % 5,
+            prefetch_pack: seed % 2 == 0,
             ..Default::default()
         }).unwrap());
+        store.start_default_background();
         let dev = store.geometry().size;
         let mut padded = image.clone();
         padded.resize(dev as usize, 0);

@@ -1,7 +1,7 @@
 //! The chunk store against a real nginx and against the fault-injecting server.
 
 use lazyblk_blocksource::{BlockError, BlockSource};
-use lazyblk_chunkstore::builder::{build_image, BuildOptions};
+use lazyblk_chunkstore::builder::{build_image, BuildOptions, PackBlocks};
 use lazyblk_chunkstore::format::ChunkRef;
 use lazyblk_chunkstore::remote::HttpOptions;
 use lazyblk_chunkstore::{ChunkStore, Error, ImageId, Location, StoreOptions};
@@ -852,4 +852,208 @@ fn sequential_reads_grow_the_readahead_window() {
         "growing window: {grown:?}\nfixed window: {fixed:?}"
     );
     assert!(grown.misses < fixed.misses, "{grown:?}\n{fixed:?}");
+}
+
+// ---- metadata pack ----------------------------------------------------------------------
+
+/// A 2 MiB image in 64 KiB chunks whose every 7th 4 KiB block (74 blocks, spread over all 32
+/// chunks, blocks 0 to 511) is in the metadata pack, in frames of 64 blocks (frame 1: blocks
+/// 448 to 511).
+fn fixture_with_pack(seed: u64) -> (Fixture, Vec<u64>) {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let image = sample_image(2 << 20, seed);
+    std::fs::write(root.join("raw.img"), &image).unwrap();
+    let serve = root.join("www");
+    let blocks: Vec<u64> = (0..512).step_by(7).collect();
+    let s = build_image(
+        &root.join("raw.img"),
+        &serve,
+        &BuildOptions {
+            chunk_size: 64 << 10,
+            metadata_pack: PackBlocks::Blocks(blocks.clone()),
+            ..Default::default()
+        },
+        |_| {},
+    )
+    .unwrap();
+    assert_eq!(s.pack_blocks, 74);
+    let f = Fixture {
+        _dir: dir,
+        root,
+        serve,
+        image,
+        id: s.id,
+    };
+    (f, blocks)
+}
+
+fn read_block(store: &ChunkStore, b: u64) -> Vec<u8> {
+    let mut buf = vec![0u8; 4096];
+    store.read_at(b * 4096, &mut buf).unwrap();
+    buf
+}
+
+fn image_block(f: &Fixture, b: u64) -> &[u8] {
+    &f.image[b as usize * 4096..(b as usize + 1) * 4096]
+}
+
+#[test]
+fn metadata_pack_is_fetched_first_and_serves_metadata_reads_without_chunks() {
+    let (f, blocks) = fixture_with_pack(40);
+    let srv = FaultServer::start(&f.serve, "blob");
+    let store = ChunkStore::open(&Location::parse(&srv.url("manifest")), opts(&f)).unwrap();
+    let zero_chunks = (0..store.manifest().chunk_count())
+        .filter(|&c| store.manifest().chunk(c) == ChunkRef::Zero)
+        .count() as u64;
+    store.start_default_background();
+    wait_for("the pack", || store.stats().background_done);
+    let s = store.stats();
+    assert_eq!((s.pack_frames, s.pack_frames_present), (2, 2), "{s:?}");
+    assert_eq!(s.chunks_fetched, 0, "only the pack was fetched: {s:?}");
+    assert_eq!(
+        s.requests, 1,
+        "two adjacent frames, one range request: {s:?}"
+    );
+    assert_eq!(s.present_chunks, zero_chunks);
+    // Every pack block, and every run of adjacent pack blocks, is served locally.
+    for &b in &blocks {
+        assert!(store.locate(b * 4096, 4096).is_some(), "block {b}");
+        assert_eq!(read_block(&store, b), image_block(&f, b), "block {b}");
+    }
+    let s = store.stats();
+    assert_eq!((s.misses, s.requests, s.chunks_fetched), (0, 1, 0), "{s:?}");
+    assert!(store.access_trace().is_empty(), "pack reads are not traced");
+    // A read that also covers a block outside the pack needs the chunk.
+    assert!(store.locate(7 * 4096, 8192).is_none());
+    let mut buf = vec![0u8; 8192];
+    store.read_at(7 * 4096, &mut buf).unwrap();
+    assert_eq!(&buf[..], &f.image[7 * 4096..9 * 4096]);
+    assert_eq!(store.stats().misses, 1);
+    assert!(store.chunk_present(0));
+    assert_eq!(read_all(&store, f.image.len()), f.image);
+}
+
+#[test]
+fn pack_frames_are_fetched_on_demand_without_prefetch() {
+    let (f, _) = fixture_with_pack(41);
+    let srv = FaultServer::start(&f.serve, "blob");
+    let mut o = opts(&f);
+    o.prefetch_pack = false;
+    let store = ChunkStore::open(&Location::parse(&srv.url("manifest")), o).unwrap();
+    store.start_default_background();
+    assert_eq!(store.stats().requests, 0);
+    // Block 7 * 20 = 140 is at position 20: frame 0. A metadata read fetches its frame, not
+    // its chunk, and starts no readahead.
+    assert_eq!(read_block(&store, 140), image_block(&f, 140));
+    let s = store.stats();
+    assert_eq!((s.misses, s.requests, s.chunks_fetched), (1, 1, 0), "{s:?}");
+    assert_eq!(s.pack_frames_present, 1);
+    assert!(!store.chunk_present(140 * 4096 / 65536));
+    // Another block of frame 0 is present now; one of frame 1 (position 64: block 448) is not.
+    assert_eq!(read_block(&store, 7), image_block(&f, 7));
+    assert_eq!(store.stats().requests, 1);
+    assert!(store.locate(448 * 4096, 4096).is_none());
+    assert_eq!(read_block(&store, 448), image_block(&f, 448));
+    assert_eq!(store.stats().pack_frames_present, 2);
+}
+
+#[test]
+fn a_corrupt_pack_frame_is_refetched_then_fails_clearly_and_marks_nothing() {
+    let (f, _) = fixture_with_pack(42);
+    let srv = FaultServer::start(&f.serve, "blob");
+    let mut o = opts(&f);
+    o.prefetch_pack = false;
+    o.corrupt_attempts = 2;
+    let store = ChunkStore::open(&Location::parse(&srv.url("manifest")), o).unwrap();
+    srv.push(Fault::FlipByte);
+    assert_eq!(read_block(&store, 14), image_block(&f, 14));
+    assert_eq!(store.stats().verify_failures, 1);
+    srv.set_always(Some(Fault::FlipByte));
+    let mut buf = vec![0u8; 4096];
+    let e = store.read_at(448 * 4096, &mut buf).unwrap_err().to_string();
+    assert!(
+        e.contains("metadata pack frame 1 failed verification"),
+        "{e}"
+    );
+    assert_eq!(store.stats().pack_frames_present, 1);
+    srv.set_always(None);
+    assert_eq!(read_block(&store, 448), image_block(&f, 448));
+}
+
+#[test]
+fn pack_frames_persist_and_are_reverified_after_a_crash() {
+    let (f, blocks) = fixture_with_pack(43);
+    let srv = FaultServer::start(&f.serve, "blob");
+    let loc = Location::parse(&srv.url("manifest"));
+    let cache_dir = {
+        let store = ChunkStore::open(&loc, opts(&f)).unwrap();
+        store.start_default_background();
+        wait_for("the pack", || store.stats().background_done);
+        store.cache_dir().to_path_buf()
+    };
+    let before = srv.target_requests();
+    {
+        let store = ChunkStore::open(&loc, opts(&f)).unwrap();
+        assert_eq!(
+            store.open_report().reverified,
+            0,
+            "clean close must be trusted"
+        );
+        assert_eq!(store.stats().pack_frames_present, 2);
+        for &b in &blocks {
+            assert_eq!(read_block(&store, b), image_block(&f, b));
+        }
+        store.start_default_background();
+        wait_for("background", || store.stats().background_done);
+        assert_eq!(
+            store.stats().requests,
+            0,
+            "nothing refetched after a clean restart"
+        );
+    }
+    assert!(srv.target_requests() <= before + 1, "the open's probe only");
+    // Damage a block of frame 1 and make the bitmap dirty (as after a crash).
+    let data_path = cache_dir.join("data");
+    let mut data = std::fs::read(&data_path).unwrap();
+    data[448 * 4096 + 5] ^= 0x55;
+    std::fs::write(&data_path, &data).unwrap();
+    let mut bm = std::fs::read(cache_dir.join("bitmap")).unwrap();
+    bm[12] = 0;
+    std::fs::write(cache_dir.join("bitmap"), &bm).unwrap();
+    let mut o = opts(&f);
+    o.prefetch_pack = false;
+    let store = ChunkStore::open(&loc, o).unwrap();
+    let r = store.open_report();
+    assert_eq!((r.reverified, r.dropped), (2, 1), "{r:?}");
+    assert_eq!(store.stats().pack_frames_present, 1);
+    assert_eq!(read_block(&store, 448), image_block(&f, 448));
+    assert_eq!(read_all(&store, f.image.len()), f.image);
+}
+
+#[test]
+fn eviction_never_punches_pack_blocks() {
+    use std::os::unix::fs::MetadataExt;
+    let (f, blocks) = fixture_with_pack(44);
+    let srv = FaultServer::start(&f.serve, "blob");
+    let mut o = opts(&f);
+    let limit = 512 << 10;
+    o.cache_limit = Some(limit);
+    o.evict_grace = Duration::from_millis(100);
+    o.readahead_chunks = 0;
+    let store = ChunkStore::open(&Location::parse(&srv.url("manifest")), o).unwrap();
+    store.start_default_background();
+    wait_for("the pack", || store.stats().background_done);
+    assert_eq!(read_all(&store, f.image.len()), f.image);
+    wait_for("eviction", || store.stats().cached_bytes <= limit);
+    let data = store.data_path().to_path_buf();
+    wait_for("punched space", || {
+        std::fs::metadata(&data).unwrap().blocks() * 512 <= limit + (74 + 64) * 4096
+    });
+    let misses = store.stats().misses;
+    for &b in &blocks {
+        assert_eq!(read_block(&store, b), image_block(&f, b), "block {b}");
+    }
+    assert_eq!(store.stats().misses, misses, "pack blocks stay present");
+    assert_eq!(read_all(&store, f.image.len()), f.image);
 }

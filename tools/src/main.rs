@@ -9,7 +9,7 @@ mod vhost;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use lazyblk_blocksource::BlockSource;
-use lazyblk_chunkstore::builder::{build_image, BuildOptions};
+use lazyblk_chunkstore::builder::{build_image, BuildOptions, PackBlocks};
 use lazyblk_chunkstore::remote::HttpOptions;
 use lazyblk_chunkstore::{ChunkStore, Location, StoreOptions};
 use std::io::{BufRead, BufReader, IsTerminal, Write};
@@ -70,7 +70,9 @@ struct StoreArgs {
     /// Hydration rate limit (bytes per second, e.g. 20M).
     #[arg(long, value_parser = parse_size)]
     hydrate_rate: Option<u64>,
-    /// Ignore the prefetch list published next to the manifest.
+    /// Fetch on demand only: neither the image's metadata pack nor the prefetch list
+    /// published next to the manifest is fetched ahead (a read of metadata blocks still
+    /// fetches the pack frame holding them).
     #[arg(long)]
     no_prefetch: bool,
 }
@@ -146,6 +148,7 @@ impl StoreArgs {
             hydrate: self.hydrate,
             hydrate_rate: self.hydrate_rate,
             use_prefetch_list: !self.no_prefetch,
+            prefetch_pack: !self.no_prefetch,
             ..Default::default()
         })
     }
@@ -169,10 +172,10 @@ enum Cmd {
         /// Keep the intermediate erofs image (when building from a directory) at this path.
         #[arg(long)]
         keep_image: Option<PathBuf>,
-        /// Do not write the metadata prefetch list (`prefetch`: the chunks holding an erofs
-        /// image's inodes, directories and xattrs, fetched first at every `add`).
+        /// Do not store the metadata pack (a second, dense copy of the 4 KiB blocks holding an
+        /// erofs image's inodes, directories and xattrs, fetched first at every `add`).
         #[arg(long)]
-        no_metadata_prefetch: bool,
+        no_metadata_pack: bool,
     },
     /// Read an image through the chunk store (no kernel device needed).
     Cat {
@@ -346,14 +349,18 @@ fn run(cli: Cli) -> Result<()> {
             chunk_kib,
             level,
             keep_image,
-            no_metadata_prefetch,
+            no_metadata_pack,
         } => cmd_build(
             &input,
             &output,
             BuildOptions {
                 chunk_size: chunk_kib.saturating_mul(1024),
                 level,
-                metadata_prefetch: !no_metadata_prefetch,
+                metadata_pack: if no_metadata_pack {
+                    PackBlocks::Off
+                } else {
+                    PackBlocks::Erofs
+                },
                 ..Default::default()
             },
             keep_image,
@@ -595,11 +602,13 @@ fn cmd_build(input: &Path, output: &Path, opts: BuildOptions, keep: Option<PathB
         100.0 * s.blob_size as f64 / s.image_size.max(1) as f64
     );
     println!("manifest   {} bytes", s.manifest_size);
-    if s.prefetch_chunks > 0 {
+    if s.pack_blocks > 0 {
         println!(
-            "prefetch   {} chunks hold the file-system metadata ({:.1}% of the stored chunks): listed in `prefetch`, fetched first at `add`",
-            s.prefetch_chunks,
-            100.0 * s.prefetch_chunks as f64 / stored.max(1) as f64
+            "metadata   {} blocks of 4 KiB hold the file-system metadata, spread over {} chunks ({:.1}% of the stored chunks); packed into {} bytes at the end of the blob, fetched first at `add`",
+            s.pack_blocks,
+            s.pack_chunks,
+            100.0 * s.pack_chunks as f64 / stored.max(1) as f64,
+            s.pack_bytes
         );
     }
     println!("digest     {}", s.id);
@@ -760,6 +769,12 @@ fn cmd_status(state: &Path, id: u32, json: bool) -> Result<()> {
         s.present_chunks,
         s.total_chunks
     );
+    if s.pack_frames > 0 {
+        println!(
+            "metadata pack  {} of {} frames present",
+            s.pack_frames_present, s.pack_frames
+        );
+    }
     println!("hits           {}", s.hits);
     println!("misses         {}", s.misses);
     println!("bytes fetched  {}", s.bytes_fetched);
