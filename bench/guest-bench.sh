@@ -9,7 +9,7 @@ set -u
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 # shellcheck disable=SC1091
 . /bench/bench.conf
-SYSTEMS=${BENCH_SYSTEMS:-loop ublkloop download nbdkit qemu lazyblk-od lazyblk lazyblk-pf}
+SYSTEMS=${BENCH_SYSTEMS:-loop ublkloop ublkloop-a download nbdkit qemu lazyblk-od lazyblk lazyblk-pf}
 WORKLOADS=${BENCH_WORKLOADS:-w1 w2 w3 w4}
 NETEM=${BENCH_NETEM:-delay 10ms rate 100mbit}
 FIO_SECS=${BENCH_FIO_SECS:-5}
@@ -129,6 +129,17 @@ att_ublkloop() { # the same file on a plain ublk loop device (rublk): 2 queues x
     DPID=$(pidof rublk | awk '{ print $1 }')
 }
 det_ublkloop() { rublk del -n 60 >/dev/null 2>&1; }
+# The same in rublk's async/await mode (-a): libublk's async queue loop, one task per tag, the
+# model lazyblk's ublk frontend uses (rublk's default is a synchronous CQE callback), so W4 can
+# tell the cost of that model from the cost of lazyblk's own per-IO work.
+att_ublkloop_a() {
+    rublk add loop -n 61 -q 2 -d 32 -o --buffered-io -a -f "$WWW/image.erofs" >/tmp/rublk.out 2>&1 || { cat /tmp/rublk.out; return 1; }
+    DEV=/dev/ublkb61
+    i=0
+    while [ ! -b $DEV ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i + 1)); done
+    DPID=$(pidof rublk | awk '{ print $1 }')
+}
+det_ublkloop_a() { rublk del -n 61 >/dev/null 2>&1; }
 
 att_download() { # what a user does today: download the whole image, then loop + mount
     mkdir -p "$SCRATCH/dl"
@@ -256,7 +267,7 @@ force_cleanup() {
     nbdkit) nbd-client -d /dev/nbd0 >/dev/null 2>&1 ;;
     qemu) nbd-client -d /dev/nbd1 >/dev/null 2>&1 ;;
     lazyblk*) lazyblk del --all >/dev/null 2>&1 ;;
-    ublkloop) rublk del -a >/dev/null 2>&1 ;;
+    ublkloop*) rublk del -a >/dev/null 2>&1 ;;
     esac
     umount -l "$MNT" 2>/dev/null
     "det_$(fn "$1")" >/dev/null 2>&1
@@ -278,7 +289,7 @@ timed() {
         nbdkit) nbd-client -d /dev/nbd0 ;;
         qemu) nbd-client -d /dev/nbd1 ;;
         lazyblk*) lazyblk del --all ;;
-        ublkloop) rublk del -a ;;
+        ublkloop*) rublk del -a ;;
         esac
     ) >/dev/null 2>&1 &
     _wd=$!
@@ -380,7 +391,7 @@ cold() {
 has() { case " $2 " in *" $1 "*) return 0 ;; esac; return 1; }
 # W4 needs only one instance per device path: download is a kernel loop device like loop, and
 # lazyblk-pf is the same daemon as lazyblk.
-w4_systems="loop ublkloop nbdkit qemu lazyblk"  # (lazyblk-od and -pf: the same daemon)
+w4_systems="loop ublkloop ublkloop-a nbdkit qemu lazyblk"  # (lazyblk-od and -pf: the same daemon)
 
 # ------------------------------------------------------------------ run
 say "systems: $SYSTEMS; workloads: $WORKLOADS; image $IMAGE_BYTES bytes, blob $BLOB_BYTES bytes"

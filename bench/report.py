@@ -11,10 +11,11 @@ import re
 import shlex
 import sys
 
-SYSTEMS = ["loop", "ublkloop", "download", "nbdkit", "qemu", "lazyblk-od", "lazyblk", "lazyblk-pf"]
+SYSTEMS = ["loop", "ublkloop", "ublkloop-a", "download", "nbdkit", "qemu", "lazyblk-od", "lazyblk", "lazyblk-pf"]
 LABEL = {
     "loop": "local image, kernel loop (floor)",
     "ublkloop": "local image, ublk loop (rublk)",
+    "ublkloop-a": "local image, ublk loop (rublk -a: async/await mode)",
     "download": "curl download + kernel loop",
     "nbdkit": "nbdkit curl + cache filter, nbd",
     "qemu": "qemu-nbd qcow2 copy-on-read, nbd",
@@ -208,7 +209,7 @@ def main():
     p("| system | W1 | W2 | W3 | W4 fill (rest of the device) |")
     p("|---|---|---|---|---|")
     for s in seen:
-        if s in ("loop", "ublkloop"):
+        if s in ("loop", "ublkloop", "ublkloop-a"):
             continue
         row = [LABEL.get(s, s)]
         for w in ("w1", "w2", "w3", "w4-fill"):
@@ -351,6 +352,8 @@ def main():
     p(f"| W4 1 MiB sequential >= 0.9x ublk loop | {rs(r)} | {verdict(r, 0.9, le=False)} |")
     r = w4("w4-rand4k", "iops", "loop")
     p(f"| W4 4k random >= 0.8x kernel loop | {rs(r)} | {verdict(r, 0.8, le=False)} |")
+    r = w4("w4-rand4k", "iops", "ublkloop-a")
+    p(f"| (W4 4k random vs rublk in async/await mode, libublk's model that lazyblk uses, for reference) | {rs(r)} | |")
     hw = max([float(d["hwm_kib"]) for (s, w), d in res.items() if s.startswith("lazyblk") and "hwm_kib" in d] or [0])
     p(f"| lazyblk daemon peak RSS < 64 MiB | {hw / 1024:.1f} MiB | {verdict(hw / 1024 if hw else None, 64)} |")
     p("")

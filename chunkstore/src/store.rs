@@ -863,8 +863,9 @@ fn reverify(
     )
 }
 
-/// Whether the blocks of pack frame `f` in the data file hash to the frame's digest.
-fn frame_intact(m: &Manifest, data: &File, f: usize) -> bool {
+/// Whether the blocks of metadata pack frame `f` in the data file `data` of a cache hash to the
+/// frame's digest (false for a frame the manifest does not have, or a short read).
+pub fn frame_intact(m: &Manifest, data: &File, f: usize) -> bool {
     let Some(p) = m.pack.as_ref().filter(|p| f < p.frames.len()) else {
         return false;
     };
@@ -1118,6 +1119,30 @@ impl Inner {
         Some(n + p.frame_of(pos.start) as u64..=n + p.frame_of(pos.end - 1) as u64)
     }
 
+    /// Mark present the pack frames whose blocks all lie in present chunks: the data file
+    /// already holds their verified bytes, so there is nothing to fetch (after a hydration, or
+    /// a workload that read the chunks, a restart with the pack prefetch fetches nothing).
+    fn adopt_frames(&self) {
+        let Some(p) = &self.manifest.pack else {
+            return;
+        };
+        let n = self.manifest.chunk_count();
+        let cs = u64::from(self.manifest.chunk_size);
+        let adopt: Vec<u64> = (0..p.frames.len())
+            .filter(|&f| {
+                !self.present.get(n + f as u64)
+                    && p.blocks[p.frame_positions(f)]
+                        .iter()
+                        .all(|&b| self.present.get(u64::from(b) * PACK_BLOCK / cs))
+            })
+            .map(|f| n + f as u64)
+            .collect();
+        if !adopt.is_empty() {
+            tracing::debug!("{} pack frames already present in the chunks", adopt.len());
+            self.complete(&adopt, None);
+        }
+    }
+
     /// The stored entry behind a unit (`None` for an all-zero chunk).
     fn unit_entry(&self, u: u64) -> Option<Entry> {
         let n = self.manifest.chunk_count();
@@ -1177,6 +1202,7 @@ impl Inner {
     async fn background_work(self: Arc<Self>, order: Vec<u64>, hydrate: bool, rate: Option<u64>) {
         let n = self.manifest.chunk_count();
         let units = n + self.manifest.frame_count();
+        self.adopt_frames();
         let order: Vec<u64> = order.into_iter().filter(|&c| c < units).collect();
         if !order.is_empty() {
             let slots = self.opts.max_requests.max(1);

@@ -1057,3 +1057,32 @@ fn eviction_never_punches_pack_blocks() {
     assert_eq!(store.stats().misses, misses, "pack blocks stay present");
     assert_eq!(read_all(&store, f.image.len()), f.image);
 }
+
+#[test]
+fn pack_frames_held_by_present_chunks_are_not_fetched() {
+    let (f, blocks) = fixture_with_pack(45);
+    let srv = FaultServer::start(&f.serve, "blob");
+    let loc = Location::parse(&srv.url("manifest"));
+    let mut o = opts(&f);
+    o.prefetch_pack = false;
+    {
+        let store = ChunkStore::open(&loc, o).unwrap();
+        // Reads that span non-pack blocks fetch chunks only.
+        assert_eq!(read_all(&store, f.image.len()), f.image);
+        assert_eq!(store.stats().pack_frames_present, 0);
+    }
+    let store = ChunkStore::open(&loc, opts(&f)).unwrap();
+    store.start_default_background();
+    wait_for("background", || store.stats().background_done);
+    let s = store.stats();
+    assert_eq!((s.pack_frames_present, s.requests), (2, 0), "{s:?}");
+    drop(store);
+    // Recorded like fetched frames: present after a restart.
+    let mut o = opts(&f);
+    o.prefetch_pack = false;
+    let store = ChunkStore::open(&loc, o).unwrap();
+    assert_eq!(store.stats().pack_frames_present, 2);
+    for &b in &blocks {
+        assert_eq!(read_block(&store, b), image_block(&f, b));
+    }
+}

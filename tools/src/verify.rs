@@ -30,6 +30,7 @@ pub fn verify_cache(dir: &Path) -> Result<()> {
     }
     let m = Manifest::decode(&mbytes).with_context(|| format!("decoding {}", mpath.display()))?;
     let n = m.chunk_count();
+    let frames = m.frame_count();
     let bpath = dir.join("bitmap");
     let bbytes = match std::fs::read(&bpath) {
         Ok(b) => b,
@@ -42,7 +43,8 @@ pub fn verify_cache(dir: &Path) -> Result<()> {
         }
         Err(e) => return Err(e).with_context(|| format!("reading {}", bpath.display())),
     };
-    let decoded = bitmap::decode(&bbytes, &id, n).map_err(|why| {
+    // A bit per chunk, then a bit per metadata pack frame.
+    let decoded = bitmap::decode(&bbytes, &id, n + frames).map_err(|why| {
         anyhow::anyhow!(
             "bitmap {} is unusable (the store would discard the cache): {why}",
             bpath.display()
@@ -55,13 +57,30 @@ pub fn verify_cache(dir: &Path) -> Result<()> {
 
     let mut buf = vec![0u8; m.chunk_size as usize];
     let (mut claimed, mut zero, mut good) = (0u64, 0u64, 0u64);
-    let mut bad: Vec<(u64, String)> = Vec::new();
+    let (mut frames_claimed, mut frames_good) = (0u64, 0u64);
+    let mut bad: Vec<(String, String)> = Vec::new();
     for i in decoded.bits.iter_ones().map(|i| i as u64) {
+        if i >= n {
+            frames_claimed += 1;
+            let f = i - n;
+            if lazyblk_chunkstore::store::frame_intact(&m, &data, f as usize) {
+                frames_good += 1;
+            } else {
+                bad.push((
+                    format!("metadata pack frame {f}"),
+                    "its blocks do not hash to the manifest's digest".into(),
+                ));
+            }
+            continue;
+        }
         claimed += 1;
         let len = m.chunk_len(i) as usize;
         let at = m.chunk_offset(i);
         if let Err(e) = data.read_exact_at(&mut buf[..len], at) {
-            bad.push((i, format!("cannot read {len} bytes at {at}: {e}")));
+            bad.push((
+                format!("chunk {i}"),
+                format!("cannot read {len} bytes at {at}: {e}"),
+            ));
             continue;
         }
         let problem = match m.chunk(i) {
@@ -79,7 +98,7 @@ pub fn verify_cache(dir: &Path) -> Result<()> {
             }
         };
         match problem {
-            Some(p) => bad.push((i, p)),
+            Some(p) => bad.push((format!("chunk {i}"), p)),
             None => good += 1,
         }
     }
@@ -87,19 +106,27 @@ pub fn verify_cache(dir: &Path) -> Result<()> {
         Trust::Clean => "closed cleanly",
         Trust::Verify => "not closed cleanly",
     };
+    let pack = if frames > 0 {
+        format!(
+            ", metadata pack: {frames_claimed} of {frames} frames claimed, {frames_good} verified"
+        )
+    } else {
+        String::new()
+    };
     println!(
-        "verify-cache {}: {id}: {n} chunks of {} KiB, bitmap {trust}: {claimed} claimed present ({zero} zero), {good} verified, {} bad",
+        "verify-cache {}: {id}: {n} chunks of {} KiB, bitmap {trust}: {claimed} claimed present ({zero} zero), {good} verified{pack}, {} bad",
         dir.display(),
         m.chunk_size / 1024,
         bad.len()
     );
-    for (i, why) in bad.iter().take(LIST_BAD) {
-        println!("bad chunk {i}: {why}");
+    for (what, why) in bad.iter().take(LIST_BAD) {
+        println!("bad {what}: {why}");
     }
     if !bad.is_empty() {
         bail!(
-            "{} of the {claimed} chunks the bitmap claims present are bad",
-            bad.len()
+            "{} of the {} chunks and pack frames the bitmap claims present are bad",
+            bad.len(),
+            claimed + frames_claimed
         );
     }
     if data_len != want_len {
@@ -208,6 +235,43 @@ mod tests {
         other.push(0);
         std::fs::write(dir.join("manifest"), other).unwrap();
         assert!(verify_cache(&dir).is_err());
+    }
+
+    #[test]
+    fn checks_metadata_pack_frames() {
+        use lazyblk_chunkstore::builder::PackBlocks;
+        let tmp = tempfile::tempdir().unwrap();
+        let raw = tmp.path().join("raw.img");
+        std::fs::write(&raw, image()).unwrap();
+        let www = tmp.path().join("www");
+        let opts = BuildOptions {
+            chunk_size: CHUNK as u32,
+            // blocks 17 and 200 (chunks 1 and 12), one frame
+            metadata_pack: PackBlocks::Blocks(vec![17, 200]),
+            ..Default::default()
+        };
+        build_image(&raw, &www, &opts, |_| {}).unwrap();
+        let store_opts = StoreOptions {
+            cache_root: tmp.path().join("cache"),
+            prefetch_pack: false,
+            readahead_chunks: 0,
+            ..Default::default()
+        };
+        let loc = Location::parse(&www.join("manifest").display().to_string());
+        let store = ChunkStore::open(&loc, store_opts).unwrap();
+        let mut buf = vec![0u8; 4096];
+        store.read_at(17 * 4096, &mut buf).unwrap(); // fetches the frame, not chunk 1
+        assert_eq!(store.stats().pack_frames_present, 1);
+        assert!(!store.chunk_present(1));
+        let dir = store.cache_dir().to_path_buf();
+        drop(store);
+        verify_cache(&dir).expect("a cache with a pack frame verifies");
+        patch(&dir.join("data"), 200 * 4096 + 9, b"!");
+        let e = verify_cache(&dir).unwrap_err().to_string();
+        assert!(
+            e.contains("1 of the") && e.contains("chunks and pack frames"),
+            "{e}"
+        );
     }
 
     /// Put the image's bytes of chunk `i` back into the data file.
