@@ -1086,3 +1086,42 @@ fn pack_frames_held_by_present_chunks_are_not_fetched() {
         assert_eq!(read_block(&store, b), image_block(&f, b));
     }
 }
+
+#[test]
+fn sparse_reads_do_not_grow_the_readahead_window() {
+    let f = fixture(8 << 20, 64 << 10, 25);
+    let run = |stride: u64| {
+        let srv = FaultServer::start(&f.serve, "blob");
+        let o = StoreOptions {
+            cache_root: f.root.join(format!("cache-sparse-{stride}")),
+            readahead_chunks: 2,
+            readahead_max_chunks: 32,
+            ..opts(&f)
+        };
+        let store = ChunkStore::open(&Location::parse(&srv.url("manifest")), o).unwrap();
+        let n = store.manifest().chunk_count();
+        let mut buf = vec![0u8; 4096];
+        let mut read = 0;
+        for i in (0..n).step_by(stride as usize) {
+            store.read_at(i * 65536, &mut buf).unwrap();
+            assert_eq!(&buf[..], &f.image[i as usize * 65536..][..4096]);
+            read += 1;
+        }
+        store.flush().unwrap();
+        (read, store.stats())
+    };
+    // Reading one chunk in 3 passes each stream's window with a third of it read: the window
+    // stays at its first size, so the store fetches about (1 + 2) chunks per read, not the
+    // whole image as doubling windows would.
+    let (read, s) = run(3);
+    let n = 128;
+    assert!(
+        s.chunks_fetched <= 3 * read + 4 && s.chunks_fetched < n,
+        "{read} reads: {s:?}"
+    );
+    // Sequential reads still grow it: a miss (or a wait for a chunk in flight) every few
+    // windows, not one per chunk.
+    let (read, s) = run(1);
+    assert_eq!(read, n);
+    assert!(s.misses * 4 <= n && s.requests * 4 <= n, "{s:?}");
+}

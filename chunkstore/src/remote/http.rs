@@ -30,7 +30,8 @@ impl Default for HttpOptions {
     }
 }
 
-fn client(opts: &HttpOptions) -> Result<reqwest::Client, RemoteError> {
+/// A client (one connection pool) with lazyblk's timeouts and redirect policy.
+pub(super) fn client(opts: &HttpOptions) -> Result<reqwest::Client, RemoteError> {
     let policy = reqwest::redirect::Policy::custom(|attempt| {
         let same_origin = attempt.previous().first().is_some_and(|first| {
             first.scheme() == attempt.url().scheme()
@@ -107,11 +108,16 @@ pub struct HttpRemote {
 impl HttpRemote {
     /// A remote for `url`.
     pub fn new(url: &str, opts: &HttpOptions) -> Result<Self, RemoteError> {
-        Ok(HttpRemote {
+        Ok(Self::with_client(url, client(opts)?))
+    }
+
+    /// A remote for `url` that uses `client` (and its connection pool).
+    pub(super) fn with_client(url: &str, client: reqwest::Client) -> Self {
+        HttpRemote {
             url: url.to_string(),
-            client: client(opts)?,
+            client,
             seen: Mutex::new(None),
-        })
+        }
     }
 
     fn pinned(&self) -> Option<BlobInfo> {
@@ -245,11 +251,10 @@ impl Remote for HttpRemote {
 
 /// GET a whole small resource (a manifest), at most `max` bytes.
 pub(super) async fn get_whole(
+    client: &reqwest::Client,
     url: &str,
-    opts: &HttpOptions,
     max: u64,
 ) -> Result<Vec<u8>, RemoteError> {
-    let client = client(opts)?;
     let mut resp = client.get(url).send().await.map_err(|e| classify(url, e))?;
     if resp.status() != StatusCode::OK {
         return Err(status_error(url, resp.status()));
