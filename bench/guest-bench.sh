@@ -9,7 +9,7 @@ set -u
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 # shellcheck disable=SC1091
 . /bench/bench.conf
-SYSTEMS=${BENCH_SYSTEMS:-loop ublkloop ublkloop-a download nbdkit qemu lazyblk-od lazyblk lazyblk-pf}
+SYSTEMS=${BENCH_SYSTEMS:-loop ublkloop ublkloop-a download nbdkit qemu lazyblk-od lazyblk lazyblk-pf lazyblk-opt}
 WORKLOADS=${BENCH_WORKLOADS:-w1 w2 w3 w4}
 NETEM=${BENCH_NETEM:-delay 10ms rate 100mbit}
 FIO_SECS=${BENCH_FIO_SECS:-5}
@@ -196,9 +196,10 @@ det_qemu() {
 }
 
 LZ_ID=""
+LZ_IMG=img # the image lazyblk attaches: $WWW/$LZ_IMG/manifest
 att_lazyblk() { # lazyblk add <manifest URL> [ADD-ARGS...] with a fresh cache dir
     rm -rf "$SCRATCH/lazyblk"
-    out=$(lazyblk add "$URL/img/manifest" --cache-dir "$SCRATCH/lazyblk" "$@" 2>&1) || { echo "$out"; return 1; }
+    out=$(lazyblk add "$URL/$LZ_IMG/manifest" --cache-dir "$SCRATCH/lazyblk" "$@" 2>&1) || { echo "$out"; return 1; }
     DEV=$(echo "$out" | tail -n 1)
     [ -b "$DEV" ] || { echo "$out"; return 1; }
     LZ_ID=${DEV#/dev/ublkb}
@@ -223,7 +224,22 @@ det_lazyblk_pf() {
     rm -f "$WWW/img/prefetch"
 }
 
-record_trace() { # after lazyblk's W1: lazyblk trace <id> -o <file>
+# lazyblk on the image optimized with the same W1's block trace: `lazyblk trace --blocks`, then
+# `lazyblk build image.erofs --pack-blocks` (in the guest, after that W1; not timed as part of
+# any workload), served as img-opt/: the blocks W1 read travel in the pack, with the metadata.
+OPT_AVAILABLE=""
+OPT_REASON="no block trace recorded yet (run the lazyblk system's w1 first)"
+att_lazyblk_opt() {
+    [ -n "$OPT_AVAILABLE" ] || { echo "$OPT_REASON"; return 2; }
+    LZ_IMG=img-opt
+    att_lazyblk
+    _rc=$?
+    LZ_IMG=img
+    return $_rc
+}
+det_lazyblk_opt() { det_lazyblk; }
+
+record_trace() { # after lazyblk's W1: lazyblk trace <id> -o <file>, and the optimized image
     if ! lazyblk trace --help >/dev/null 2>&1; then
         PF_REASON="not available: this lazyblk has no 'trace' command"
         return 0
@@ -233,6 +249,19 @@ record_trace() { # after lazyblk's W1: lazyblk trace <id> -o <file>
         say "trace recorded: $(wc -c <"$WWW/img/prefetch.trace") bytes"
     else
         PF_REASON="failed: lazyblk trace: $(tr '\n' ' ' </tmp/trace.out | cut -c1-200)"
+    fi
+    if ! lazyblk trace "$LZ_ID" --blocks -o /tmp/w1.blocks >/tmp/trace.out 2>&1; then
+        OPT_REASON="failed: lazyblk trace --blocks: $(tr '\n' ' ' </tmp/trace.out | cut -c1-200)"
+        return 0
+    fi
+    say "block trace: $(cat /tmp/trace.out)"
+    _t=$(now)
+    if lazyblk build "$WWW/image.erofs" -o "$WWW/img-opt" --chunk-kib "${BENCH_CHUNK_KIB:-128}" \
+        --pack-blocks /tmp/w1.blocks >/tmp/build-opt.out 2>&1; then
+        OPT_AVAILABLE=1
+        echo "BENCHINFO sys=lazyblk-opt w=build secs=$(sub "$_t" "$(now)") $(grep -E '^(blob|metadata|pack) ' /tmp/build-opt.out | tr '\n' ' ')"
+    else
+        OPT_REASON="failed: lazyblk build --pack-blocks: $(tr '\n' ' ' </tmp/build-opt.out | cut -c1-200)"
     fi
 }
 

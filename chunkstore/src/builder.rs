@@ -24,6 +24,10 @@ pub struct BuildOptions {
     pub blob_name: String,
     /// Which blocks go into the metadata pack.
     pub metadata_pack: PackBlocks,
+    /// More 4 KiB blocks for the pack, on top of `metadata_pack`'s: the blocks a recorded
+    /// workload read (`lazyblk trace --blocks`), so that it finds them all after a few
+    /// requests. Blocks beyond the image are ignored.
+    pub extra_pack_blocks: Vec<u64>,
 }
 
 /// Which blocks of the image a build stores in the metadata pack.
@@ -46,6 +50,7 @@ impl Default for BuildOptions {
             level: 9,
             blob_name: "blob".into(),
             metadata_pack: PackBlocks::Erofs,
+            extra_pack_blocks: Vec::new(),
         }
     }
 }
@@ -78,6 +83,8 @@ pub struct BuildSummary {
     /// Stored chunks the pack's blocks are spread over in the image: what a client without
     /// the pack would fetch to read all of them.
     pub pack_chunks: u64,
+    /// Blocks in the pack only because `extra_pack_blocks` named them.
+    pub pack_extra_blocks: u64,
 }
 
 /// Name of the manifest file in a build output directory.
@@ -161,11 +168,25 @@ pub fn build_image(
         }
         progress((i * cs as u64 + len as u64).min(image_size));
     }
-    let pack_list = match &opts.metadata_pack {
+    let mut pack_list = match &opts.metadata_pack {
         PackBlocks::Off => None,
         PackBlocks::Erofs => erofs_metadata_blocks(&input, image, image_size),
         PackBlocks::Blocks(b) => Some(b.clone()),
     };
+    let mut pack_extra_blocks = 0;
+    if !opts.extra_pack_blocks.is_empty() {
+        let base: std::collections::HashSet<u64> = pack_list.iter().flatten().copied().collect();
+        let mut extra: Vec<u64> = opts
+            .extra_pack_blocks
+            .iter()
+            .copied()
+            .filter(|b| !base.contains(b) && *b < image_size.div_ceil(PACK_BLOCK))
+            .collect();
+        extra.sort_unstable();
+        extra.dedup();
+        pack_extra_blocks = extra.len() as u64;
+        pack_list.get_or_insert_with(Vec::new).extend(extra);
+    }
     let mut pack_chunks = 0;
     let pack = match pack_list {
         Some(mut blocks) => {
@@ -250,6 +271,7 @@ pub fn build_image(
         pack_blocks: manifest.pack.as_ref().map_or(0, |p| p.blocks.len() as u64),
         pack_bytes: manifest.pack.as_ref().map_or(0, MetaPack::stored_bytes),
         pack_chunks,
+        pack_extra_blocks,
     })
 }
 
@@ -468,6 +490,24 @@ mod tests {
             "sorted, deduplicated, inside the image"
         );
         assert_eq!(s.pack_chunks, 4, "chunks 0, 1, 2 and 4");
+        assert_eq!(s.pack_extra_blocks, 0);
+
+        // Extra blocks (a recorded workload's) join the pack, counted apart.
+        let opts = BuildOptions {
+            extra_pack_blocks: vec![4, 5, 7, 7, 1 << 30],
+            ..opts
+        };
+        let s = build_image(&img, &dir.path().join("out2"), &opts, |_| {}).unwrap();
+        let p = check_pack(&s, &data);
+        assert_eq!(p.blocks, vec![0, 3, 4, 5, 7, 9]);
+        assert_eq!(s.pack_extra_blocks, 2);
+        // ... also without a pack of their own.
+        let opts = BuildOptions {
+            metadata_pack: PackBlocks::Off,
+            ..opts
+        };
+        let s = build_image(&img, &dir.path().join("out3"), &opts, |_| {}).unwrap();
+        assert_eq!(check_pack(&s, &data).blocks, vec![4, 5, 7]);
     }
 
     #[test]

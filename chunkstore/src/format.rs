@@ -822,3 +822,83 @@ mod prefetch_tests {
         assert!(PrefetchList::decode(&b[..b.len() - 1], &id, 4).is_err());
     }
 }
+
+/// Magic bytes of a block list.
+pub const BLOCK_LIST_MAGIC: &[u8; 8] = b"LZBLKBL1";
+
+/// 4 KiB blocks of an image that a workload read (recorded by `lazyblk trace --blocks`), for
+/// `lazyblk build --pack-blocks`: stored in the metadata pack of the rebuilt image, they are
+/// fetched with a few requests at `add`, at block rather than chunk granularity. Layout: magic
+/// `LZBLKBL1`, the id of the image it was recorded on (32 bytes), count (`u32`), then `count`
+/// strictly ascending block numbers (`u32`, offset / 4096), little endian.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockList {
+    /// The image the blocks were read from.
+    pub image: ImageId,
+    /// Block numbers, strictly ascending.
+    pub blocks: Vec<u32>,
+}
+
+impl BlockList {
+    /// Encode to bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(44 + 4 * self.blocks.len());
+        out.extend_from_slice(BLOCK_LIST_MAGIC);
+        out.extend_from_slice(&self.image.0);
+        out.extend_from_slice(&(self.blocks.len() as u32).to_le_bytes());
+        for b in &self.blocks {
+            out.extend_from_slice(&b.to_le_bytes());
+        }
+        out
+    }
+
+    /// Decode and validate (magic, length, order).
+    pub fn decode(b: &[u8]) -> Result<BlockList> {
+        let bad = |m: String| Error::Invalid(format!("malformed block list: {m}"));
+        if b.len() < 44 || &b[0..8] != BLOCK_LIST_MAGIC {
+            return Err(bad("bad magic or truncated header".into()));
+        }
+        let image = ImageId(b[8..40].try_into().expect("32 bytes"));
+        let n = le_u32(b, 40) as usize;
+        if b.len() as u64 != 44 + 4 * n as u64 {
+            return Err(bad(format!("{} bytes for {n} blocks", b.len())));
+        }
+        let mut blocks = Vec::with_capacity(n);
+        for i in 0..n {
+            let blk = le_u32(b, 44 + 4 * i);
+            if blocks.last().is_some_and(|&prev| prev >= blk) {
+                return Err(bad(format!("block {blk} is out of order")));
+            }
+            blocks.push(blk);
+        }
+        Ok(BlockList { image, blocks })
+    }
+}
+
+#[cfg(test)]
+mod block_list_tests {
+    use super::*;
+
+    #[test]
+    fn block_list_roundtrip_and_checks() {
+        let l = BlockList {
+            image: ImageId([3; 32]),
+            blocks: vec![0, 5, 6, 900],
+        };
+        let b = l.encode();
+        assert_eq!(BlockList::decode(&b).unwrap(), l);
+        for n in 0..b.len() {
+            assert!(BlockList::decode(&b[..n]).is_err(), "truncated to {n}");
+        }
+        let mut v = b.clone();
+        v[48..52].copy_from_slice(&7u32.to_le_bytes()); // 7, 5: out of order
+        let e = BlockList::decode(&v).unwrap_err().to_string();
+        assert!(e.contains("out of order"), "{e}");
+        let mut v = b;
+        v[0] = b'X';
+        assert!(BlockList::decode(&v)
+            .unwrap_err()
+            .to_string()
+            .contains("magic"));
+    }
+}

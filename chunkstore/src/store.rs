@@ -218,6 +218,31 @@ impl AtomicBits {
     fn clear(&self, i: u64) {
         self.0[(i / 64) as usize].fetch_and(!(1 << (i % 64)), Ordering::AcqRel);
     }
+    /// Set bits `lo..=hi` (a word at a time, skipping words already set).
+    fn set_range(&self, lo: u64, hi: u64) {
+        let (wlo, whi) = (lo / 64, hi / 64);
+        for w in wlo..=whi {
+            let from = if w == wlo { lo % 64 } else { 0 };
+            let to = if w == whi { hi % 64 } else { 63 };
+            let mask = (u64::MAX >> (63 - (to - from))) << from;
+            let word = &self.0[w as usize];
+            if word.load(Ordering::Relaxed) & mask != mask {
+                word.fetch_or(mask, Ordering::Relaxed);
+            }
+        }
+    }
+    /// The indices of the bits set, ascending.
+    fn ones(&self) -> Vec<u64> {
+        let mut out = Vec::new();
+        for (i, w) in self.0.iter().enumerate() {
+            let mut v = w.load(Ordering::Relaxed);
+            while v != 0 {
+                out.push(i as u64 * 64 + u64::from(v.trailing_zeros()));
+                v &= v - 1;
+            }
+        }
+        out
+    }
     /// Bits set among `from..to`.
     fn count_range(&self, from: u64, to: u64) -> u64 {
         (from..to).filter(|&i| self.get(i)).count() as u64
@@ -345,6 +370,8 @@ struct Inner {
     readahead: Mutex<Readahead>,
     /// Chunks whose first read starts the next readahead window of a stream.
     ra_trigger: AtomicBits,
+    /// The 4 KiB blocks read since open (for `lazyblk trace --blocks`).
+    touched: AtomicBits,
 }
 
 /// A verified, crash-consistent local cache of one image, fetching missing chunks on demand.
@@ -612,6 +639,7 @@ impl ChunkStore {
             prefetch_list,
             readahead: Mutex::new(Readahead::default()),
             ra_trigger: AtomicBits::new(n),
+            touched: AtomicBits::new(device_size / u64::from(BLOCK_SIZE)),
         });
         let bitmap = Arc::new(Mutex::new(Some(bitmap)));
         let persister = {
@@ -705,6 +733,17 @@ impl ChunkStore {
     /// The chunks read since open, in first-access order (what `lazyblk trace` records).
     pub fn access_trace(&self) -> Vec<u32> {
         self.inner.trace.lock().expect("lock").clone()
+    }
+
+    /// The 4 KiB blocks read since open, ascending (what `lazyblk trace --blocks` records: the
+    /// blocks a workload needs, for `lazyblk build --pack-blocks`).
+    pub fn block_trace(&self) -> Vec<u32> {
+        self.inner
+            .touched
+            .ones()
+            .into_iter()
+            .map(|b| b as u32)
+            .collect()
     }
 
     /// The prefetch list published with the image, if one was found.
@@ -1175,6 +1214,12 @@ impl Inner {
         }
     }
 
+    /// Record a read of `offset..offset + len` (inside the device, `len` > 0) in the block trace.
+    fn note_blocks(&self, offset: u64, len: u64) {
+        let b = u64::from(BLOCK_SIZE);
+        self.touched.set_range(offset / b, (offset + len - 1) / b);
+    }
+
     fn chunk_range(&self, offset: u64, len: u64) -> (u64, u64) {
         let cs = u64::from(self.manifest.chunk_size);
         let last_chunk = self.manifest.chunk_count().saturating_sub(1);
@@ -1354,6 +1399,7 @@ impl Inner {
         if len == 0 || self.manifest.chunk_count() == 0 {
             return done(Ok(()));
         }
+        self.note_blocks(offset, len);
         let (first, last) = self.chunk_range(offset, len);
         if self.all_present(first, last) {
             return done(Ok(()));
@@ -1883,6 +1929,9 @@ impl BlockSource for ChunkStore {
     fn locate(&self, offset: u64, len: u64) -> Option<Located> {
         let inner = &self.inner;
         check_range(inner.device_size, offset, len).ok()?;
+        if len > 0 {
+            inner.note_blocks(offset, len);
+        }
         if len > 0 && inner.manifest.chunk_count() > 0 {
             let (first, last) = inner.chunk_range(offset, len);
             if inner.all_present(first, last) {

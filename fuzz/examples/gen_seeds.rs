@@ -8,6 +8,7 @@
 //!   image, once while open (dirty) and once after a clean close, each prefixed with the chunk
 //!   count and image id the `bitmap` target expects (see `fuzz_targets/bitmap.rs`).
 //! * `prefetch/`: prefetch lists for that image (`PrefetchList::encode`), with the same prefix.
+//! * `block_list/`: the block list of the blocks those reads touched (`ChunkStore::block_trace`).
 //! * `erofs/`: small erofs images made by `mkfs.erofs` (erofs-utils): plain, with extended
 //!   inodes, xattrs and a multi-block directory, lz4-compressed, and with chunk-based files.
 //!
@@ -16,7 +17,7 @@
 use lazyblk_blocksource::BlockSource;
 use lazyblk_chunkstore::bitmap::{self, Trust};
 use lazyblk_chunkstore::builder::{build_image, BuildOptions, PackBlocks};
-use lazyblk_chunkstore::format::{ImageId, Manifest, PrefetchList};
+use lazyblk_chunkstore::format::{BlockList, ImageId, Manifest, PrefetchList};
 use lazyblk_chunkstore::{ChunkStore, Location, StoreOptions};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -258,6 +259,14 @@ fn main() {
             .expect("read through the store");
     }
     store.flush().expect("flush");
+    // The blocks those reads touched, as `lazyblk trace --blocks` writes them.
+    let blocks = BlockList {
+        image: id,
+        blocks: store.block_trace(),
+    }
+    .encode();
+    BlockList::decode(&blocks).expect("block list decodes");
+    write(&corpus.join("block_list"), "store-trace", &blocks);
     let bitmap_path = store.cache_dir().join("bitmap");
     let dirty = std::fs::read(&bitmap_path).expect("read bitmap");
     drop(store);

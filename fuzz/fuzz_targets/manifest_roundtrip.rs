@@ -141,6 +141,10 @@ impl<'a> Arbitrary<'a> for ValidManifest {
                     break;
                 }
             }
+            if blocks.is_empty() {
+                // A pack holds at least one block (the first one drawn lay past the image).
+                blocks.push(0);
+            }
             let mut p = MetaPack {
                 blocks,
                 frame_blocks,

@@ -60,6 +60,31 @@ echo "misses during mount + the traced workload: $(( $(field /tmp/s.json misses)
 check "mount + the traced workload ran without a single miss" [ "$(field /tmp/s.json misses)" -eq "$BEFORE" ]
 umount /mnt/p; lazyblk del "$ID" > /dev/null
 
+step "trace --blocks, rebuild with --pack-blocks: the workload's blocks arrive with the pack"
+DEV=$(lazyblk add "$URL" --cache-dir /tmp/c-blocks) || die "add"
+ID=${DEV#/dev/ublkb}
+mount -t erofs -o ro "$DEV" /mnt/p || die "mount"
+subset
+lazyblk trace "$ID" --blocks -o /tmp/blocks || die "trace --blocks"
+umount /mnt/p
+lazyblk export "$ID" /tmp/img1.raw > /dev/null || die "export"
+lazyblk del "$ID" > /dev/null
+lazyblk build /tmp/img1.raw -o /www/img1opt --chunk-kib 64 --pack-blocks /tmp/blocks > /tmp/build.txt || die "build --pack-blocks"
+cat /tmp/build.txt
+check "the rebuilt pack holds the traced data blocks" grep -q "more blocks from --pack-blocks" /tmp/build.txt
+DEV=$(lazyblk add http://127.0.0.1:8080/img1opt/manifest --cache-dir /tmp/c-opt) || die "add the rebuilt image"
+ID=${DEV#/dev/ublkb}
+wait_background "$ID"
+BEFORE=$(field /tmp/s.json misses); C0=$(field /tmp/s.json chunks_fetched)
+mount -t erofs -o ro "$DEV" /mnt/p || die "mount"
+subset
+status_json "$ID" > /tmp/s.json
+echo "misses during mount + the workload: $(( $(field /tmp/s.json misses) - BEFORE )), chunks fetched: $(( $(field /tmp/s.json chunks_fetched) - C0 ))"
+check "mount + the workload ran without a single miss" [ "$(field /tmp/s.json misses)" -eq "$BEFORE" ]
+check "and without fetching a chunk: every block came in the pack" [ "$(field /tmp/s.json chunks_fetched)" -eq "$C0" ]
+umount /mnt/p; lazyblk del "$ID" > /dev/null
+rm -rf /www/img1opt /tmp/img1.raw /tmp/c-opt /tmp/c-blocks
+
 step "hydration: the whole image arrives in the background, then no network is needed"
 DEV=$(lazyblk add "$URL" --cache-dir /tmp/c-hydrate --hydrate --hydrate-rate 20M) || die "add"
 ID=${DEV#/dev/ublkb}

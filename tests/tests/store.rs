@@ -2,7 +2,7 @@
 
 use lazyblk_blocksource::{BlockError, BlockSource};
 use lazyblk_chunkstore::builder::{build_image, BuildOptions, PackBlocks};
-use lazyblk_chunkstore::format::ChunkRef;
+use lazyblk_chunkstore::format::{BlockList, ChunkRef};
 use lazyblk_chunkstore::remote::HttpOptions;
 use lazyblk_chunkstore::{ChunkStore, Error, ImageId, Location, StoreOptions};
 use lazyblk_tests::fault::{Fault, FaultServer};
@@ -1124,4 +1124,47 @@ fn sparse_reads_do_not_grow_the_readahead_window() {
     let (read, s) = run(1);
     assert_eq!(read, n);
     assert!(s.misses * 4 <= n && s.requests * 4 <= n, "{s:?}");
+}
+
+#[test]
+fn block_trace_records_every_block_read_and_feeds_a_rebuilt_pack() {
+    let f = fixture(1 << 20, 64 << 10, 26);
+    let srv = FaultServer::start(&f.serve, "blob");
+    let mut o = opts(&f);
+    o.readahead_chunks = 0;
+    let store = ChunkStore::open(&Location::parse(&srv.url("manifest")), o).unwrap();
+    let mut buf = vec![0u8; 3 * 4096 + 10];
+    store.read_at(5 * 4096 + 100, &mut buf).unwrap(); // blocks 5..=8, a miss
+    store.read_at(6 * 4096, &mut buf[..4096]).unwrap(); // block 6 again, a hit
+    store.read_at(200 * 4096, &mut buf[..1]).unwrap(); // block 200
+    assert_eq!(store.block_trace(), vec![5, 6, 7, 8, 200]);
+    let list = BlockList {
+        image: store.id(),
+        blocks: store.block_trace(),
+    };
+    drop(store);
+    // Rebuilt with those blocks in its pack, the image serves the same reads from the pack.
+    let list = BlockList::decode(&list.encode()).unwrap();
+    let out = f.root.join("www-opt");
+    build_image(
+        &f.root.join("raw.img"),
+        &out,
+        &BuildOptions {
+            chunk_size: 64 << 10,
+            extra_pack_blocks: list.blocks.iter().map(|&b| u64::from(b)).collect(),
+            ..Default::default()
+        },
+        |_| {},
+    )
+    .unwrap();
+    let srv2 = FaultServer::start(&out, "blob");
+    let store = ChunkStore::open(&Location::parse(&srv2.url("manifest")), opts(&f)).unwrap();
+    store.start_default_background();
+    wait_for("the pack", || store.stats().background_done);
+    store.read_at(5 * 4096 + 100, &mut buf).unwrap();
+    assert_eq!(&buf[..], &f.image[5 * 4096 + 100..][..buf.len()]);
+    store.read_at(200 * 4096, &mut buf[..4096]).unwrap();
+    assert_eq!(&buf[..4096], &f.image[200 * 4096..201 * 4096]);
+    let s = store.stats();
+    assert_eq!((s.misses, s.chunks_fetched, s.requests), (0, 0, 1), "{s:?}");
 }

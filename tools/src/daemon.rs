@@ -398,6 +398,10 @@ fn spawn_control(
                     let t = serde_json::to_string(&store.access_trace()).unwrap_or_default();
                     let _ = writeln!(w, "{t}");
                 }
+                "blocks" => {
+                    let t = serde_json::to_string(&store.block_trace()).unwrap_or_default();
+                    let _ = writeln!(w, "{t}");
+                }
                 "published" => {
                     let l = store.prefetch_list().unwrap_or_default();
                     let t = serde_json::to_string(l).unwrap_or_default();

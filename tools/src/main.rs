@@ -176,6 +176,11 @@ enum Cmd {
         /// erofs image's inodes, directories and xattrs, fetched first at every `add`).
         #[arg(long)]
         no_metadata_pack: bool,
+        /// Also store in the pack the blocks of this block list (`lazyblk trace --blocks`,
+        /// recorded on an earlier build of the same image): a workload that reads them then
+        /// finds them all after a few requests, at block rather than chunk granularity.
+        #[arg(long)]
+        pack_blocks: Option<PathBuf>,
     },
     /// Read an image through the chunk store (no kernel device needed).
     Cat {
@@ -234,10 +239,13 @@ enum Cmd {
         /// Output file.
         #[arg(short, long)]
         output: PathBuf,
-        /// Only the trace: do not append the rest of the list the image was published with
-        /// (e.g. the metadata list `build` makes for erofs images).
+        /// Only the trace: do not append the rest of the list the image was published with.
         #[arg(long)]
         trace_only: bool,
+        /// Write the 4 KiB blocks read since `add` instead (a block list, ascending), for
+        /// `lazyblk build --pack-blocks`: the rebuilt image stores them in its pack.
+        #[arg(long, conflicts_with = "trace_only")]
+        blocks: bool,
     },
     /// Write the whole verified raw image of a running device to a file (fetching what is
     /// missing). For an image that is not attached, use `lazyblk cat -o`.
@@ -350,6 +358,7 @@ fn run(cli: Cli) -> Result<()> {
             level,
             keep_image,
             no_metadata_pack,
+            pack_blocks,
         } => cmd_build(
             &input,
             &output,
@@ -360,6 +369,15 @@ fn run(cli: Cli) -> Result<()> {
                     PackBlocks::Off
                 } else {
                     PackBlocks::Erofs
+                },
+                extra_pack_blocks: match pack_blocks {
+                    Some(p) => {
+                        let b = std::fs::read(&p).with_context(|| format!("{}", p.display()))?;
+                        let l = lazyblk_chunkstore::format::BlockList::decode(&b)
+                            .with_context(|| format!("{}", p.display()))?;
+                        l.blocks.into_iter().map(u64::from).collect()
+                    }
+                    None => Vec::new(),
                 },
                 ..Default::default()
             },
@@ -433,7 +451,14 @@ fn run(cli: Cli) -> Result<()> {
             id,
             output,
             trace_only,
-        } => cmd_trace(&state, id, &output, trace_only),
+            blocks,
+        } => {
+            if blocks {
+                cmd_trace_blocks(&state, id, &output)
+            } else {
+                cmd_trace(&state, id, &output, trace_only)
+            }
+        }
         Cmd::Export { id, output } => {
             lazyblk_ublk::device_state(id)?;
             let out = std::path::absolute(&output)?;
@@ -611,6 +636,13 @@ fn cmd_build(input: &Path, output: &Path, opts: BuildOptions, keep: Option<PathB
             s.pack_bytes
         );
     }
+    if s.pack_extra_blocks > 0 {
+        println!(
+            "pack       {} more blocks from --pack-blocks ({} KiB of the image)",
+            s.pack_extra_blocks,
+            4 * s.pack_extra_blocks
+        );
+    }
     println!("digest     {}", s.id);
     Ok(())
 }
@@ -681,6 +713,31 @@ fn present_pct(state: &Path, id: u32, rec: &daemon::Record) -> Option<f64> {
     Some(100.0 * bits as f64 / n.max(1) as f64)
 }
 
+fn cmd_trace_blocks(state: &Path, id: u32, output: &Path) -> Result<()> {
+    lazyblk_ublk::device_state(id)?;
+    let rec =
+        record_of(state, id).with_context(|| format!("device {id} is not a lazyblk device"))?;
+    let blocks: Vec<u32> = serde_json::from_str(&daemon::control(
+        state,
+        id,
+        "blocks",
+        Duration::from_secs(30),
+    )?)
+    .context("bad blocks answer from the daemon")?;
+    let list = lazyblk_chunkstore::format::BlockList {
+        image: lazyblk_chunkstore::ImageId::parse(&rec.image)?,
+        blocks,
+    };
+    std::fs::write(output, list.encode()).with_context(|| format!("{}", output.display()))?;
+    println!(
+        "{} blocks of 4 KiB read since add ({} KiB), written to {} (rebuild the image with `lazyblk build --pack-blocks` to store them in its pack)",
+        list.blocks.len(),
+        4 * list.blocks.len(),
+        output.display()
+    );
+    Ok(())
+}
+
 fn cmd_trace(state: &Path, id: u32, output: &Path, trace_only: bool) -> Result<()> {
     lazyblk_ublk::device_state(id)?;
     let rec =
@@ -692,8 +749,8 @@ fn cmd_trace(state: &Path, id: u32, output: &Path, trace_only: bool) -> Result<(
     let mut chunks = ask("trace")?;
     let traced = chunks.len();
     if !trace_only {
-        // The published list (e.g. the build-time metadata list) follows the trace, so the
-        // new list does not lose what the old one had.
+        // The published list follows the trace, so the new list does not lose what the old
+        // one had.
         let seen: std::collections::HashSet<u32> = chunks.iter().copied().collect();
         let published = ask("published")?;
         chunks.extend(published.into_iter().filter(|c| !seen.contains(c)));
