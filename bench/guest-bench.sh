@@ -259,7 +259,7 @@ record_trace() { # after lazyblk's W1: lazyblk trace <id> -o <file>, and the opt
     if lazyblk build "$WWW/image.erofs" -o "$WWW/img-opt" --chunk-kib "${BENCH_CHUNK_KIB:-128}" \
         --pack-blocks /tmp/w1.blocks >/tmp/build-opt.out 2>&1; then
         OPT_AVAILABLE=1
-        echo "BENCHINFO sys=lazyblk-opt w=build secs=$(sub "$_t" "$(now)") $(grep -E '^(blob|metadata|pack) ' /tmp/build-opt.out | tr '\n' ' ')"
+        echo "BENCHINFO sys=lazyblk-opt w=build secs=$(sub "$_t" "$(now)") $(grep -E '^(blob|metadata) ' /tmp/build-opt.out | tr '\n' ' ')"
     else
         OPT_REASON="failed: lazyblk build --pack-blocks: $(tr '\n' ' ' </tmp/build-opt.out | cut -c1-200)"
     fi

@@ -71,7 +71,7 @@ lazyblk export "$ID" /tmp/img1.raw > /dev/null || die "export"
 lazyblk del "$ID" > /dev/null
 lazyblk build /tmp/img1.raw -o /www/img1opt --chunk-kib 64 --pack-blocks /tmp/blocks > /tmp/build.txt || die "build --pack-blocks"
 cat /tmp/build.txt
-check "the rebuilt pack holds the traced data blocks" grep -q "more blocks from --pack-blocks" /tmp/build.txt
+check "the rebuilt pack holds the traced data blocks" grep -q "more from --pack-blocks" /tmp/build.txt
 DEV=$(lazyblk add http://127.0.0.1:8080/img1opt/manifest --cache-dir /tmp/c-opt) || die "add the rebuilt image"
 ID=${DEV#/dev/ublkb}
 wait_background "$ID"

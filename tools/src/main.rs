@@ -628,19 +628,21 @@ fn cmd_build(input: &Path, output: &Path, opts: BuildOptions, keep: Option<PathB
     );
     println!("manifest   {} bytes", s.manifest_size);
     if s.pack_blocks > 0 {
+        let meta = s.pack_blocks - s.pack_extra_blocks;
+        let what = if s.pack_extra_blocks > 0 {
+            format!(
+                "{meta} of file-system metadata, {} more from --pack-blocks",
+                s.pack_extra_blocks
+            )
+        } else {
+            "the file-system metadata".to_string()
+        };
         println!(
-            "metadata   {} blocks of 4 KiB hold the file-system metadata, spread over {} chunks ({:.1}% of the stored chunks); packed into {} bytes at the end of the blob, fetched first at `add`",
+            "metadata   {} blocks of 4 KiB in the pack ({what}), spread over {} chunks ({:.1}% of the stored chunks); packed into {} bytes at the end of the blob, fetched first at `add`",
             s.pack_blocks,
             s.pack_chunks,
             100.0 * s.pack_chunks as f64 / stored.max(1) as f64,
             s.pack_bytes
-        );
-    }
-    if s.pack_extra_blocks > 0 {
-        println!(
-            "pack       {} more blocks from --pack-blocks ({} KiB of the image)",
-            s.pack_extra_blocks,
-            4 * s.pack_extra_blocks
         );
     }
     println!("digest     {}", s.id);
