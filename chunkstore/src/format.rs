@@ -760,43 +760,66 @@ pub struct PrefetchList {
     pub chunks: Vec<u32>,
 }
 
+/// The layout shared by prefetch and block lists: `magic` (8 bytes), an image id (32 bytes), a
+/// `u32` count, then `count` `u32` values, little endian.
+fn encode_u32_list(magic: &[u8; 8], image: &ImageId, values: &[u32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(44 + 4 * values.len());
+    out.extend_from_slice(magic);
+    out.extend_from_slice(&image.0);
+    out.extend_from_slice(&(values.len() as u32).to_le_bytes());
+    for v in values {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
+/// Decode [`encode_u32_list`]'s layout: the image id and the values, each passed through
+/// `check` (which names what is wrong with it); errors read "malformed `what`: ...".
+fn decode_u32_list(
+    b: &[u8],
+    magic: &[u8; 8],
+    what: &str,
+    mut check: impl FnMut(u32) -> std::result::Result<(), String>,
+) -> Result<(ImageId, Vec<u32>)> {
+    let bad = |m: String| Error::Invalid(format!("malformed {what}: {m}"));
+    if b.len() < 44 || &b[0..8] != magic {
+        return Err(bad("bad magic or truncated header".into()));
+    }
+    let image = ImageId(b[8..40].try_into().expect("32 bytes"));
+    let n = le_u32(b, 40) as usize;
+    if b.len() as u64 != 44 + 4 * n as u64 {
+        return Err(bad(format!("{} bytes for {n} entries", b.len())));
+    }
+    let mut values = Vec::with_capacity(n);
+    for i in 0..n {
+        let v = le_u32(b, 44 + 4 * i);
+        check(v).map_err(bad)?;
+        values.push(v);
+    }
+    Ok((image, values))
+}
+
 impl PrefetchList {
     /// Encode to bytes.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(44 + 4 * self.chunks.len());
-        out.extend_from_slice(PREFETCH_MAGIC);
-        out.extend_from_slice(&self.image.0);
-        out.extend_from_slice(&(self.chunks.len() as u32).to_le_bytes());
-        for c in &self.chunks {
-            out.extend_from_slice(&c.to_le_bytes());
-        }
-        out
+        encode_u32_list(PREFETCH_MAGIC, &self.image, &self.chunks)
     }
 
     /// Decode and validate against the image it must belong to.
     pub fn decode(b: &[u8], image: &ImageId, chunk_count: u64) -> Result<PrefetchList> {
-        let bad = |m: String| Error::Invalid(format!("malformed prefetch list: {m}"));
-        if b.len() < 44 || &b[0..8] != PREFETCH_MAGIC {
-            return Err(bad("bad magic or truncated header".into()));
-        }
-        if b[8..40] != image.0 {
-            return Err(bad(format!(
-                "it belongs to image sha256:{}",
+        if b.len() >= 40 && b[8..40] != image.0 && &b[0..8] == PREFETCH_MAGIC {
+            return Err(Error::Invalid(format!(
+                "malformed prefetch list: it belongs to image sha256:{}",
                 hex::encode(&b[8..40])
             )));
         }
-        let n = le_u32(b, 40) as usize;
-        if b.len() != 44 + 4 * n {
-            return Err(bad(format!("{} bytes for {n} entries", b.len())));
-        }
-        let mut chunks = Vec::with_capacity(n);
-        for i in 0..n {
-            let c = le_u32(b, 44 + 4 * i);
+        let (_, chunks) = decode_u32_list(b, PREFETCH_MAGIC, "prefetch list", |c| {
             if u64::from(c) >= chunk_count {
-                return Err(bad(format!("chunk {c} is beyond the image")));
+                Err(format!("chunk {c} is beyond the image"))
+            } else {
+                Ok(())
             }
-            chunks.push(c);
-        }
+        })?;
         Ok(PrefetchList {
             image: *image,
             chunks,
@@ -842,35 +865,19 @@ pub struct BlockList {
 impl BlockList {
     /// Encode to bytes.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(44 + 4 * self.blocks.len());
-        out.extend_from_slice(BLOCK_LIST_MAGIC);
-        out.extend_from_slice(&self.image.0);
-        out.extend_from_slice(&(self.blocks.len() as u32).to_le_bytes());
-        for b in &self.blocks {
-            out.extend_from_slice(&b.to_le_bytes());
-        }
-        out
+        encode_u32_list(BLOCK_LIST_MAGIC, &self.image, &self.blocks)
     }
 
     /// Decode and validate (magic, length, order).
     pub fn decode(b: &[u8]) -> Result<BlockList> {
-        let bad = |m: String| Error::Invalid(format!("malformed block list: {m}"));
-        if b.len() < 44 || &b[0..8] != BLOCK_LIST_MAGIC {
-            return Err(bad("bad magic or truncated header".into()));
-        }
-        let image = ImageId(b[8..40].try_into().expect("32 bytes"));
-        let n = le_u32(b, 40) as usize;
-        if b.len() as u64 != 44 + 4 * n as u64 {
-            return Err(bad(format!("{} bytes for {n} blocks", b.len())));
-        }
-        let mut blocks = Vec::with_capacity(n);
-        for i in 0..n {
-            let blk = le_u32(b, 44 + 4 * i);
-            if blocks.last().is_some_and(|&prev| prev >= blk) {
-                return Err(bad(format!("block {blk} is out of order")));
+        let mut prev: Option<u32> = None;
+        let (image, blocks) = decode_u32_list(b, BLOCK_LIST_MAGIC, "block list", |blk| {
+            if prev.is_some_and(|p| p >= blk) {
+                return Err(format!("block {blk} is out of order"));
             }
-            blocks.push(blk);
-        }
+            prev = Some(blk);
+            Ok(())
+        })?;
         Ok(BlockList { image, blocks })
     }
 }

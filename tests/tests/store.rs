@@ -1,7 +1,7 @@
 //! The chunk store against a real nginx and against the fault-injecting server.
 
 use lazyblk_blocksource::{BlockError, BlockSource};
-use lazyblk_chunkstore::builder::{build_image, BuildOptions, PackBlocks};
+use lazyblk_chunkstore::builder::{build_image, BuildOptions, BuildSummary, PackBlocks};
 use lazyblk_chunkstore::format::{BlockList, ChunkRef};
 use lazyblk_chunkstore::remote::HttpOptions;
 use lazyblk_chunkstore::{ChunkStore, Error, ImageId, Location, StoreOptions};
@@ -21,28 +21,29 @@ struct Fixture {
 }
 
 fn fixture(size: usize, chunk_size: u32, seed: u64) -> Fixture {
+    let build = BuildOptions {
+        chunk_size,
+        ..Default::default()
+    };
+    fixture_built(size, seed, &build).0
+}
+
+/// A sample image of `size` bytes built with `build` into `www/`.
+fn fixture_built(size: usize, seed: u64, build: &BuildOptions) -> (Fixture, BuildSummary) {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_path_buf();
     let image = sample_image(size, seed);
     std::fs::write(root.join("raw.img"), &image).unwrap();
     let serve = root.join("www");
-    let s = build_image(
-        &root.join("raw.img"),
-        &serve,
-        &BuildOptions {
-            chunk_size,
-            ..Default::default()
-        },
-        |_| {},
-    )
-    .unwrap();
-    Fixture {
+    let s = build_image(&root.join("raw.img"), &serve, build, |_| {}).unwrap();
+    let f = Fixture {
         _dir: dir,
         root,
         serve,
         image,
         id: s.id,
-    }
+    };
+    (f, s)
 }
 
 fn opts(f: &Fixture) -> StoreOptions {
@@ -860,31 +861,14 @@ fn sequential_reads_grow_the_readahead_window() {
 /// chunks, blocks 0 to 511) is in the metadata pack, in frames of 64 blocks (frame 1: blocks
 /// 448 to 511).
 fn fixture_with_pack(seed: u64) -> (Fixture, Vec<u64>) {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().to_path_buf();
-    let image = sample_image(2 << 20, seed);
-    std::fs::write(root.join("raw.img"), &image).unwrap();
-    let serve = root.join("www");
     let blocks: Vec<u64> = (0..512).step_by(7).collect();
-    let s = build_image(
-        &root.join("raw.img"),
-        &serve,
-        &BuildOptions {
-            chunk_size: 64 << 10,
-            metadata_pack: PackBlocks::Blocks(blocks.clone()),
-            ..Default::default()
-        },
-        |_| {},
-    )
-    .unwrap();
-    assert_eq!(s.pack_blocks, 74);
-    let f = Fixture {
-        _dir: dir,
-        root,
-        serve,
-        image,
-        id: s.id,
+    let build = BuildOptions {
+        chunk_size: 64 << 10,
+        metadata_pack: PackBlocks::Blocks(blocks.clone()),
+        ..Default::default()
     };
+    let (f, s) = fixture_built(2 << 20, seed, &build);
+    assert_eq!(s.pack_blocks, 74);
     (f, blocks)
 }
 

@@ -452,13 +452,7 @@ fn run(cli: Cli) -> Result<()> {
             output,
             trace_only,
             blocks,
-        } => {
-            if blocks {
-                cmd_trace_blocks(&state, id, &output)
-            } else {
-                cmd_trace(&state, id, &output, trace_only)
-            }
-        }
+        } => cmd_trace(&state, id, &output, trace_only, blocks),
         Cmd::Export { id, output } => {
             lazyblk_ublk::device_state(id)?;
             let out = std::path::absolute(&output)?;
@@ -715,39 +709,32 @@ fn present_pct(state: &Path, id: u32, rec: &daemon::Record) -> Option<f64> {
     Some(100.0 * bits as f64 / n.max(1) as f64)
 }
 
-fn cmd_trace_blocks(state: &Path, id: u32, output: &Path) -> Result<()> {
+fn cmd_trace(state: &Path, id: u32, output: &Path, trace_only: bool, blocks: bool) -> Result<()> {
     lazyblk_ublk::device_state(id)?;
     let rec =
         record_of(state, id).with_context(|| format!("device {id} is not a lazyblk device"))?;
-    let blocks: Vec<u32> = serde_json::from_str(&daemon::control(
-        state,
-        id,
-        "blocks",
-        Duration::from_secs(30),
-    )?)
-    .context("bad blocks answer from the daemon")?;
-    let list = lazyblk_chunkstore::format::BlockList {
-        image: lazyblk_chunkstore::ImageId::parse(&rec.image)?,
-        blocks,
-    };
-    std::fs::write(output, list.encode()).with_context(|| format!("{}", output.display()))?;
-    println!(
-        "{} blocks of 4 KiB read since add ({} KiB), written to {} (rebuild the image with `lazyblk build --pack-blocks` to store them in its pack)",
-        list.blocks.len(),
-        4 * list.blocks.len(),
-        output.display()
-    );
-    Ok(())
-}
-
-fn cmd_trace(state: &Path, id: u32, output: &Path, trace_only: bool) -> Result<()> {
-    lazyblk_ublk::device_state(id)?;
-    let rec =
-        record_of(state, id).with_context(|| format!("device {id} is not a lazyblk device"))?;
+    let image = lazyblk_chunkstore::ImageId::parse(&rec.image)?;
     let ask = |what: &str| -> Result<Vec<u32>> {
-        serde_json::from_str(&daemon::control(state, id, what, Duration::from_secs(10))?)
+        serde_json::from_str(&daemon::control(state, id, what, Duration::from_secs(30))?)
             .with_context(|| format!("bad {what} answer from the daemon"))
     };
+    let write = |bytes: Vec<u8>| {
+        std::fs::write(output, bytes).with_context(|| format!("{}", output.display()))
+    };
+    if blocks {
+        let list = lazyblk_chunkstore::format::BlockList {
+            image,
+            blocks: ask("blocks")?,
+        };
+        write(list.encode())?;
+        println!(
+            "{} blocks of 4 KiB read since add ({} KiB), written to {} (rebuild the image with `lazyblk build --pack-blocks` to store them in its pack)",
+            list.blocks.len(),
+            4 * list.blocks.len(),
+            output.display()
+        );
+        return Ok(());
+    }
     let mut chunks = ask("trace")?;
     let traced = chunks.len();
     if !trace_only {
@@ -757,11 +744,8 @@ fn cmd_trace(state: &Path, id: u32, output: &Path, trace_only: bool) -> Result<(
         let published = ask("published")?;
         chunks.extend(published.into_iter().filter(|c| !seen.contains(c)));
     }
-    let list = lazyblk_chunkstore::format::PrefetchList {
-        image: lazyblk_chunkstore::ImageId::parse(&rec.image)?,
-        chunks,
-    };
-    std::fs::write(output, list.encode()).with_context(|| format!("{}", output.display()))?;
+    let list = lazyblk_chunkstore::format::PrefetchList { image, chunks };
+    write(list.encode())?;
     println!(
         "{traced} chunks in first-access order, {} from the published list, written to {} (publish it next to the manifest as `prefetch`)",
         list.chunks.len() - traced,

@@ -139,7 +139,7 @@ pub fn verify_cache(dir: &Path) -> Result<()> {
 mod tests {
     use super::*;
     use lazyblk_blocksource::BlockSource;
-    use lazyblk_chunkstore::builder::{build_image, BuildOptions};
+    use lazyblk_chunkstore::builder::{build_image, BuildOptions, BuildSummary};
     use lazyblk_chunkstore::{ChunkStore, Location, StoreOptions};
 
     const CHUNK: usize = 64 << 10;
@@ -164,22 +164,28 @@ mod tests {
         f.write_all_at(bytes, at).unwrap();
     }
 
+    /// Build [`image`] with `opts` into `tmp/www`; the manifest's location and the summary.
+    fn build(tmp: &Path, opts: &BuildOptions) -> (Location, BuildSummary) {
+        let raw = tmp.join("raw.img");
+        std::fs::write(&raw, image()).unwrap();
+        let www = tmp.join("www");
+        let built = build_image(&raw, &www, opts, |_| {}).unwrap();
+        let loc = Location::parse(&www.join("manifest").display().to_string());
+        (loc, built)
+    }
+
     #[test]
     fn passes_a_store_written_cache_and_catches_bad_claims() {
         let tmp = tempfile::tempdir().unwrap();
-        let raw = tmp.path().join("raw.img");
-        std::fs::write(&raw, image()).unwrap();
-        let www = tmp.path().join("www");
         let opts = BuildOptions {
             chunk_size: CHUNK as u32,
             ..Default::default()
         };
-        let built = build_image(&raw, &www, &opts, |_| {}).unwrap();
+        let (loc, built) = build(tmp.path(), &opts);
         let store_opts = StoreOptions {
             cache_root: tmp.path().join("cache"),
             ..Default::default()
         };
-        let loc = Location::parse(&www.join("manifest").display().to_string());
         let store = ChunkStore::open(&loc, store_opts).unwrap();
         // Chunks 0..3 and (zero) 4..8 present, the rest missing.
         let mut buf = vec![0u8; 2 * CHUNK];
@@ -241,23 +247,19 @@ mod tests {
     fn checks_metadata_pack_frames() {
         use lazyblk_chunkstore::builder::PackBlocks;
         let tmp = tempfile::tempdir().unwrap();
-        let raw = tmp.path().join("raw.img");
-        std::fs::write(&raw, image()).unwrap();
-        let www = tmp.path().join("www");
         let opts = BuildOptions {
             chunk_size: CHUNK as u32,
             // blocks 17 and 200 (chunks 1 and 12), one frame
             metadata_pack: PackBlocks::Blocks(vec![17, 200]),
             ..Default::default()
         };
-        build_image(&raw, &www, &opts, |_| {}).unwrap();
+        let (loc, _) = build(tmp.path(), &opts);
         let store_opts = StoreOptions {
             cache_root: tmp.path().join("cache"),
             prefetch_pack: false,
             readahead_chunks: 0,
             ..Default::default()
         };
-        let loc = Location::parse(&www.join("manifest").display().to_string());
         let store = ChunkStore::open(&loc, store_opts).unwrap();
         let mut buf = vec![0u8; 4096];
         store.read_at(17 * 4096, &mut buf).unwrap(); // fetches the frame, not chunk 1
