@@ -77,6 +77,7 @@ struct State {
     down: AtomicBool,
     stop: AtomicBool,
     requests: AtomicU64,
+    connections: AtomicU64,
     target_requests: AtomicU64,
     bytes: AtomicU64,
     etag_override: Mutex<Option<String>>,
@@ -107,6 +108,7 @@ impl FaultServer {
             while !st.stop.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((s, _)) => {
+                        st.connections.fetch_add(1, Ordering::SeqCst);
                         let st = st.clone();
                         s.set_nonblocking(false).ok();
                         std::thread::spawn(move || serve(s, &st));
@@ -146,6 +148,11 @@ impl FaultServer {
     /// Requests received (all paths).
     pub fn requests(&self) -> u64 {
         self.state.requests.load(Ordering::SeqCst)
+    }
+
+    /// TCP connections accepted.
+    pub fn connections(&self) -> u64 {
+        self.state.connections.load(Ordering::SeqCst)
     }
 
     /// Requests for the target.

@@ -1152,3 +1152,27 @@ fn block_trace_records_every_block_read_and_feeds_a_rebuilt_pack() {
     let s = store.stats();
     assert_eq!((s.misses, s.chunks_fetched, s.requests), (0, 0, 1), "{s:?}");
 }
+
+#[test]
+fn open_fetches_manifest_probe_and_list_over_one_connection() {
+    let f = fixture(1 << 20, 64 << 10, 27);
+    // A published list, so open makes three requests: manifest, probe, list.
+    let list = lazyblk_chunkstore::format::PrefetchList {
+        image: f.id,
+        chunks: vec![3],
+    };
+    std::fs::write(f.serve.join("prefetch"), list.encode()).unwrap();
+    let srv = FaultServer::start(&f.serve, "blob");
+    let mut o = opts(&f);
+    o.readahead_chunks = 0;
+    let store = ChunkStore::open(&Location::parse(&srv.url("manifest")), o).unwrap();
+    assert_eq!(store.prefetch_list(), Some(&[3u32][..]));
+    assert_eq!(srv.requests(), 3);
+    // The probe and the list go out together, so two connections at most; then reads reuse
+    // them (a fresh connection per request would make this 5).
+    let mut buf = vec![0u8; 4096];
+    store.read_at(0, &mut buf).unwrap();
+    store.read_at(10 * 65536, &mut buf).unwrap();
+    assert_eq!(srv.requests(), 5);
+    assert!(srv.connections() <= 2, "{} connections", srv.connections());
+}
