@@ -194,20 +194,6 @@ impl Connector {
     }
 }
 
-/// Open a [`Remote`] for a location (with a client of its own).
-pub fn open_remote(loc: &Location, http: &HttpOptions) -> Result<Box<dyn Remote>, RemoteError> {
-    Ok(Connector::new(http)?.open_remote(loc))
-}
-
-/// Read a whole (small) file: a manifest. Bounded to `max` bytes.
-pub async fn read_whole(
-    loc: &Location,
-    http: &HttpOptions,
-    max: u64,
-) -> Result<Vec<u8>, RemoteError> {
-    Connector::new(http)?.read_whole(loc, max).await
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
