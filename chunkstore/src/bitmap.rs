@@ -210,6 +210,15 @@ impl BitmapFile {
         self.write_all(true)
     }
 
+    /// Rewrite everything and mark the file clean, keeping it open. A later [`update`] changes
+    /// bits in place without touching the header, so the checksum no longer matches and the
+    /// next open re-verifies: clean only as long as nothing changed since.
+    ///
+    /// [`update`]: BitmapFile::update
+    pub fn mark_clean(&mut self) -> Result<()> {
+        self.write_all(true)
+    }
+
     /// Replace all bits (after a re-verification) and make them durable.
     pub fn replace(&mut self, bits: BitVec<u8, Lsb0>) -> Result<()> {
         self.durable = bits;

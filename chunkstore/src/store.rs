@@ -810,6 +810,23 @@ impl ChunkStore {
         self.inner.flush()
     }
 
+    /// Make everything fetched so far durable and mark the on-disk bitmap clean while the store
+    /// stays open, so that the next process to open the cache trusts it without re-verifying
+    /// (`lazyblk detach` hands the device over this way). A fetch that completes afterwards
+    /// sets its bit in place; the checksum then no longer matches and the next open
+    /// re-verifies, which is safe.
+    pub fn seal(&self) -> Result<()> {
+        self.inner.flush()?;
+        self.inner
+            .data
+            .sync_data()
+            .map_err(|e| Error::io(&self.inner.data_path, e))?;
+        match self.bitmap.lock().expect("lock").as_mut() {
+            Some(b) => b.mark_clean(),
+            None => Ok(()),
+        }
+    }
+
     /// Path of the data file (present chunks at their image offsets).
     pub fn data_path(&self) -> &Path {
         &self.inner.data_path

@@ -1176,3 +1176,24 @@ fn open_fetches_manifest_probe_and_list_over_one_connection() {
     assert_eq!(srv.requests(), 5);
     assert!(srv.connections() <= 2, "{} connections", srv.connections());
 }
+
+#[test]
+fn a_sealed_cache_with_pack_frames_is_trusted_by_the_next_open() {
+    let (f, _) = fixture_with_pack(46);
+    let srv = FaultServer::start(&f.serve, "blob");
+    let loc = Location::parse(&srv.url("manifest"));
+    let store = ChunkStore::open(&loc, opts(&f)).unwrap();
+    store.start_default_background();
+    wait_for("the pack", || store.stats().background_done);
+    let mut buf = vec![0u8; 65536];
+    store.read_at(3 * 65536, &mut buf).unwrap();
+    store.seal().unwrap();
+    // Read while the store is still open, as the next daemon does after a detach (which
+    // hands over with `_exit`, never closing): clean, chunks and frames alike.
+    let dir = store.cache_dir().to_path_buf();
+    let bits = std::fs::read(dir.join("bitmap")).unwrap();
+    let units = store.manifest().chunk_count() + store.manifest().frame_count();
+    let d = lazyblk_chunkstore::bitmap::decode(&bits, &f.id, units).unwrap();
+    assert_eq!(d.trust, lazyblk_chunkstore::bitmap::Trust::Clean);
+    assert!(d.bits[3] && d.bits[units as usize - 1]);
+}

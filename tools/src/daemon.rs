@@ -3,7 +3,6 @@
 
 use anyhow::{Context, Result};
 use lazyblk_blocksource::BlockSource;
-use lazyblk_chunkstore::bitmap::BitmapFile;
 use lazyblk_chunkstore::{ChunkStore, ImageId, Location, StatsSnapshot, StoreOptions};
 use lazyblk_ublk::FetchGate;
 use serde::{Deserialize, Serialize};
@@ -174,12 +173,7 @@ fn prepare_detach(id: u32, store: &ChunkStore, gate: &FetchGate) -> Result<()> {
             "detach: {waiting} read(s) still wait for the remote; the next daemon gets them again"
         );
     }
-    store.flush()?;
-    // A fetch still running can set one more bit after this; the checksum then no longer matches
-    // and the next daemon re-verifies, which is safe.
-    let p = store.cache_dir().join("bitmap");
-    let (b, _) = BitmapFile::open(&p, store.id(), store.manifest().chunk_count())?;
-    b.close_clean()?;
+    store.seal()?;
     Ok(())
 }
 
