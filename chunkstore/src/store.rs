@@ -1232,6 +1232,7 @@ impl Inner {
     }
 
     /// Record a read of `offset..offset + len` (inside the device, `len` > 0) in the block trace.
+    /// Called from `locate`, which every frontend asks first (and again after a fetch).
     fn note_blocks(&self, offset: u64, len: u64) {
         let b = u64::from(BLOCK_SIZE);
         self.touched.set_range(offset / b, (offset + len - 1) / b);
@@ -1416,7 +1417,6 @@ impl Inner {
         if len == 0 || self.manifest.chunk_count() == 0 {
             return done(Ok(()));
         }
-        self.note_blocks(offset, len);
         let (first, last) = self.chunk_range(offset, len);
         if self.all_present(first, last) {
             return done(Ok(()));
