@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 /// Random reads of `source` must equal `reference` (the device's expected contents, zero-padded
 /// to the device size). Exercises `read_at`, `fetch` + `locate` (whose descriptors must be among
-/// `files()` when that is not empty), out-of-range and concurrent readers. Panics with a description on the first mismatch.
+/// `files()` when that is not empty), out-of-range and concurrent readers. Panics with a
+/// description on the first mismatch.
 pub fn check_reads(source: Arc<dyn BlockSource>, reference: Arc<Vec<u8>>, seed: u64, reads: usize) {
     let geo = source.geometry();
     assert_eq!(geo.size, reference.len() as u64, "device size");

@@ -278,6 +278,16 @@ impl Manifest {
         self.pack.as_ref().map_or(0, |p| p.frames.len() as u64)
     }
 
+    /// Units a cache tracks (one presence bit each): the chunks, then the pack's frames.
+    pub fn unit_count(&self) -> u64 {
+        self.chunk_count() + self.frame_count()
+    }
+
+    /// Pack frames as units: `chunk_count + f` for frame `f`.
+    pub fn frame_units(&self) -> std::ops::Range<u64> {
+        self.chunk_count()..self.unit_count()
+    }
+
     /// Blocks of 4 KiB in the image (the last may be short).
     pub fn block_count(&self) -> u64 {
         self.image_size.div_ceil(PACK_BLOCK)

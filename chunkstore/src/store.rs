@@ -550,7 +550,7 @@ impl ChunkStore {
         let bitmap_path = dir.join("bitmap");
         let n = m.chunk_count();
         // The bitmap holds a bit per unit: chunks, then the metadata pack's frames.
-        let units = n + m.frame_count();
+        let units = m.unit_count();
         let opened = if report.fresh || !bitmap_path.exists() {
             None
         } else if data_len != device_size {
@@ -722,10 +722,8 @@ impl ChunkStore {
             background_done: self.inner.background_done.load(Ordering::Relaxed),
             pack_frames: self.inner.manifest.frame_count(),
             pack_frames_present: {
-                let n = self.inner.manifest.chunk_count();
-                self.inner
-                    .present
-                    .count_range(n, n + self.inner.manifest.frame_count())
+                let f = self.inner.manifest.frame_units();
+                self.inner.present.count_range(f.start, f.end)
             },
         }
     }
@@ -757,8 +755,7 @@ impl ChunkStore {
     pub fn start_default_background(&self) {
         let mut order: Vec<u64> = Vec::new();
         if self.inner.opts.prefetch_pack {
-            let n = self.inner.manifest.chunk_count();
-            order.extend(n..n + self.inner.manifest.frame_count());
+            order.extend(self.inner.manifest.frame_units());
         }
         order.extend(
             self.prefetch_list()
@@ -1280,7 +1277,7 @@ impl Inner {
     /// most `rate` bytes per second, and it pauses while on-demand misses happen.
     async fn background_work(self: Arc<Self>, order: Vec<u64>, hydrate: bool, rate: Option<u64>) {
         let n = self.manifest.chunk_count();
-        let units = n + self.manifest.frame_count();
+        let units = self.manifest.unit_count();
         self.adopt_frames();
         let order: Vec<u64> = order.into_iter().filter(|&c| c < units).collect();
         if !order.is_empty() {

@@ -1192,7 +1192,7 @@ fn a_sealed_cache_with_pack_frames_is_trusted_by_the_next_open() {
     // hands over with `_exit`, never closing): clean, chunks and frames alike.
     let dir = store.cache_dir().to_path_buf();
     let bits = std::fs::read(dir.join("bitmap")).unwrap();
-    let units = store.manifest().chunk_count() + store.manifest().frame_count();
+    let units = store.manifest().unit_count();
     let d = lazyblk_chunkstore::bitmap::decode(&bits, &f.id, units).unwrap();
     assert_eq!(d.trust, lazyblk_chunkstore::bitmap::Trust::Clean);
     assert!(d.bits[3] && d.bits[units as usize - 1]);

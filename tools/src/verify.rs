@@ -44,7 +44,7 @@ pub fn verify_cache(dir: &Path) -> Result<()> {
         Err(e) => return Err(e).with_context(|| format!("reading {}", bpath.display())),
     };
     // A bit per chunk, then a bit per metadata pack frame.
-    let decoded = bitmap::decode(&bbytes, &id, n + frames).map_err(|why| {
+    let decoded = bitmap::decode(&bbytes, &id, m.unit_count()).map_err(|why| {
         anyhow::anyhow!(
             "bitmap {} is unusable (the store would discard the cache): {why}",
             bpath.display()

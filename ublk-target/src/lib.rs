@@ -354,6 +354,7 @@ pub fn serve(
     // The source's files become fixed files 1.. of every queue's ring (0 is /dev/ublkcN), so a
     // present read skips the per-IO file lookup.
     let mut fixed = source.files();
+    fixed.sort_unstable();
     fixed.dedup();
     fixed.truncate(MAX_FIXED_FILES);
     let fixed = Arc::new(fixed);
