@@ -120,20 +120,21 @@ att_loop() { # the floor: the complete image, local (tmpfs), on a kernel loop de
 }
 det_loop() { losetup -d "$DEV"; }
 
-att_ublkloop() { # the same file on a plain ublk loop device (rublk): 2 queues x 32 tags and
-    # buffered reads of the backing file, like lazyblk's reads of its cache file
-    rublk add loop -n 60 -q 2 -d 32 -o --buffered-io -f "$WWW/image.erofs" >/tmp/rublk.out 2>&1 || { cat /tmp/rublk.out; return 1; }
+att_ublkloop() { # the same file on a plain ublk loop device: `rublk add loop` with rublk's
+    # defaults (1 queue x 128 tags, O_DIRECT reads of the backing file), the issue's reference
+    rublk add loop -n 60 -o -f "$WWW/image.erofs" >/tmp/rublk.out 2>&1 || { cat /tmp/rublk.out; return 1; }
     DEV=/dev/ublkb60
     i=0
     while [ ! -b $DEV ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i + 1)); done
     DPID=$(pidof rublk | awk '{ print $1 }')
 }
 det_ublkloop() { rublk del -n 60 >/dev/null 2>&1; }
-# The same in rublk's async/await mode (-a): libublk's async queue loop, one task per tag, the
-# model lazyblk's ublk frontend uses (rublk's default is a synchronous CQE callback), so W4 can
-# tell the cost of that model from the cost of lazyblk's own per-IO work.
+# rublk with lazyblk's settings (1 queue x 64 tags, buffered reads of the backing file like
+# lazyblk's reads of its cache file) in its async/await mode (-a): libublk's async queue loop,
+# one task per tag, the model lazyblk's ublk frontend uses (rublk's default is a synchronous CQE
+# callback), so W4 can tell the cost of that model from the cost of lazyblk's own per-IO work.
 att_ublkloop_a() {
-    rublk add loop -n 61 -q 2 -d 32 -o --buffered-io -a -f "$WWW/image.erofs" >/tmp/rublk.out 2>&1 || { cat /tmp/rublk.out; return 1; }
+    rublk add loop -n 61 -q 1 -d 64 -o --buffered-io -a -f "$WWW/image.erofs" >/tmp/rublk.out 2>&1 || { cat /tmp/rublk.out; return 1; }
     DEV=/dev/ublkb61
     i=0
     while [ ! -b $DEV ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i + 1)); done
@@ -304,6 +305,29 @@ force_cleanup() {
 
 # timed SYS W LIMIT CMD...: runs CMD with a watchdog; on expiry the system's server is killed
 # (which makes the blocked reads fail) and /tmp/hung is created. Returns CMD's status.
+# BENCH_PERF="SYS:W ...": profile the daemon (DPID) during those workloads (diagnostics only).
+PERF_PID=""
+perf_start() {
+    PERF_PID=""
+    case " ${BENCH_PERF:-} " in *" $1:$2 "*) ;; *) return 0 ;; esac
+    command -v perf >/dev/null && [ -n "$DPID" ] || { echo "BENCHINFO sys=$1 w=$2 perf: not available"; return 0; }
+    perf record -e cpu-clock -F 499 -g -p "$DPID" -o /tmp/perf.data >/tmp/perf.out 2>&1 &
+    PERF_PID=$!
+    sleep 0.2
+}
+perf_stop() {
+    [ -n "$PERF_PID" ] || return 0
+    kill -INT "$PERF_PID" 2>/dev/null
+    wait "$PERF_PID"
+    for sort in comm dso,symbol; do
+        perf report -i /tmp/perf.data --stdio --no-children --sort "$sort" -g none --percent-limit 0.5 2>/dev/null \
+            | grep -v '^#' | grep . | head -n 60 | sed "s/^/BENCHPERF sys=$1 w=$2 sort=$sort /"
+    done
+    perf report -i /tmp/perf.data --stdio --children --sort symbol -g none --percent-limit 3 2>/dev/null \
+        | grep -v '^#' | grep . | head -n 60 | sed "s/^/BENCHPERF sys=$1 w=$2 sort=children /"
+    rm -f /tmp/perf.data
+}
+
 timed() {
     rm -f /tmp/hung
     _lim=$3
@@ -373,9 +397,11 @@ cold() {
     q=/sys/block/${DEV#/dev/}/queue
     echo "BENCHINFO sys=$sys w=$w queue: $DEV read_ahead_kb=$(cat "$q/read_ahead_kb") max_sectors_kb=$(cat "$q/max_sectors_kb") logical_block_size=$(cat "$q/logical_block_size") nr_requests=$(cat "$q/nr_requests") scheduler=$(tr -d '\n' <"$q/scheduler")"
     if [ "$w" != none ]; then
+        perf_start "$sys" "$w"
         timed "$sys" "$w" "$(wlimit "$w")" "$w"
         wrc=$?
         t2=$(now)
+        perf_stop "$sys" "$w"
         if [ -f /tmp/hung ]; then
             fail_run "$sys" "$w" "hung: $w did not finish in $(wlimit "$w") s (server killed)"
             force_cleanup "$sys"

@@ -14,8 +14,8 @@ import sys
 SYSTEMS = ["loop", "ublkloop", "ublkloop-a", "download", "nbdkit", "qemu", "lazyblk-od", "lazyblk", "lazyblk-pf", "lazyblk-opt"]
 LABEL = {
     "loop": "local image, kernel loop (floor)",
-    "ublkloop": "local image, ublk loop (rublk)",
-    "ublkloop-a": "local image, ublk loop (rublk -a: async/await mode)",
+    "ublkloop": "local image, ublk loop (`rublk add loop`, its defaults)",
+    "ublkloop-a": "local image, ublk loop (rublk -a with lazyblk's queue settings)",
     "download": "curl download + kernel loop",
     "nbdkit": "nbdkit curl + cache filter, nbd",
     "qemu": "qemu-nbd qcow2 copy-on-read, nbd",
@@ -362,7 +362,9 @@ def main():
     r = w4("w4-rand4k", "iops", "loop")
     p(f"| W4 4k random >= 0.8x kernel loop | {rs(r)} | {verdict(r, 0.8, le=False)} |")
     r = w4("w4-rand4k", "iops", "ublkloop-a")
-    p(f"| (W4 4k random vs rublk in async/await mode, libublk's model that lazyblk uses, for reference) | {rs(r)} | |")
+    p(f"| (W4 4k random vs rublk with lazyblk's queue settings in async/await mode, libublk's model that lazyblk uses, for reference) | {rs(r)} | |")
+    r = w4("w4-seq1m", "bw_kib", "loop")
+    p(f"| (W4 1 MiB sequential vs kernel loop, for reference) | {rs(r)} | |")
     hw = max([float(d["hwm_kib"]) for (s, w), d in res.items() if s.startswith("lazyblk") and "hwm_kib" in d] or [0])
     p(f"| lazyblk daemon peak RSS < 64 MiB | {hw / 1024:.1f} MiB | {verdict(hw / 1024 if hw else None, 64)} |")
     p("")

@@ -14,6 +14,9 @@
 #   BENCH_MEM        guest RAM in MB (default 4096)
 #   BENCH_ROUNDS     rounds of every cold run (default 1; the table shows medians and spread)
 #   BENCH_CHUNK_KIB  chunk size of the lazyblk image (default: lazyblk build's, 128)
+#   BENCH_PERF       diagnostics: "SYS:W ..." (e.g. "lazyblk-pf:w1") profiles the daemon of those
+#                    runs with `perf record -e cpu-clock -g` in the guest and logs the top of its
+#                    report as BENCHPERF lines (needs perf on the host; slows those runs down)
 #   BENCH_NO_DOC=1   do not rewrite the generated part of docs/BENCHMARKS.md
 #   LAZYBLK_BIN      use this lazyblk binary instead of building one
 #   BENCH_PREPARE_ONLY=1  build everything, do not boot the guest
@@ -206,7 +209,13 @@ host_info >"$cache/host.info"
     echo "BENCH_FIO_SECS=$fio_secs"
     echo "BENCH_ROUNDS=${BENCH_ROUNDS:-1}"
     echo "BENCH_CHUNK_KIB=$chunk_kib"
+    echo "BENCH_PERF=\"${BENCH_PERF:-}\""
 } >"$cache/bench.conf"
+perf_bin=()
+if [[ -n ${BENCH_PERF:-} ]]; then
+    command -v perf >/dev/null || die "BENCH_PERF needs perf on the host (apt-get install linux-perf)"
+    perf_bin=(--bin "$(command -v perf)")
+fi
 
 if [[ -n ${BENCH_PREPARE_ONLY:-} ]]; then
     msg "prepared (BENCH_PREPARE_ONLY): $data"
@@ -222,7 +231,7 @@ set +e
 bash "$top/qemu/run-guest.sh" --script "$here/guest-bench.sh" \
     --bin "$lazyblk" --bin "$rublk" --bin "$(command -v fio)" --bin "$(command -v curl)" \
     --bin "$(command -v nbdkit)" --bin "$(command -v nbd-client)" \
-    --bin "$(command -v qemu-nbd)" --bin "$(command -v qemu-img)" \
+    --bin "$(command -v qemu-nbd)" --bin "$(command -v qemu-img)" "${perf_bin[@]}" \
     "${pairs[@]}" \
     --file "$cache/host.info:/bench/host.info" \
     --disk "$data" --mem "$mem" --timeout "${BENCH_TIMEOUT:-2400}" \

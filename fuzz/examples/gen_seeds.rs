@@ -246,7 +246,7 @@ fn main() {
     let opts = StoreOptions {
         cache_root: work.join("cache"),
         expected_id: Some(id),
-        readahead_chunks: 0,
+        readahead_bytes: 0,
         use_prefetch_list: false,
         ..Default::default()
     };

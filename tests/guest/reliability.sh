@@ -85,7 +85,7 @@ for t in 0.2 0.5 1 1.5 2; do
     n=$((n + 1))
     # Round 1 also checks that the new daemon keeps the first one's store settings.
     extra=""
-    [ $n = 1 ] && extra="--cache-limit 64M --readahead 2 --max-requests 5"
+    [ $n = 1 ] && extra="--cache-limit 64M --readahead 256K --max-requests 5"
     fresh img2 $extra
     t0=$(now_ms)
     bg_start crash lazyblk-testkit digest-tree $M
@@ -101,8 +101,8 @@ for t in 0.2 0.5 1 1.5 2; do
     if [ $n = 1 ]; then
         lazyblk status "$ID" --json | tr -d ' \n' | grep -q '"cache_limit":67108864' \
             || die "the recovered daemon lost --cache-limit: $(lazyblk status "$ID" --json)"
-        tr -d ' \n' < /run/lazyblk/$ID.json | grep -q '"--readahead","2","--readahead-max","32"' \
-            || die "the recovered daemon's record lost --readahead 2: $(cat /run/lazyblk/$ID.json)"
+        tr -d ' \n' < /run/lazyblk/$ID.json | grep -q '"--readahead","262144","--readahead-max","4194304"' \
+            || die "the recovered daemon's record lost --readahead 256K: $(cat /run/lazyblk/$ID.json)"
         tr -d ' \n' < /run/lazyblk/$ID.json | grep -q '"--max-requests","5"' \
             || die "the recovered daemon's record lost --max-requests 5"
         ok "recover kept the store settings of add (cache limit, readahead, request limit)"

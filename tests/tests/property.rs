@@ -33,7 +33,7 @@ proptest! {
         let srv = FaultServer::start(&serve, "blob");
         let store = Arc::new(ChunkStore::open(&Location::parse(&srv.url("manifest")), StoreOptions {
             cache_root: dir.path().join("cache"),
-            readahead_chunks: seed % 5,
+            readahead_bytes: (seed % 5) << chunk_shift,
             prefetch_pack: seed % 2 == 0,
             ..Default::default()
         }).unwrap());

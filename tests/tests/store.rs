@@ -18,6 +18,7 @@ struct Fixture {
     serve: PathBuf,
     image: Vec<u8>,
     id: ImageId,
+    chunk_size: u32,
 }
 
 fn fixture(size: usize, chunk_size: u32, seed: u64) -> Fixture {
@@ -42,6 +43,7 @@ fn fixture_built(size: usize, seed: u64, build: &BuildOptions) -> (Fixture, Buil
         serve,
         image,
         id: s.id,
+        chunk_size: build.chunk_size,
     };
     (f, s)
 }
@@ -540,7 +542,7 @@ fn cache_limit_evicts_cold_chunks_and_reads_stay_correct() {
     let mut o = opts(&f);
     o.cache_limit = Some(limit);
     o.evict_grace = Duration::from_millis(200);
-    o.readahead_chunks = 0;
+    o.readahead_bytes = 0;
     let store = ChunkStore::open(&loc, o.clone()).unwrap();
     for _ in 0..2 {
         assert_eq!(read_all(&store, f.image.len()), f.image);
@@ -604,7 +606,7 @@ fn trace_prefetch_list_and_hydration() {
     let srv = FaultServer::start(&f.serve, "blob");
     let loc = Location::parse(&srv.url("manifest"));
     let mut o = opts(&f);
-    o.readahead_chunks = 0;
+    o.readahead_bytes = 0;
     let stored: Vec<u64>;
     let trace = {
         let store = ChunkStore::open(&loc, o.clone()).unwrap();
@@ -669,7 +671,7 @@ fn misses_on_different_chunks_run_in_parallel() {
     let f = fixture(4 << 20, 64 << 10, 24);
     let srv = FaultServer::start(&f.serve, "blob");
     let mut o = opts(&f);
-    o.readahead_chunks = 0;
+    o.readahead_bytes = 0;
     let store = Arc::new(ChunkStore::open(&Location::parse(&srv.url("manifest")), o).unwrap());
     let stored: Vec<u64> = (0..store.manifest().chunk_count())
         .filter(|&i| !store.chunk_present(i))
@@ -728,7 +730,7 @@ fn an_all_zero_image_has_an_empty_blob_and_opens_over_http() {
 /// A store over `srv` with the test options and a readahead window of `chunks`.
 fn open_with_readahead(f: &Fixture, srv: &FaultServer, chunks: u64) -> ChunkStore {
     let o = StoreOptions {
-        readahead_chunks: chunks,
+        readahead_bytes: chunks * u64::from(f.chunk_size),
         ..opts(f)
     };
     ChunkStore::open(&Location::parse(&srv.url("manifest")), o).unwrap()
@@ -829,8 +831,8 @@ fn sequential_reads_grow_the_readahead_window() {
         let srv = FaultServer::start(&f.serve, "blob");
         let o = StoreOptions {
             cache_root: f.root.join(format!("cache-{max}")),
-            readahead_chunks: 2,
-            readahead_max_chunks: max,
+            readahead_bytes: 2 * 65536,
+            readahead_max_bytes: max * 65536,
             ..opts(&f)
         };
         let store = ChunkStore::open(&Location::parse(&srv.url("manifest")), o).unwrap();
@@ -1024,7 +1026,7 @@ fn eviction_never_punches_pack_blocks() {
     let limit = 512 << 10;
     o.cache_limit = Some(limit);
     o.evict_grace = Duration::from_millis(100);
-    o.readahead_chunks = 0;
+    o.readahead_bytes = 0;
     let store = ChunkStore::open(&Location::parse(&srv.url("manifest")), o).unwrap();
     store.start_default_background();
     wait_for("the pack", || store.stats().background_done);
@@ -1078,8 +1080,8 @@ fn sparse_reads_do_not_grow_the_readahead_window() {
         let srv = FaultServer::start(&f.serve, "blob");
         let o = StoreOptions {
             cache_root: f.root.join(format!("cache-sparse-{stride}")),
-            readahead_chunks: 2,
-            readahead_max_chunks: 32,
+            readahead_bytes: 2 * 65536,
+            readahead_max_bytes: 32 * 65536,
             ..opts(&f)
         };
         let store = ChunkStore::open(&Location::parse(&srv.url("manifest")), o).unwrap();
@@ -1115,7 +1117,7 @@ fn block_trace_records_every_block_read_and_feeds_a_rebuilt_pack() {
     let f = fixture(1 << 20, 64 << 10, 26);
     let srv = FaultServer::start(&f.serve, "blob");
     let mut o = opts(&f);
-    o.readahead_chunks = 0;
+    o.readahead_bytes = 0;
     let store = ChunkStore::open(&Location::parse(&srv.url("manifest")), o).unwrap();
     let mut buf = vec![0u8; 3 * 4096 + 10];
     store.read_at(5 * 4096 + 100, &mut buf).unwrap(); // blocks 5..=8, a miss
@@ -1164,7 +1166,7 @@ fn open_fetches_manifest_probe_and_list_over_one_connection() {
     std::fs::write(f.serve.join("prefetch"), list.encode()).unwrap();
     let srv = FaultServer::start(&f.serve, "blob");
     let mut o = opts(&f);
-    o.readahead_chunks = 0;
+    o.readahead_bytes = 0;
     let store = ChunkStore::open(&Location::parse(&srv.url("manifest")), o).unwrap();
     assert_eq!(store.prefetch_list(), Some(&[3u32][..]));
     assert_eq!(srv.requests(), 3);

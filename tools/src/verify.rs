@@ -257,7 +257,7 @@ mod tests {
         let store_opts = StoreOptions {
             cache_root: tmp.path().join("cache"),
             prefetch_pack: false,
-            readahead_chunks: 0,
+            readahead_bytes: 0,
             ..Default::default()
         };
         let store = ChunkStore::open(&loc, store_opts).unwrap();
