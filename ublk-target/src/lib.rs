@@ -5,7 +5,8 @@
 //! kernel, serves it, commits the result and waits for the next one.
 //!
 //! * A read whose range is local ([`BlockSource::locate`]) is a plain `read` on the queue's own
-//!   ring, straight from the cache file into the IO buffer.
+//!   ring, straight from the cache file into the IO buffer; a small one from a file in memory
+//!   (tmpfs, ramfs) is a `pread` on the queue thread, which io_uring would hand to a worker.
 //! * A read with missing data calls [`BlockSource::fetch`] and parks the tag. The fetch finishes
 //!   on a fetcher thread, which posts `(tag, result)` to the queue's [`notify::Notifier`] and
 //!   writes its eventfd. A `POLL_ADD` on that eventfd is kept armed in the ring, so the queue
