@@ -23,7 +23,7 @@ mod notify;
 
 pub use gate::FetchGate;
 
-use lazyblk_blocksource::BlockSource;
+use lazyblk_blocksource::{pread_exact_or_zero, BlockSource};
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::helpers::IoBuf;
 use libublk::io::{UblkDev, UblkQueue};
@@ -540,7 +540,10 @@ async fn handle_io(q: &UblkQueue<'_>, tag: u16, ctx: &IoCtx<'_>, buf: &mut [u8])
             };
             match ctx.fixed.iter().position(|f| f.fd == loc.fd) {
                 Some(i) if ctx.fixed[i].in_memory && len <= INLINE_READ_MAX => {
-                    read_inline(loc.fd, loc.offset, &mut buf[..len])
+                    match pread_exact_or_zero(loc.fd, &mut buf[..len], loc.offset) {
+                        Ok(()) => len as i32,
+                        Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
+                    }
                 }
                 Some(i) => read_local(File::Fixed(i as u32 + 1), loc.offset, &mut buf[..len]).await,
                 None => read_local(File::Fd(loc.fd), loc.offset, &mut buf[..len]).await,
@@ -599,40 +602,6 @@ fn in_memory(fd: i32) -> bool {
     #[allow(clippy::unnecessary_cast)]
     let (kind, tmpfs) = (st.f_type as i64, libc::TMPFS_MAGIC as i64);
     kind == tmpfs || kind == RAMFS_MAGIC
-}
-
-/// Read `buf.len()` bytes at `offset` of the in-memory file `fd` on the calling (queue) thread,
-/// retrying short reads; the part past the end of the file reads as zeros.
-fn read_inline(fd: i32, offset: u64, buf: &mut [u8]) -> i32 {
-    let mut done = 0usize;
-    while done < buf.len() {
-        let rest = &mut buf[done..];
-        // SAFETY: `rest` is valid for `rest.len()` bytes of writes and `fd` stays open while
-        // the device runs (the source owns it).
-        let r = unsafe {
-            libc::pread(
-                fd,
-                rest.as_mut_ptr().cast(),
-                rest.len(),
-                (offset + done as u64) as libc::off_t,
-            )
-        };
-        if r < 0 {
-            let e = std::io::Error::last_os_error()
-                .raw_os_error()
-                .unwrap_or(libc::EIO);
-            if e == libc::EINTR || e == libc::EAGAIN {
-                continue;
-            }
-            return -e;
-        }
-        if r == 0 {
-            rest.fill(0);
-            break;
-        }
-        done += r as usize;
-    }
-    buf.len() as i32
 }
 
 /// Where a present read comes from: a file registered with the ring, or a plain descriptor.
