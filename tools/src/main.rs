@@ -205,13 +205,12 @@ enum Cmd {
         manifest: String,
         #[command(flatten)]
         store: StoreArgs,
-        /// Hardware queues. One by default: each queue has its own server thread, and with a
-        /// queue per CPU the thread that submits an IO and the one that serves it share a CPU
-        /// (measured in the 2-vCPU guest: 4k random reads ran at half the rate with 2 queues).
-        #[arg(long, default_value_t = 1)]
+        /// Hardware queues, each with its own server thread. One by default: with a queue per
+        /// CPU the thread that submits an IO and the one that serves it share a CPU.
+        #[arg(long, default_value_t = lazyblk_ublk::DEFAULT_QUEUES)]
         queues: u16,
         /// Queue depth (each tag holds an IO buffer of up to 512 KiB).
-        #[arg(long, default_value_t = 64)]
+        #[arg(long, default_value_t = lazyblk_ublk::DEFAULT_DEPTH)]
         depth: u16,
         /// Device id (default: the kernel picks).
         #[arg(long)]
