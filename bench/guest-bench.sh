@@ -9,7 +9,7 @@ set -u
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 # shellcheck disable=SC1091
 . /bench/bench.conf
-SYSTEMS=${BENCH_SYSTEMS:-loop ublkloop ublkloop-a download nbdkit qemu lazyblk-od lazyblk lazyblk-pf lazyblk-opt}
+SYSTEMS=${BENCH_SYSTEMS:-loop ublkloop ublkloop-a download nbdkit qemu lazyblk-od lazyblk lazyblk-pl lazyblk-pf lazyblk-opt}
 WORKLOADS=${BENCH_WORKLOADS:-w1 w2 w3 w4}
 NETEM=${BENCH_NETEM:-delay 10ms rate 100mbit}
 FIO_SECS=${BENCH_FIO_SECS:-5}
@@ -212,17 +212,33 @@ det_lazyblk() { lazyblk del "$LZ_ID" >/dev/null 2>&1 || lazyblk del --all >/dev/
 att_lazyblk_od() { att_lazyblk --no-prefetch; }
 det_lazyblk_od() { det_lazyblk; }
 
-# lazyblk with trace prefetch: the trace of the W1 run of plain lazyblk, served as img/prefetch
+# lazyblk with trace prefetch, as `lazyblk trace` recommends publishing it: from the W1 run of
+# plain lazyblk, the chunk list (`lazyblk trace`, served as img/prefetch) and the prefetch pack
+# of the blocks read (`lazyblk trace --pack`, img/prefetch.pack + its blob), both digests pinned
+# at add. lazyblk-pl: the chunk list alone.
 PF_AVAILABLE=""
 PF_REASON="no trace recorded yet (run the lazyblk system's w1 first)"
-att_lazyblk_pf() {
+PACK_AVAILABLE=""
+PACK_REASON="no trace recorded yet (run the lazyblk system's w1 first)"
+att_lazyblk_pl() {
     [ -n "$PF_AVAILABLE" ] || { echo "$PF_REASON"; return 2; }
     cp "$WWW/img/prefetch.trace" "$WWW/img/prefetch"
     att_lazyblk
 }
-det_lazyblk_pf() {
+det_lazyblk_pl() {
     det_lazyblk
     rm -f "$WWW/img/prefetch"
+}
+att_lazyblk_pf() {
+    [ -n "$PF_AVAILABLE" ] || { echo "$PF_REASON"; return 2; }
+    [ -n "$PACK_AVAILABLE" ] || { echo "$PACK_REASON"; return 2; }
+    cp "$WWW/img/prefetch.trace" "$WWW/img/prefetch"
+    cp "$SCRATCH/pack/prefetch.pack" "$SCRATCH/pack/prefetch.pack.blob" "$WWW/img/"
+    att_lazyblk --digest "$IMG_DIGEST" --pack-digest "$PACK_DIGEST"
+}
+det_lazyblk_pf() {
+    det_lazyblk
+    rm -f "$WWW/img/prefetch" "$WWW/img/prefetch.pack" "$WWW/img/prefetch.pack.blob"
 }
 
 # lazyblk on the image optimized with the same W1's block trace: `lazyblk trace --blocks`, then
@@ -250,6 +266,16 @@ record_trace() { # after lazyblk's W1: lazyblk trace <id> -o <file>, and the opt
         say "trace recorded: $(wc -c <"$WWW/img/prefetch.trace") bytes"
     else
         PF_REASON="failed: lazyblk trace: $(tr '\n' ' ' </tmp/trace.out | cut -c1-200)"
+    fi
+    IMG_DIGEST=$(lazyblk status "$LZ_ID" --json 2>/dev/null | sed -n 's/.*"image": *"\(sha256:[0-9a-f]*\)".*/\1/p' | head -n 1)
+    rm -rf "$SCRATCH/pack" && mkdir -p "$SCRATCH/pack"
+    _t=$(now)
+    if lazyblk trace "$LZ_ID" --pack -o "$SCRATCH/pack/prefetch.pack" >/tmp/trace.out 2>&1 && [ -n "$IMG_DIGEST" ]; then
+        PACK_DIGEST=$(sed -n 's/^digest *//p' /tmp/trace.out)
+        PACK_AVAILABLE=1
+        echo "BENCHINFO sys=lazyblk-pf w=pack secs=$(sub "$_t" "$(now)") $(head -n 1 /tmp/trace.out)"
+    else
+        PACK_REASON="failed: lazyblk trace --pack (image ${IMG_DIGEST:-unknown}): $(tr '\n' ' ' </tmp/trace.out | cut -c1-200)"
     fi
     if ! lazyblk trace "$LZ_ID" --blocks -o /tmp/w1.blocks >/tmp/trace.out 2>&1; then
         OPT_REASON="failed: lazyblk trace --blocks: $(tr '\n' ' ' </tmp/trace.out | cut -c1-200)"
@@ -415,7 +441,7 @@ cold() {
         echo "BENCH sys=$sys w=$w round=$ROUND total=$(sub "$t0" "$t2") attach=$(sub "$t0" "$t1") add=$(sub "$t0" "$ta") work=$(sub "$t1" "$t2") hwm_kib=$(hwm "$DPID") cpu_s=$(cpu "$DPID") $(net_stats "$n0")"
         case $sys in lazyblk*) lz_status "$sys" "$w"; smaps_top "$sys" "$w" "$DPID" ;; esac
         if [ "$sys" = lazyblk ] && [ "$w" = w1 ] && [ -z "$PF_AVAILABLE" ]; then record_trace; fi
-        if [ "$sys" = lazyblk-pf ]; then
+        if [ "$sys" = lazyblk-pf ] || [ "$sys" = lazyblk-pl ]; then
             pf=$(tail -n +$((n0 + 1)) "$LOG" | awk '$6 == "/img/prefetch" { print $2; exit }')
             echo "BENCH sys=$sys w=$w-prefetch-file round=$ROUND status=${pf:-not-requested}"
         fi

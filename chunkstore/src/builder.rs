@@ -4,8 +4,9 @@
 
 use crate::error::{Error, Result};
 use crate::format::{
-    valid_blob_name, Encoding, Entry, ImageId, Manifest, MetaPack, PrefetchList,
-    DEFAULT_PACK_FRAME_BLOCKS, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, PACK_BLOCK, PREFETCH_FILE,
+    valid_blob_name, Encoding, Entry, ImageId, Manifest, MetaPack, PrefetchList, PrefetchPack,
+    DEFAULT_PACK_FRAME_BLOCKS, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, PACK_BLOCK, PACK_FILE,
+    PREFETCH_FILE,
 };
 use std::collections::HashMap;
 use std::fs::File;
@@ -106,7 +107,7 @@ pub fn build_image(
         )));
     }
     if !valid_blob_name(&opts.blob_name)
-        || [MANIFEST_FILE, PREFETCH_FILE].contains(&opts.blob_name.as_str())
+        || [MANIFEST_FILE, PREFETCH_FILE, PACK_FILE].contains(&opts.blob_name.as_str())
     {
         return Err(Error::Invalid(format!(
             "invalid blob name {:?}",
@@ -201,39 +202,20 @@ pub fn build_image(
             chunks.dedup();
             pack_chunks = chunks.len() as u64;
             let blocks: Vec<u32> = blocks.into_iter().map(|b| b as u32).collect();
-            let mut p = MetaPack {
+            let mut read = |at: u64, buf: &mut [u8]| input.read_exact_at(buf, at);
+            let p = write_pack_frames(
                 blocks,
-                frame_blocks: DEFAULT_PACK_FRAME_BLOCKS,
-                frames: Vec::new(),
-            };
-            let mut raw =
-                Vec::with_capacity(DEFAULT_PACK_FRAME_BLOCKS as usize * PACK_BLOCK as usize);
-            for f in 0..p.blocks.len().div_ceil(p.frame_blocks as usize) {
-                raw.clear();
-                for &b in &p.blocks[p.frame_positions(f)] {
-                    let at = u64::from(b) * PACK_BLOCK;
-                    let len = (image_size - at).min(PACK_BLOCK) as usize;
-                    let start = raw.len();
-                    raw.resize(start + len, 0);
-                    input
-                        .read_exact_at(&mut raw[start..], at)
-                        .map_err(|e| Error::io(image, e))?;
-                }
-                let z = compressor.compress(&raw).map_err(|e| Error::io(image, e))?;
-                let (bytes, encoding) = if z.len() < raw.len() {
-                    (&z[..], Encoding::Zstd)
-                } else {
-                    (&raw[..], Encoding::Raw)
-                };
-                blob.write_all(bytes).map_err(|e| Error::io(&tmp_blob, e))?;
-                p.frames.push(Entry {
-                    digest: blake3::hash(&raw).into(),
-                    blob_offset: blob_off,
-                    stored_len: bytes.len() as u32,
-                    encoding,
-                });
-                blob_off += bytes.len() as u64;
-            }
+                image_size,
+                &mut read,
+                &mut compressor,
+                &mut blob,
+                blob_off,
+            )
+            .map_err(|e| match e {
+                PackWriteError::Read(e) => Error::io(image, e),
+                PackWriteError::Write(e) => Error::io(&tmp_blob, e),
+            })?;
+            blob_off += p.stored_bytes();
             (!p.blocks.is_empty()).then_some(p)
         }
         None => None,
@@ -258,6 +240,7 @@ pub fn build_image(
     // The build writes no prefetch list of its own (the pack holds the metadata); one
     // recorded for this very image by `lazyblk trace` is kept.
     remove_stale_prefetch(&outdir.join(PREFETCH_FILE), id, &manifest)?;
+    remove_stale_pack(&outdir.join(PACK_FILE), id, &manifest)?;
     Ok(BuildSummary {
         id,
         manifest_path,
@@ -272,6 +255,150 @@ pub fn build_image(
         pack_bytes: manifest.pack.as_ref().map_or(0, MetaPack::stored_bytes),
         pack_chunks,
         pack_extra_blocks,
+    })
+}
+
+/// Which side of [`write_pack_frames`] failed.
+enum PackWriteError {
+    Read(std::io::Error),
+    Write(std::io::Error),
+}
+
+/// Store the image blocks `blocks` (ascending) in frames of [`DEFAULT_PACK_FRAME_BLOCKS`]:
+/// each frame's raw blocks, read with `read(offset, buf)`, compressed (or raw when that does
+/// not help) and written to `out`, the first at blob offset `blob_off`.
+fn write_pack_frames(
+    blocks: Vec<u32>,
+    image_size: u64,
+    read: &mut dyn FnMut(u64, &mut [u8]) -> std::io::Result<()>,
+    compressor: &mut zstd::bulk::Compressor<'_>,
+    out: &mut dyn Write,
+    mut blob_off: u64,
+) -> std::result::Result<MetaPack, PackWriteError> {
+    let mut p = MetaPack {
+        blocks,
+        frame_blocks: DEFAULT_PACK_FRAME_BLOCKS,
+        frames: Vec::new(),
+    };
+    let mut raw = Vec::with_capacity(DEFAULT_PACK_FRAME_BLOCKS as usize * PACK_BLOCK as usize);
+    for f in 0..p.blocks.len().div_ceil(p.frame_blocks as usize) {
+        raw.clear();
+        for &b in &p.blocks[p.frame_positions(f)] {
+            let at = u64::from(b) * PACK_BLOCK;
+            let len = (image_size - at).min(PACK_BLOCK) as usize;
+            let start = raw.len();
+            raw.resize(start + len, 0);
+            read(at, &mut raw[start..]).map_err(PackWriteError::Read)?;
+        }
+        let z = compressor.compress(&raw).map_err(PackWriteError::Write)?;
+        let (bytes, encoding) = if z.len() < raw.len() {
+            (&z[..], Encoding::Zstd)
+        } else {
+            (&raw[..], Encoding::Raw)
+        };
+        out.write_all(bytes).map_err(PackWriteError::Write)?;
+        p.frames.push(Entry {
+            digest: blake3::hash(&raw).into(),
+            blob_offset: blob_off,
+            stored_len: bytes.len() as u32,
+            encoding,
+        });
+        blob_off += bytes.len() as u64;
+    }
+    Ok(p)
+}
+
+/// What [`build_prefetch_pack`] wrote.
+#[derive(Clone, Debug)]
+pub struct PackSummary {
+    /// The pack's identity (`add --pack-digest`): the SHA-256 of the pack file.
+    pub id: ImageId,
+    /// The pack as written.
+    pub pack: PrefetchPack,
+    /// Where the pack file and its blob were written.
+    pub pack_path: PathBuf,
+    /// Path of the pack's blob.
+    pub blob_path: PathBuf,
+}
+
+/// Write a [prefetch pack](PrefetchPack) for the image `manifest` (id `image`) holding the
+/// 4 KiB blocks `blocks` (any order; duplicates and blocks beyond the image are dropped) plus
+/// the blocks of the manifest's own metadata pack, read with `read(offset, buf)` (from the
+/// raw image, or a device serving it). Writes `path` and its blob next to it, named after it
+/// with `.blob` appended. The blocks are not verified here: `read` must serve the image.
+pub fn build_prefetch_pack(
+    image: ImageId,
+    manifest: &Manifest,
+    blocks: &[u64],
+    read: &mut dyn FnMut(u64, &mut [u8]) -> std::io::Result<()>,
+    path: &Path,
+    level: i32,
+) -> Result<PackSummary> {
+    let file_name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| Error::Invalid(format!("{}: not a file name", path.display())))?;
+    let blob_name = format!("{file_name}.blob");
+    if !valid_blob_name(&blob_name) {
+        return Err(Error::Invalid(format!(
+            "{}: not a usable file name",
+            path.display()
+        )));
+    }
+    let image_blocks = manifest.block_count();
+    let mut all: Vec<u32> = blocks
+        .iter()
+        .copied()
+        .filter(|&b| b < image_blocks && b <= u64::from(u32::MAX))
+        .map(|b| b as u32)
+        .chain(manifest.pack.iter().flat_map(|p| p.blocks.iter().copied()))
+        .collect();
+    all.sort_unstable();
+    all.dedup();
+    if all.is_empty() {
+        return Err(Error::Invalid(
+            "no blocks for a prefetch pack (nothing was read, and the image has no metadata pack)"
+                .into(),
+        ));
+    }
+    let blob_path = path.with_file_name(&blob_name);
+    let tmp_blob = path.with_file_name(format!(".{blob_name}.tmp"));
+    let mut blob = BufWriter::with_capacity(
+        1 << 20,
+        File::create(&tmp_blob).map_err(|e| Error::io(&tmp_blob, e))?,
+    );
+    let mut compressor = zstd::bulk::Compressor::new(level).map_err(|e| Error::io(path, e))?;
+    let p = write_pack_frames(
+        all,
+        manifest.image_size,
+        read,
+        &mut compressor,
+        &mut blob,
+        0,
+    )
+    .map_err(|e| match e {
+        PackWriteError::Read(e) => Error::Invalid(format!("reading the image: {e}")),
+        PackWriteError::Write(e) => Error::io(&tmp_blob, e),
+    })?;
+    let blob_file = blob
+        .into_inner()
+        .map_err(|e| Error::io(&tmp_blob, e.into_error()))?;
+    blob_file.sync_all().map_err(|e| Error::io(&tmp_blob, e))?;
+    std::fs::rename(&tmp_blob, &blob_path).map_err(|e| Error::io(&blob_path, e))?;
+    let pack = PrefetchPack {
+        image,
+        image_size: manifest.image_size,
+        blob_name,
+        blob_size: p.stored_bytes(),
+        pack: p,
+    };
+    let bytes = pack.encode();
+    write_atomic(path, &bytes)?;
+    Ok(PackSummary {
+        id: ImageId::of(&bytes),
+        pack,
+        pack_path: path.to_path_buf(),
+        blob_path,
     })
 }
 
@@ -317,6 +444,24 @@ fn remove_stale_prefetch(path: &Path, image: ImageId, manifest: &Manifest) -> Re
         std::fs::remove_file(path).map_err(|e| Error::io(path, e))?;
     }
     Ok(())
+}
+
+/// Remove a prefetch pack at `path` (and its blob) made for another image.
+fn remove_stale_pack(path: &Path, image: ImageId, manifest: &Manifest) -> Result<()> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    if PrefetchPack::decode(&bytes, &image, manifest.image_size).is_ok() {
+        return Ok(());
+    }
+    std::fs::remove_file(path).map_err(|e| Error::io(path, e))?;
+    let blob = path.with_file_name(format!("{PACK_FILE}.blob"));
+    match std::fs::remove_file(&blob) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(&blob, e)),
+        _ => Ok(()),
+    }
 }
 
 /// Write `bytes` to `path` through a temporary file, fsync and rename.

@@ -220,6 +220,148 @@ fn read_entry(b: &[u8], at: usize) -> ([u8; 32], u32, Encoding) {
     (digest, word & !RAW_FLAG, encoding)
 }
 
+fn put_entry(out: &mut [u8], at: usize, e: &Entry) {
+    out[at..at + 32].copy_from_slice(&e.digest);
+    let word = e.stored_len
+        | match e.encoding {
+            Encoding::Zstd => 0,
+            Encoding::Raw => RAW_FLAG,
+        };
+    out[at + 32..at + 36].copy_from_slice(&word.to_le_bytes());
+}
+
+/// Bytes of the encoded pack section of `p`: its header, the block numbers, padding to 8 and
+/// the frame entries.
+fn pack_section_len(p: &MetaPack) -> usize {
+    pad8(PACK_HEADER_LEN + 4 * p.blocks.len()) + ENTRY_LEN * p.frames.len()
+}
+
+/// Write the pack section of `p` at `pack_at` (8-aligned) of `out` (zeroed, long enough).
+fn encode_pack_section(out: &mut [u8], pack_at: usize, p: &MetaPack) {
+    out[pack_at..pack_at + 4].copy_from_slice(&PACK_BLOCK_SHIFT.to_le_bytes());
+    out[pack_at + 4..pack_at + 8].copy_from_slice(&p.frame_blocks.to_le_bytes());
+    out[pack_at + 8..pack_at + 16].copy_from_slice(&(p.blocks.len() as u64).to_le_bytes());
+    out[pack_at + 16..pack_at + 24].copy_from_slice(&(p.frames.len() as u64).to_le_bytes());
+    for (i, b) in p.blocks.iter().enumerate() {
+        let at = pack_at + PACK_HEADER_LEN + 4 * i;
+        out[at..at + 4].copy_from_slice(&b.to_le_bytes());
+    }
+    let frames_at = pad8(pack_at + PACK_HEADER_LEN + 4 * p.blocks.len());
+    for (i, e) in p.frames.iter().enumerate() {
+        put_entry(out, frames_at + ENTRY_LEN * i, e);
+    }
+}
+
+/// Where the parts of an encoded pack section lie, checked against the input length and the
+/// image before anything is allocated.
+struct PackLayout {
+    pack_at: usize,
+    frame_blocks: u32,
+    blocks: usize,
+    frames: usize,
+    frames_at: usize,
+    /// End of the section (the frame entries' end).
+    end: u64,
+}
+
+impl PackLayout {
+    /// Read and check the fixed part of the pack section at `pack_at` of `b`.
+    fn read(b: &[u8], pack_at: u64, image_size: u64) -> Result<PackLayout> {
+        if pack_at + PACK_HEADER_LEN as u64 > b.len() as u64 {
+            return Err(bad(format!(
+                "length is {} bytes, too short for the metadata pack header",
+                b.len()
+            )));
+        }
+        let pack_at = pack_at as usize;
+        let shift = le_u32(b, pack_at);
+        let frame_blocks = le_u32(b, pack_at + 4);
+        let blocks = le_u64(b, pack_at + 8);
+        let frames = le_u64(b, pack_at + 16);
+        if shift != PACK_BLOCK_SHIFT {
+            return Err(bad(format!(
+                "metadata pack: unsupported block shift {shift}"
+            )));
+        }
+        if !(1..=MAX_PACK_FRAME_BLOCKS).contains(&frame_blocks) {
+            return Err(bad(format!(
+                "metadata pack: invalid blocks per frame {frame_blocks}"
+            )));
+        }
+        if blocks == 0 || blocks > image_size.div_ceil(PACK_BLOCK) {
+            return Err(bad(format!(
+                "metadata pack: {blocks} blocks for an image of {image_size} bytes"
+            )));
+        }
+        if frames != blocks.div_ceil(u64::from(frame_blocks)) {
+            return Err(bad(format!(
+                "metadata pack: {frames} frames for {blocks} blocks of {frame_blocks}"
+            )));
+        }
+        let frames_at = ((pack_at + PACK_HEADER_LEN) as u64 + 4 * blocks).div_ceil(8) * 8;
+        Ok(PackLayout {
+            pack_at,
+            frame_blocks,
+            blocks: blocks as usize,
+            frames: frames as usize,
+            frames_at: frames_at as usize,
+            end: frames_at + ENTRY_LEN as u64 * frames,
+        })
+    }
+
+    /// Decode the section (whose bytes `b` holds up to `end`); the frames are stored back to
+    /// back from `blob_offset`.
+    fn decode(&self, b: &[u8], image_size: u64, mut blob_offset: u64) -> Result<MetaPack> {
+        let blocks_at = self.pack_at + PACK_HEADER_LEN;
+        if b[blocks_at + 4 * self.blocks..self.frames_at]
+            .iter()
+            .any(|&x| x != 0)
+        {
+            return Err(bad("padding bytes are not zero"));
+        }
+        let image_blocks = image_size.div_ceil(PACK_BLOCK);
+        let mut blocks = Vec::with_capacity(self.blocks);
+        for i in 0..self.blocks {
+            let blk = le_u32(b, blocks_at + 4 * i);
+            if u64::from(blk) >= image_blocks {
+                return Err(bad(format!(
+                    "metadata pack: block {blk} is beyond the image"
+                )));
+            }
+            if blocks.last().is_some_and(|&prev| prev >= blk) {
+                return Err(bad(format!("metadata pack: block {blk} is out of order")));
+            }
+            blocks.push(blk);
+        }
+        let mut p = MetaPack {
+            blocks,
+            frame_blocks: self.frame_blocks,
+            frames: Vec::with_capacity(self.frames),
+        };
+        for f in 0..self.frames {
+            let (digest, stored_len, encoding) = read_entry(b, self.frames_at + ENTRY_LEN * f);
+            let raw = p.frame_raw_len(f, image_size);
+            let max = raw + (raw >> 7) + 4096;
+            if stored_len == 0
+                || u64::from(stored_len) > max
+                || (encoding == Encoding::Raw && u64::from(stored_len) != raw)
+            {
+                return Err(bad(format!(
+                    "metadata pack frame {f}: invalid stored length {stored_len}"
+                )));
+            }
+            p.frames.push(Entry {
+                digest,
+                blob_offset,
+                stored_len,
+                encoding,
+            });
+            blob_offset += u64::from(stored_len);
+        }
+        Ok(p)
+    }
+}
+
 /// Whether `name` is acceptable as a blob name (a single relative path component).
 pub fn valid_blob_name(name: &str) -> bool {
     !name.is_empty()
@@ -299,12 +441,9 @@ impl Manifest {
         let map_at = pad8(HEADER_LEN + name.len());
         let entries_at = pad8(map_at + 4 * self.map.len());
         let pack_at = pad8(entries_at + ENTRY_LEN * self.entries.len());
-        let (frames_at, total) = match &self.pack {
-            Some(p) => {
-                let frames_at = pad8(pack_at + PACK_HEADER_LEN + 4 * p.blocks.len());
-                (frames_at, frames_at + ENTRY_LEN * p.frames.len())
-            }
-            None => (0, entries_at + ENTRY_LEN * self.entries.len()),
+        let total = match &self.pack {
+            Some(p) => pack_at + pack_section_len(p),
+            None => entries_at + ENTRY_LEN * self.entries.len(),
         };
         let mut out = vec![0u8; total];
         out[0..8].copy_from_slice(MAGIC);
@@ -324,30 +463,11 @@ impl Manifest {
         for (i, k) in self.map.iter().enumerate() {
             out[map_at + 4 * i..map_at + 4 * i + 4].copy_from_slice(&k.to_le_bytes());
         }
-        let put_entry = |out: &mut [u8], at: usize, e: &Entry| {
-            out[at..at + 32].copy_from_slice(&e.digest);
-            let word = e.stored_len
-                | match e.encoding {
-                    Encoding::Zstd => 0,
-                    Encoding::Raw => RAW_FLAG,
-                };
-            out[at + 32..at + 36].copy_from_slice(&word.to_le_bytes());
-        };
         for (i, e) in self.entries.iter().enumerate() {
             put_entry(&mut out, entries_at + ENTRY_LEN * i, e);
         }
         if let Some(p) = &self.pack {
-            out[pack_at..pack_at + 4].copy_from_slice(&PACK_BLOCK_SHIFT.to_le_bytes());
-            out[pack_at + 4..pack_at + 8].copy_from_slice(&p.frame_blocks.to_le_bytes());
-            out[pack_at + 8..pack_at + 16].copy_from_slice(&(p.blocks.len() as u64).to_le_bytes());
-            out[pack_at + 16..pack_at + 24].copy_from_slice(&(p.frames.len() as u64).to_le_bytes());
-            for (i, b) in p.blocks.iter().enumerate() {
-                let at = pack_at + PACK_HEADER_LEN + 4 * i;
-                out[at..at + 4].copy_from_slice(&b.to_le_bytes());
-            }
-            for (i, e) in p.frames.iter().enumerate() {
-                put_entry(&mut out, frames_at + ENTRY_LEN * i, e);
-            }
+            encode_pack_section(&mut out, pack_at, p);
         }
         out
     }
@@ -409,48 +529,9 @@ impl Manifest {
         let mut total = entries_end;
         let mut pack_layout = None;
         if has_pack {
-            let pack_at = entries_end.div_ceil(8) * 8;
-            if pack_at + PACK_HEADER_LEN as u64 > b.len() as u64 {
-                return Err(bad(format!(
-                    "length is {} bytes, too short for the metadata pack header",
-                    b.len()
-                )));
-            }
-            let pack_at = pack_at as usize;
-            let shift = le_u32(b, pack_at);
-            let frame_blocks = le_u32(b, pack_at + 4);
-            let blocks = le_u64(b, pack_at + 8);
-            let frames = le_u64(b, pack_at + 16);
-            if shift != PACK_BLOCK_SHIFT {
-                return Err(bad(format!(
-                    "metadata pack: unsupported block shift {shift}"
-                )));
-            }
-            if !(1..=MAX_PACK_FRAME_BLOCKS).contains(&frame_blocks) {
-                return Err(bad(format!(
-                    "metadata pack: invalid blocks per frame {frame_blocks}"
-                )));
-            }
-            if blocks == 0 || blocks > image_size.div_ceil(PACK_BLOCK) {
-                return Err(bad(format!(
-                    "metadata pack: {blocks} blocks for an image of {image_size} bytes"
-                )));
-            }
-            if frames != blocks.div_ceil(u64::from(frame_blocks)) {
-                return Err(bad(format!(
-                    "metadata pack: {frames} frames for {blocks} blocks of {frame_blocks}"
-                )));
-            }
-            let frames_at = (pack_at + PACK_HEADER_LEN) as u64 + 4 * blocks;
-            let frames_at = frames_at.div_ceil(8) * 8;
-            total = frames_at + ENTRY_LEN as u64 * frames;
-            pack_layout = Some((
-                pack_at,
-                frame_blocks,
-                blocks as usize,
-                frames as usize,
-                frames_at as usize,
-            ));
+            let layout = PackLayout::read(b, entries_end.div_ceil(8) * 8, image_size)?;
+            total = layout.end;
+            pack_layout = Some(layout);
         }
         if total != b.len() as u64 {
             return Err(bad(format!(
@@ -506,54 +587,15 @@ impl Manifest {
         }
         let pack = match pack_layout {
             None => None,
-            Some((pack_at, frame_blocks, nblocks, nframes, frames_at)) => {
-                let blocks_at = pack_at + PACK_HEADER_LEN;
-                if b[entries_end as usize..pack_at].iter().any(|&x| x != 0)
-                    || b[blocks_at + 4 * nblocks..frames_at]
-                        .iter()
-                        .any(|&x| x != 0)
+            Some(layout) => {
+                if b[entries_end as usize..layout.pack_at]
+                    .iter()
+                    .any(|&x| x != 0)
                 {
                     return Err(bad("padding bytes are not zero"));
                 }
-                let image_blocks = image_size.div_ceil(PACK_BLOCK);
-                let mut blocks = Vec::with_capacity(nblocks);
-                for i in 0..nblocks {
-                    let blk = le_u32(b, blocks_at + 4 * i);
-                    if u64::from(blk) >= image_blocks {
-                        return Err(bad(format!(
-                            "metadata pack: block {blk} is beyond the image"
-                        )));
-                    }
-                    if blocks.last().is_some_and(|&prev| prev >= blk) {
-                        return Err(bad(format!("metadata pack: block {blk} is out of order")));
-                    }
-                    blocks.push(blk);
-                }
-                let mut p = MetaPack {
-                    blocks,
-                    frame_blocks,
-                    frames: Vec::with_capacity(nframes),
-                };
-                for f in 0..nframes {
-                    let (digest, stored_len, encoding) = read_entry(b, frames_at + ENTRY_LEN * f);
-                    let raw = p.frame_raw_len(f, image_size);
-                    let max = raw + (raw >> 7) + 4096;
-                    if stored_len == 0
-                        || u64::from(stored_len) > max
-                        || (encoding == Encoding::Raw && u64::from(stored_len) != raw)
-                    {
-                        return Err(bad(format!(
-                            "metadata pack frame {f}: invalid stored length {stored_len}"
-                        )));
-                    }
-                    p.frames.push(Entry {
-                        digest,
-                        blob_offset,
-                        stored_len,
-                        encoding,
-                    });
-                    blob_offset += u64::from(stored_len);
-                }
+                let p = layout.decode(b, image_size, blob_offset)?;
+                blob_offset += p.stored_bytes();
                 Some(p)
             }
         };
@@ -917,5 +959,240 @@ mod block_list_tests {
             .unwrap_err()
             .to_string()
             .contains("magic"));
+    }
+}
+
+/// Magic bytes of a prefetch pack.
+pub const PACK_MAGIC: &[u8; 8] = b"LZBLKPP1";
+/// File name of the prefetch pack, served next to the manifest (its blob next to it, under the
+/// name the pack gives).
+pub const PACK_FILE: &str = "prefetch.pack";
+const PACK_FILE_HEADER_LEN: usize = 72;
+
+/// A prefetch pack: the 4 KiB blocks a workload read (`lazyblk trace --pack`), stored densely
+/// in frames in a blob of their own, published next to an image without changing it. An image
+/// opened with a prefetch pack uses its pack *instead of* the manifest's metadata pack (the
+/// trace writes the metadata blocks into it too), so a container start fetches a few frames
+/// instead of every chunk it touches.
+///
+/// The chunk digests cannot vouch for single blocks: the frames are pinned by this file, and
+/// this file is pinned by its own SHA-256 (`add --pack-digest`), or trusted like an unpinned
+/// manifest. Layout (little endian): magic `LZBLKPP1`, version (`u32`, 1), flags (`u32`, 0),
+/// the image id (32 bytes), the image size (`u64`), the blob size (`u64`), the blob name length
+/// (`u16`), 6 zero bytes, the name, zero padding to 8, then a pack section laid out like the
+/// manifest's, its frames back to back from offset 0 of the blob.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PrefetchPack {
+    /// The image the pack belongs to.
+    pub image: ImageId,
+    /// Size of that image in bytes.
+    pub image_size: u64,
+    /// Name of the pack's blob, relative to the pack's location.
+    pub blob_name: String,
+    /// Size of the pack's blob.
+    pub blob_size: u64,
+    /// The blocks and frames (frame offsets are in the pack's blob).
+    pub pack: MetaPack,
+}
+
+impl PrefetchPack {
+    /// Encode to bytes (the pack's identity is [`ImageId::of`] these bytes).
+    pub fn encode(&self) -> Vec<u8> {
+        let name = self.blob_name.as_bytes();
+        let pack_at = pad8(PACK_FILE_HEADER_LEN + name.len());
+        let mut out = vec![0u8; pack_at + pack_section_len(&self.pack)];
+        out[0..8].copy_from_slice(PACK_MAGIC);
+        out[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        out[16..48].copy_from_slice(&self.image.0);
+        out[48..56].copy_from_slice(&self.image_size.to_le_bytes());
+        out[56..64].copy_from_slice(&self.blob_size.to_le_bytes());
+        out[64..66].copy_from_slice(&(name.len() as u16).to_le_bytes());
+        out[PACK_FILE_HEADER_LEN..PACK_FILE_HEADER_LEN + name.len()].copy_from_slice(name);
+        encode_pack_section(&mut out, pack_at, &self.pack);
+        out
+    }
+
+    /// Decode and validate against the image it must belong to (id and size).
+    pub fn decode(b: &[u8], image: &ImageId, image_size: u64) -> Result<PrefetchPack> {
+        let bad = |m: String| Error::Invalid(format!("malformed prefetch pack: {m}"));
+        if b.len() < PACK_FILE_HEADER_LEN || &b[0..8] != PACK_MAGIC {
+            return Err(bad("bad magic or truncated header".into()));
+        }
+        if le_u32(b, 8) != VERSION || le_u32(b, 12) != 0 {
+            return Err(bad("unsupported version or flags".into()));
+        }
+        if b[16..48] != image.0 {
+            return Err(bad(format!(
+                "it belongs to image sha256:{}",
+                hex::encode(&b[16..48])
+            )));
+        }
+        if le_u64(b, 48) != image_size {
+            return Err(bad(format!(
+                "made for an image of {} bytes, this one has {image_size}",
+                le_u64(b, 48)
+            )));
+        }
+        if b[66..72].iter().any(|&x| x != 0) {
+            return Err(bad("reserved header bytes are not zero".into()));
+        }
+        let blob_size = le_u64(b, 56);
+        let name_len = usize::from(u16::from_le_bytes([b[64], b[65]]));
+        let pack_at = pad8(PACK_FILE_HEADER_LEN + name_len);
+        // The section's own errors, without the "malformed manifest" of the manifest decoder.
+        let section = |e: Error| match e {
+            Error::Manifest(m) => bad(m),
+            other => other,
+        };
+        let layout = PackLayout::read(b, pack_at as u64, image_size).map_err(section)?;
+        if layout.end != b.len() as u64 {
+            return Err(bad(format!(
+                "length is {} bytes, the header implies {}",
+                b.len(),
+                layout.end
+            )));
+        }
+        let blob_name =
+            std::str::from_utf8(&b[PACK_FILE_HEADER_LEN..PACK_FILE_HEADER_LEN + name_len])
+                .ok()
+                .filter(|n| valid_blob_name(n) && *n != PACK_FILE)
+                .ok_or_else(|| bad("invalid blob name".into()))?
+                .to_string();
+        if b[PACK_FILE_HEADER_LEN + name_len..pack_at]
+            .iter()
+            .any(|&x| x != 0)
+        {
+            return Err(bad("padding bytes are not zero".into()));
+        }
+        let pack = layout.decode(b, image_size, 0).map_err(section)?;
+        if pack.stored_bytes() != blob_size {
+            return Err(bad(format!(
+                "frames add up to {} blob bytes, the header says {blob_size}",
+                pack.stored_bytes()
+            )));
+        }
+        Ok(PrefetchPack {
+            image: *image,
+            image_size,
+            blob_name,
+            blob_size,
+            pack,
+        })
+    }
+
+    /// The manifest `m` of the image as a store uses it with this pack: the pack replaces the
+    /// manifest's metadata pack, its frames placed after the image's blob (`blob_size` grows
+    /// by the pack's blob: a remote that reads the two blobs as one serves them).
+    pub fn apply(&self, m: &Manifest) -> Manifest {
+        let base = m.blob_size;
+        let mut pack = self.pack.clone();
+        for f in &mut pack.frames {
+            f.blob_offset += base;
+        }
+        Manifest {
+            blob_size: base + self.blob_size,
+            pack: Some(pack),
+            ..m.clone()
+        }
+    }
+}
+
+#[cfg(test)]
+mod prefetch_pack_tests {
+    use super::*;
+
+    fn sample() -> (Manifest, PrefetchPack) {
+        let m = tests_sample_manifest();
+        let p = PrefetchPack {
+            image: ImageId::of(&m.encode()),
+            image_size: m.image_size,
+            blob_name: "prefetch.pack.blob".into(),
+            blob_size: 70,
+            pack: MetaPack {
+                blocks: vec![1, 3],
+                frame_blocks: 1,
+                frames: vec![
+                    Entry {
+                        digest: [4; 32],
+                        blob_offset: 0,
+                        stored_len: 30,
+                        encoding: Encoding::Zstd,
+                    },
+                    Entry {
+                        digest: [5; 32],
+                        blob_offset: 30,
+                        stored_len: 40,
+                        encoding: Encoding::Zstd,
+                    },
+                ],
+            },
+        };
+        (m, p)
+    }
+
+    fn tests_sample_manifest() -> Manifest {
+        Manifest {
+            image_size: 3 * 4096 + 100,
+            chunk_size: 4096,
+            blob_size: 300,
+            blob_name: "blob".into(),
+            map: vec![1, 0, 1, 2],
+            entries: vec![
+                Entry {
+                    digest: [7; 32],
+                    blob_offset: 0,
+                    stored_len: 200,
+                    encoding: Encoding::Zstd,
+                },
+                Entry {
+                    digest: [9; 32],
+                    blob_offset: 200,
+                    stored_len: 100,
+                    encoding: Encoding::Raw,
+                },
+            ],
+            pack: None,
+        }
+    }
+
+    #[test]
+    fn prefetch_pack_roundtrip_apply_and_checks() {
+        let (m, p) = sample();
+        let b = p.encode();
+        assert_eq!(PrefetchPack::decode(&b, &p.image, m.image_size).unwrap(), p);
+        for n in 0..b.len() {
+            assert!(
+                PrefetchPack::decode(&b[..n], &p.image, m.image_size).is_err(),
+                "truncated to {n}"
+            );
+        }
+        let e = PrefetchPack::decode(&b, &ImageId([1; 32]), m.image_size).unwrap_err();
+        assert!(e.to_string().contains("belongs to image"), "{e}");
+        let e = PrefetchPack::decode(&b, &p.image, m.image_size + 1).unwrap_err();
+        assert!(e.to_string().contains("bytes"), "{e}");
+        let mut v = p.clone();
+        v.blob_size = 71;
+        let e = PrefetchPack::decode(&v.encode(), &p.image, m.image_size).unwrap_err();
+        assert!(e.to_string().contains("add up to"), "{e}");
+        let mut v = p.clone();
+        v.blob_name = "../x".into();
+        assert!(PrefetchPack::decode(&v.encode(), &p.image, m.image_size).is_err());
+        let mut v = p.clone();
+        v.pack.blocks = vec![3, 1];
+        let e = PrefetchPack::decode(&v.encode(), &p.image, m.image_size).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "malformed prefetch pack: metadata pack: block 1 is out of order"
+        );
+
+        // Applied: the pack's frames follow the image's blob, and the whole still encodes as
+        // a valid manifest layout.
+        let eff = p.apply(&m);
+        assert_eq!(eff.blob_size, 370);
+        let ep = eff.pack.as_ref().unwrap();
+        assert_eq!(ep.frames[0].blob_offset, 300);
+        assert_eq!(ep.frames[1].blob_offset, 330);
+        assert!(eff.entries_contiguous());
+        assert_eq!(eff.unit_count(), m.chunk_count() + 2);
     }
 }

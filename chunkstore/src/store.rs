@@ -2,7 +2,8 @@
 //!
 //! A cache directory per image (`<cache root>/<manifest sha256>/`) holds `manifest` (a copy),
 //! `data` (a sparse file the size of the image, chunk `i` at offset `i * chunk_size`), `bitmap`
-//! (see [`crate::bitmap`]), `meta.json` and `lock`.
+//! (see [`crate::bitmap`]), `meta.json` and `lock`; with a [prefetch pack](PrefetchPack) in
+//! use, also the pack (`prefetch.pack`), which then decides the bitmap's layout.
 //!
 //! A miss runs: fetch (coalesced range request) -> verify (decompress, BLAKE3) -> `pwrite` into
 //! `data` -> set the in-memory presence bit and wake waiters -> (group commit, on the persister
@@ -13,8 +14,10 @@
 
 use crate::bitmap::{BitmapFile, Trust};
 use crate::error::{Error, Result};
-use crate::format::{ChunkRef, Encoding, Entry, ImageId, Manifest, PACK_BLOCK};
-use crate::remote::{Connector, HttpOptions, Location, Remote, RemoteError};
+use crate::format::{
+    ChunkRef, Encoding, Entry, ImageId, Manifest, PrefetchPack, PACK_BLOCK, PACK_FILE,
+};
+use crate::remote::{Concat, Connector, HttpOptions, Location, Remote, RemoteError};
 use bitvec::prelude::*;
 use bytes::{Bytes, BytesMut};
 use lazyblk_blocksource::{check_range, BlockError, BlockSource, Completion, Geometry, Located};
@@ -42,6 +45,10 @@ pub struct StoreOptions {
     pub cache_root: PathBuf,
     /// When set, the manifest must have this digest.
     pub expected_id: Option<ImageId>,
+    /// When set, the [prefetch pack](PrefetchPack) published next to the manifest must have
+    /// this digest (and must be there, or cached). Without it, a published pack is used only
+    /// when the manifest is not pinned either (it is then trusted as far as the manifest is).
+    pub expected_pack: Option<ImageId>,
     /// HTTP tunables.
     pub http: HttpOptions,
     /// Range requests in flight at once.
@@ -90,6 +97,7 @@ impl Default for StoreOptions {
         StoreOptions {
             cache_root: PathBuf::from("/var/cache/lazyblk"),
             expected_id: None,
+            expected_pack: None,
             http: HttpOptions::default(),
             max_requests: 8,
             max_request_bytes: 2 << 20,
@@ -171,6 +179,10 @@ pub struct StatsSnapshot {
     /// Pack frames present.
     #[serde(default)]
     pub pack_frames_present: u64,
+    /// Digest of the prefetch pack in use (its frames are then the pack frames counted
+    /// above, in place of the metadata pack's).
+    #[serde(default)]
+    pub prefetch_pack: Option<String>,
 }
 
 /// What opening found in the cache.
@@ -186,6 +198,9 @@ pub struct OpenReport {
     pub dropped: u64,
     /// Open proceeded without reaching the remote (cache-only until it returns).
     pub offline: Option<String>,
+    /// Digest of the prefetch pack in use, if any.
+    #[serde(default)]
+    pub prefetch_pack: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Default)]
@@ -384,6 +399,7 @@ pub struct ChunkStore {
     persister: Option<std::thread::JoinHandle<()>>,
     maintenance: Option<std::thread::JoinHandle<()>>,
     runtime: Option<tokio::runtime::Runtime>,
+    manifest_bytes: Vec<u8>,
     _lock: File,
 }
 
@@ -478,7 +494,18 @@ impl ChunkStore {
         // The optional prefetch list is fetched at the same time (one round trip, not two).
         let list_loc = manifest.sibling(crate::format::PREFETCH_FILE);
         let list_max = 4 * m.chunk_count() + 64;
-        let (probed, list_bytes) = runtime.block_on(async {
+        // The prefetch pack too: pinned (and not already cached), or next to an unpinned
+        // manifest.
+        let pack_loc = manifest.sibling(PACK_FILE);
+        // The layout the cache was written with: its own copy of the pack it used, if any.
+        let old = CacheLayout::of(&dir, id, &m);
+        let pack_cached = old.pack.clone();
+        let fetch_pack = opts.prefetch_pack
+            && match opts.expected_pack {
+                Some(pin) => pack_cached.as_deref().map(ImageId::of) != Some(pin),
+                None => opts.expected_id.is_none(),
+            };
+        let (probed, list_bytes, pack_fetched) = runtime.block_on(async {
             let probe = async {
                 if m.blob_size == 0 {
                     Ok(crate::remote::BlobInfo::default())
@@ -493,7 +520,18 @@ impl ChunkStore {
                     None
                 }
             };
-            tokio::join!(probe, list)
+            let pack = async {
+                if fetch_pack {
+                    Some(
+                        connector
+                            .read_whole(&pack_loc, 40 * m.block_count() + 4096)
+                            .await,
+                    )
+                } else {
+                    None
+                }
+            };
+            tokio::join!(probe, list, pack)
         });
         match probed {
             Ok(info) => {
@@ -538,6 +576,55 @@ impl ChunkStore {
         let prefetch_list = list_bytes
             .and_then(|fetched| load_prefetch(fetched, &list_loc, &dir, &id, m.chunk_count()));
 
+        // The prefetch pack to use, whose frames follow the image's blob.
+        let chosen = choose_pack(&opts, &m, id, &pack_loc, pack_fetched, pack_cached.clone())?;
+        let chosen = match chosen {
+            Some((bytes, p)) if report.offline.is_none() => {
+                let pack_blob = connector.open_remote(&pack_loc.sibling(&p.blob_name));
+                let why = match runtime.block_on(pack_blob.probe()) {
+                    Ok(info) if info.size == p.blob_size => None,
+                    Ok(info) => Some(format!(
+                        "{}: size is {} bytes, the pack says {}",
+                        pack_blob.location(),
+                        info.size,
+                        p.blob_size
+                    )),
+                    Err(e) if e.is_transient() => None,
+                    Err(e) => Some(e.to_string()),
+                };
+                match why {
+                    None => Some((bytes, p, pack_blob)),
+                    Some(why) if opts.expected_pack.is_some() => {
+                        return Err(Error::Invalid(format!("prefetch pack blob {why}")))
+                    }
+                    Some(why) => {
+                        tracing::warn!("not using the prefetch pack: its blob {why}");
+                        None
+                    }
+                }
+            }
+            Some((bytes, p)) => {
+                let pack_blob = connector.open_remote(&pack_loc.sibling(&p.blob_name));
+                Some((bytes, p, pack_blob))
+            }
+            None => None,
+        };
+        let pack_id = chosen.as_ref().map(|(b, _, _)| ImageId::of(b));
+        report.prefetch_pack = pack_id.map(|p| p.to_string());
+        let (old_bitmap_id, old_m) = (old.bitmap_id, old.manifest);
+        let pack_bytes = chosen.as_ref().map(|(b, _, _)| b.clone());
+        // From here on `m` is the manifest as the store uses it: with the prefetch pack in
+        // place of the metadata pack, its frames read through the concatenated remote.
+        let (remote, m) = match chosen {
+            Some((_, p, pack_blob)) => (
+                Box::new(Concat::new(remote, m.blob_size, pack_blob, p.blob_size))
+                    as Box<dyn Remote>,
+                p.apply(&m),
+            ),
+            None => (remote, m),
+        };
+        let bitmap_id = cache_bitmap_id(id, pack_id);
+
         // 4. Data file and bitmap; repair rather than trust.
         let device_size = m.image_size.div_ceil(u64::from(BLOCK_SIZE)) * u64::from(BLOCK_SIZE);
         let data_path = dir.join("data");
@@ -561,7 +648,7 @@ impl ChunkStore {
             ));
             None
         } else {
-            match BitmapFile::open(&bitmap_path, id, units) {
+            match BitmapFile::open(&bitmap_path, old_bitmap_id, old_m.unit_count()) {
                 Ok(x) => Some(x),
                 Err(e) => {
                     report.discarded = Some(e.to_string());
@@ -572,10 +659,11 @@ impl ChunkStore {
         if let Some(why) = &report.discarded {
             tracing::warn!("discarding the cache in {}: {why}", dir.display());
         }
+        let mut created = false;
         let mut bitmap = match opened {
             Some((b, Trust::Clean)) => b,
             Some((mut b, Trust::Verify)) => {
-                let (bits, checked, bad) = reverify(&m, &data, b.bits());
+                let (bits, checked, bad) = reverify(&old_m, &data, b.bits());
                 report.reverified = checked;
                 report.dropped = bad;
                 if bad > 0 {
@@ -585,12 +673,29 @@ impl ChunkStore {
                 b
             }
             None => {
+                created = true;
                 data.set_len(0)
                     .and_then(|_| data.set_len(device_size))
                     .map_err(|e| Error::io(&data_path, e))?;
-                BitmapFile::create(&bitmap_path, id, units)?
+                BitmapFile::create(&bitmap_path, bitmap_id, units)?
             }
         };
+        // Another prefetch pack than the cache was written with (or none, or a first one):
+        // carry the bits over to the new layout, then keep a copy of the pack that decides it.
+        // (A crash in between leaves a bitmap whose id does not match the pack copy: the
+        // next open discards the cache, it never misreads it.)
+        if pack_cached != pack_bytes {
+            if !created {
+                let bits = carry_bits(&old_m, bitmap.bits(), &m);
+                bitmap = BitmapFile::create(&bitmap_path, bitmap_id, units)?;
+                bitmap.replace(bits)?;
+            }
+            let copy = dir.join(PACK_FILE);
+            match &pack_bytes {
+                Some(b) => crate::builder::write_atomic(&copy, b)?,
+                None => std::fs::remove_file(&copy).map_err(|e| Error::io(&copy, e))?,
+            }
+        }
         if data_len != device_size && report.discarded.is_none() {
             data.set_len(device_size)
                 .map_err(|e| Error::io(&data_path, e))?;
@@ -667,6 +772,7 @@ impl ChunkStore {
             persister: Some(persister),
             maintenance: Some(maintenance),
             runtime: Some(runtime),
+            manifest_bytes: bytes,
             _lock: lock,
         })
     }
@@ -676,9 +782,15 @@ impl ChunkStore {
         self.inner.id
     }
 
-    /// The manifest.
+    /// The manifest as the store uses it: with a prefetch pack in use, the pack's frames
+    /// stand in for the metadata pack's (see [`PrefetchPack::apply`]).
     pub fn manifest(&self) -> &Manifest {
         &self.inner.manifest
+    }
+
+    /// The image's manifest as published (its SHA-256 is [`ChunkStore::id`]).
+    pub fn manifest_bytes(&self) -> &[u8] {
+        &self.manifest_bytes
     }
 
     /// The cache directory.
@@ -727,6 +839,7 @@ impl ChunkStore {
                 let f = self.inner.manifest.frame_units();
                 self.inner.present.count_range(f.start, f.end)
             },
+            prefetch_pack: self.report.prefetch_pack.clone(),
         }
     }
 
@@ -952,6 +1065,141 @@ pub fn frame_intact(m: &Manifest, data: &File, f: usize) -> bool {
         h.update(&block[..len]);
     }
     *h.finalize().as_bytes() == p.frames[f].digest
+}
+
+/// How the cache directory of an image is laid out.
+pub struct CacheLayout {
+    /// The manifest as the store used it: with the prefetch pack it kept a copy of (in place
+    /// of the metadata pack), if any. Its [`Manifest::unit_count`] is the bitmap's bit count.
+    pub manifest: Manifest,
+    /// The id the bitmap is bound to.
+    pub bitmap_id: ImageId,
+    /// The copy of the prefetch pack, as kept.
+    pub pack: Option<Vec<u8>>,
+}
+
+impl CacheLayout {
+    /// The layout of the cache in `dir` of the image `id` with manifest `m` (a pack copy that
+    /// does not decode for this image counts as none: the bitmap, bound to the pack's digest,
+    /// then no longer matches, and the store discards it).
+    pub fn of(dir: &Path, id: ImageId, m: &Manifest) -> CacheLayout {
+        let pack = std::fs::read(dir.join(PACK_FILE)).ok();
+        let decoded = pack.as_deref().and_then(|b| {
+            PrefetchPack::decode(b, &id, m.image_size)
+                .ok()
+                .map(|p| (ImageId::of(b), p))
+        });
+        CacheLayout {
+            manifest: match &decoded {
+                Some((_, p)) => p.apply(m),
+                None => m.clone(),
+            },
+            bitmap_id: cache_bitmap_id(id, decoded.map(|(pid, _)| pid)),
+            pack,
+        }
+    }
+}
+
+/// The id a cache's bitmap is bound to: the image's, or with a prefetch pack in use (which
+/// adds units and decides what the frame bits mean) a digest of both.
+fn cache_bitmap_id(image: ImageId, pack: Option<ImageId>) -> ImageId {
+    match pack {
+        None => image,
+        Some(p) => ImageId::of(&[image.0, p.0].concat()),
+    }
+}
+
+/// Presence bits of a cache kept with the manifest `old` carried over to `new`, the same
+/// image with another pack: chunk bits as they are; a frame of `new` is present when each of
+/// its blocks lies in a present chunk or in a present frame of `old`.
+fn carry_bits(old: &Manifest, old_bits: &BitSlice<u8, Lsb0>, new: &Manifest) -> BitVec<u8, Lsb0> {
+    let n = new.chunk_count() as usize;
+    let mut bits = bitvec![u8, Lsb0; 0; new.unit_count() as usize];
+    bits[..n].copy_from_bitslice(&old_bits[..n]);
+    let Some(p) = &new.pack else {
+        return bits;
+    };
+    let cs = u64::from(new.chunk_size);
+    let block_present = |b: u32| {
+        let b = u64::from(b);
+        old_bits[(b * PACK_BLOCK / cs) as usize]
+            || old.pack.as_ref().is_some_and(|op| {
+                op.covers(b, b)
+                    .is_some_and(|pos| old_bits[n + op.frame_of(pos.start)])
+            })
+    };
+    for f in 0..p.frames.len() {
+        if p.blocks[p.frame_positions(f)]
+            .iter()
+            .all(|&b| block_present(b))
+        {
+            bits.set(n + f, true);
+        }
+    }
+    bits
+}
+
+/// The prefetch pack to use, as raw bytes and decoded: the one `fetched` from `loc`, else the
+/// cache's copy, if it belongs to this image and is trusted (it has the digest
+/// `opts.expected_pack` asks for; without one, only next to an unpinned manifest). A pinned
+/// pack that is neither there nor cached is an error; an unpinned one that is not usable is
+/// skipped with a warning (it only makes reads faster).
+fn choose_pack(
+    opts: &StoreOptions,
+    m: &Manifest,
+    id: ImageId,
+    loc: &Location,
+    fetched: Option<std::result::Result<Vec<u8>, RemoteError>>,
+    cached: Option<Vec<u8>>,
+) -> Result<Option<(Vec<u8>, PrefetchPack)>> {
+    let accept = |b: &[u8]| -> std::result::Result<PrefetchPack, String> {
+        let p = PrefetchPack::decode(b, &id, m.image_size).map_err(|e| e.to_string())?;
+        match opts.expected_pack {
+            Some(pin) if ImageId::of(b) != pin => Err(format!(
+                "its digest is {}, --pack-digest asks for {pin}",
+                ImageId::of(b)
+            )),
+            None if opts.expected_id.is_some() => {
+                Err("the manifest is pinned and the pack is not (give its digest)".into())
+            }
+            _ => Ok(p),
+        }
+    };
+    let mut why = None;
+    match fetched {
+        Some(Ok(b)) => match accept(&b) {
+            Ok(p) => return Ok(Some((b, p))),
+            Err(e) => why = Some(e),
+        },
+        Some(Err(e))
+            if e.kind == crate::remote::ErrorKind::Permanent && opts.expected_pack.is_none() =>
+        {
+            tracing::debug!("no prefetch pack at {loc}: {e}");
+        }
+        Some(Err(e)) => why = Some(e.to_string()),
+        None => {}
+    }
+    // Fall back to the cache's copy when nothing usable was fetched (offline, unpublished,
+    // or a new pack that is not acceptable).
+    if let Some(b) = cached {
+        if let Ok(p) = accept(&b) {
+            if let Some(w) = &why {
+                tracing::warn!("prefetch pack at {loc}: {w}; using the cached copy");
+            }
+            return Ok(Some((b, p)));
+        }
+    }
+    match (why, opts.expected_pack) {
+        (Some(w), Some(_)) => Err(Error::Invalid(format!("prefetch pack {loc}: {w}"))),
+        (None, Some(_)) => Err(Error::Invalid(format!(
+            "prefetch pack {loc}: not fetched and not in the cache"
+        ))),
+        (Some(w), None) => {
+            tracing::warn!("ignoring the prefetch pack at {loc}: {w}");
+            Ok(None)
+        }
+        (None, None) => Ok(None),
+    }
 }
 
 /// Threads that verify and store fetched chunks: two per core, at least 2, at most 16.

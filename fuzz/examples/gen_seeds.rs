@@ -9,6 +9,8 @@
 //!   count and image id the `bitmap` target expects (see `fuzz_targets/bitmap.rs`).
 //! * `prefetch/`: prefetch lists for that image (`PrefetchList::encode`), with the same prefix.
 //! * `block_list/`: the block list of the blocks those reads touched (`ChunkStore::block_trace`).
+//! * `prefetch_pack/`: a prefetch pack of those blocks (`builder::build_prefetch_pack`, the code
+//!   behind `lazyblk trace --pack`), prefixed with the image size and id.
 //! * `erofs/`: small erofs images made by `mkfs.erofs` (erofs-utils): plain, with extended
 //!   inodes, xattrs and a multi-block directory, lz4-compressed, and with chunk-based files.
 //!
@@ -16,8 +18,8 @@
 
 use lazyblk_blocksource::BlockSource;
 use lazyblk_chunkstore::bitmap::{self, Trust};
-use lazyblk_chunkstore::builder::{build_image, BuildOptions, PackBlocks};
-use lazyblk_chunkstore::format::{BlockList, ImageId, Manifest, PrefetchList};
+use lazyblk_chunkstore::builder::{build_image, build_prefetch_pack, BuildOptions, PackBlocks};
+use lazyblk_chunkstore::format::{BlockList, ImageId, Manifest, PrefetchList, PrefetchPack};
 use lazyblk_chunkstore::{ChunkStore, Location, StoreOptions};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -267,6 +269,22 @@ fn main() {
     .encode();
     BlockList::decode(&blocks).expect("block list decodes");
     write(&corpus.join("block_list"), "store-trace", &blocks);
+    // Those blocks as a prefetch pack, read back through the store.
+    let m = Manifest::decode(&bytes4k).unwrap();
+    let traced: Vec<u64> = store.block_trace().into_iter().map(u64::from).collect();
+    let mut read = |at: u64, buf: &mut [u8]| {
+        store
+            .read_at(at, buf)
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    };
+    let pack_path = work.join("prefetch.pack");
+    build_prefetch_pack(id, &m, &traced, &mut read, &pack_path, 3).expect("prefetch pack");
+    let file = std::fs::read(&pack_path).expect("read the pack");
+    PrefetchPack::decode(&file, &id, m.image_size).expect("prefetch pack decodes");
+    let mut seed = m.image_size.to_le_bytes().to_vec();
+    seed.extend_from_slice(&id.0);
+    seed.extend_from_slice(&file);
+    write(&corpus.join("prefetch_pack"), "store-trace", &seed);
     let bitmap_path = store.cache_dir().join("bitmap");
     let dirty = std::fs::read(&bitmap_path).expect("read bitmap");
     drop(store);

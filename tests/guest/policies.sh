@@ -85,6 +85,58 @@ check "and without fetching a chunk: every block came in the pack" [ "$(field /t
 umount /mnt/p; lazyblk del "$ID" > /dev/null
 rm -rf /www/img1opt /tmp/img1.raw /tmp/c-opt /tmp/c-blocks
 
+step "trace --pack: the workload's blocks come in a prefetch pack next to the unchanged image"
+DEV=$(lazyblk add "$URL" --cache-dir /tmp/c-tp) || die "add"
+ID=${DEV#/dev/ublkb}
+mount -t erofs -o ro "$DEV" /mnt/p || die "mount"
+subset
+mkdir -p /tmp/tp
+lazyblk trace "$ID" --pack -o /tmp/tp/prefetch.pack > /tmp/tp.txt || die "trace --pack"
+cat /tmp/tp.txt
+IMG=$(status_json "$ID" | sed -n 's/.*"image": *"\(sha256:[0-9a-f]*\)".*/\1/p')
+PD=$(sed -n 's/^digest *//p' /tmp/tp.txt)
+umount /mnt/p; lazyblk del "$ID" > /dev/null
+check "a pack and its blob were written, and the pack's digest printed" [ -s /tmp/tp/prefetch.pack -a -s /tmp/tp/prefetch.pack.blob -a -n "$PD" ]
+# Published next to the manifest; the chunk list is moved away for this step, so that every
+# chunk fetched below would be the workload's own.
+mv /www/img1/prefetch /tmp/tp/list
+cp /tmp/tp/prefetch.pack /tmp/tp/prefetch.pack.blob /www/img1/
+DEV=$(lazyblk add "$URL" --cache-dir /tmp/c-tp2 --digest "$IMG" --pack-digest "$PD") || die "add with the pack pinned"
+ID=${DEV#/dev/ublkb}
+wait_background "$ID"
+check "the pinned pack is in use" grep -q "\"prefetch_pack\": *\"$PD\"" /tmp/s.json
+F=$(field /tmp/s.json pack_frames)
+check "all of its frames arrived" [ "$F" -gt 0 -a "$(field /tmp/s.json pack_frames_present)" -eq "$F" ]
+BEFORE=$(field /tmp/s.json misses); C0=$(field /tmp/s.json chunks_fetched)
+mount -t erofs -o ro "$DEV" /mnt/p || die "mount"
+subset
+status_json "$ID" > /tmp/s.json
+echo "misses during mount + the workload: $(( $(field /tmp/s.json misses) - BEFORE )), chunks fetched: $(( $(field /tmp/s.json chunks_fetched) - C0 ))"
+check "mount + the workload ran without a single miss" [ "$(field /tmp/s.json misses)" -eq "$BEFORE" ]
+check "and without fetching a chunk: every block came in the pack" [ "$(field /tmp/s.json chunks_fetched)" -eq "$C0" ]
+# A crashed daemon's successor (which pins the manifest) keeps the pack and its frames.
+P0=$(daemon_pid "$ID")
+kill -9 "$P0"
+wait_for 10 "daemon $P0 to die" pid_gone "$P0"
+lazyblk recover "$ID" > /tmp/recover.out 2>&1 || { cat /tmp/recover.out; die "recover"; }
+status_json "$ID" > /tmp/s.json
+check "the recovered daemon uses the same pack" grep -q "\"prefetch_pack\": *\"$PD\"" /tmp/s.json
+check "with every frame still present" [ "$(field /tmp/s.json pack_frames_present)" -eq "$F" ]
+lazyblk-testkit digest-tree /mnt/p > /tmp/got.txt
+check "the whole tree reads right" cmp -s /expected/img1.txt /tmp/got.txt
+umount /mnt/p; lazyblk del "$ID" > /dev/null
+for d in /tmp/c-tp2/*/; do lazyblk verify-cache "$d" || die "verify-cache with a prefetch pack"; done
+ok "verify-cache checks the cache kept with a prefetch pack"
+# A pin the published pack does not have: one clear line naming it, no device.
+if lazyblk add "$URL" --cache-dir /tmp/c-tp3 --pack-digest sha256:0000000000000000000000000000000000000000000000000000000000000000 > /tmp/add.out 2>&1; then
+    die "add with a wrong --pack-digest succeeded"
+fi
+cat /tmp/add.out
+check "a wrong --pack-digest is refused, naming the prefetch pack" grep -q "prefetch pack.*--pack-digest asks for" /tmp/add.out
+rm -f /www/img1/prefetch.pack /www/img1/prefetch.pack.blob
+mv /tmp/tp/list /www/img1/prefetch
+rm -rf /tmp/tp /tmp/c-tp /tmp/c-tp2 /tmp/c-tp3
+
 step "hydration: the whole image arrives in the background, then no network is needed"
 DEV=$(lazyblk add "$URL" --cache-dir /tmp/c-hydrate --hydrate --hydrate-rate 20M) || die "add"
 ID=${DEV#/dev/ublkb}

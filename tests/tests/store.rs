@@ -1,10 +1,12 @@
 //! The chunk store against a real nginx and against the fault-injecting server.
 
 use lazyblk_blocksource::{BlockError, BlockSource};
-use lazyblk_chunkstore::builder::{build_image, BuildOptions, BuildSummary, PackBlocks};
-use lazyblk_chunkstore::format::{BlockList, ChunkRef};
+use lazyblk_chunkstore::builder::{
+    build_image, build_prefetch_pack, BuildOptions, BuildSummary, PackBlocks,
+};
+use lazyblk_chunkstore::format::{BlockList, ChunkRef, PACK_FILE};
 use lazyblk_chunkstore::remote::HttpOptions;
-use lazyblk_chunkstore::{ChunkStore, Error, ImageId, Location, StoreOptions};
+use lazyblk_chunkstore::{ChunkStore, Error, ImageId, Location, Manifest, StoreOptions};
 use lazyblk_tests::fault::{Fault, FaultServer};
 use lazyblk_tests::nginx::Nginx;
 use lazyblk_tests::sample_image;
@@ -1158,7 +1160,8 @@ fn block_trace_records_every_block_read_and_feeds_a_rebuilt_pack() {
 #[test]
 fn open_fetches_manifest_probe_and_list_over_one_connection() {
     let f = fixture(1 << 20, 64 << 10, 27);
-    // A published list, so open makes three requests: manifest, probe, list.
+    // A published list, so open makes four requests: manifest, then together the probe, the
+    // list and the look for a prefetch pack (none here: a 404).
     let list = lazyblk_chunkstore::format::PrefetchList {
         image: f.id,
         chunks: vec![3],
@@ -1169,14 +1172,14 @@ fn open_fetches_manifest_probe_and_list_over_one_connection() {
     o.readahead_bytes = 0;
     let store = ChunkStore::open(&Location::parse(&srv.url("manifest")), o).unwrap();
     assert_eq!(store.prefetch_list(), Some(&[3u32][..]));
-    assert_eq!(srv.requests(), 3);
-    // The probe and the list go out together, so two connections at most; then reads reuse
-    // them (a fresh connection per request would make this 5).
+    assert_eq!(srv.requests(), 4);
+    // Those three go out together, so three connections at most; then reads reuse them (a
+    // fresh connection per request would make this 6).
     let mut buf = vec![0u8; 4096];
     store.read_at(0, &mut buf).unwrap();
     store.read_at(10 * 65536, &mut buf).unwrap();
-    assert_eq!(srv.requests(), 5);
-    assert!(srv.connections() <= 2, "{} connections", srv.connections());
+    assert_eq!(srv.requests(), 6);
+    assert!(srv.connections() <= 3, "{} connections", srv.connections());
 }
 
 #[test]
@@ -1198,4 +1201,153 @@ fn a_sealed_cache_with_pack_frames_is_trusted_by_the_next_open() {
     let d = lazyblk_chunkstore::bitmap::decode(&bits, &f.id, units).unwrap();
     assert_eq!(d.trust, lazyblk_chunkstore::bitmap::Trust::Clean);
     assert!(d.bits[3] && d.bits[units as usize - 1]);
+}
+
+// ---- prefetch pack ------------------------------------------------------------------------
+
+/// Publish next to `f`'s manifest a prefetch pack of `blocks` (plus the image's metadata pack
+/// blocks), read from the raw image; its digest.
+fn publish_pack(f: &Fixture, blocks: &[u64]) -> ImageId {
+    use std::os::unix::fs::FileExt;
+    let m = Manifest::decode(&std::fs::read(f.serve.join("manifest")).unwrap()).unwrap();
+    let raw = std::fs::File::open(f.root.join("raw.img")).unwrap();
+    let mut read = |at: u64, buf: &mut [u8]| raw.read_exact_at(buf, at);
+    let s = build_prefetch_pack(f.id, &m, blocks, &mut read, &f.serve.join(PACK_FILE), 3).unwrap();
+    assert!(s.blob_path.ends_with("prefetch.pack.blob"));
+    s.id
+}
+
+#[test]
+fn a_prefetch_pack_serves_the_traced_reads_without_chunks() {
+    let (f, meta) = fixture_with_pack(50);
+    // Blocks outside the metadata pack (every 7th block), spread over 4 chunks.
+    let traced: Vec<u64> = vec![3, 4, 5, 100, 101, 300, 500];
+    let pid = publish_pack(&f, &traced);
+    let srv = FaultServer::start(&f.serve, "blob");
+    let store = ChunkStore::open(&Location::parse(&srv.url("manifest")), opts(&f)).unwrap();
+    assert_eq!(store.open_report().prefetch_pack, Some(pid.to_string()));
+    let probes = srv.target_requests();
+    store.start_default_background();
+    wait_for("the pack", || store.stats().background_done);
+    let s = store.stats();
+    // 74 + 7 blocks in frames of 64: two frames, from the pack's blob.
+    assert_eq!((s.pack_frames, s.pack_frames_present), (2, 2), "{s:?}");
+    assert_eq!(s.chunks_fetched, 0, "{s:?}");
+    assert_eq!(
+        srv.target_requests(),
+        probes,
+        "nothing from the image's blob"
+    );
+    for &b in traced.iter().chain(&meta) {
+        assert!(store.locate(b * 4096, 4096).is_some(), "block {b}");
+        assert_eq!(read_block(&store, b), image_block(&f, b), "block {b}");
+    }
+    // Adjacent traced blocks in one read.
+    let mut buf = vec![0u8; 3 * 4096];
+    store.read_at(3 * 4096, &mut buf).unwrap();
+    assert_eq!(&buf[..], &f.image[3 * 4096..6 * 4096]);
+    let s = store.stats();
+    assert_eq!((s.misses, s.chunks_fetched), (0, 0), "{s:?}");
+    // The rest still comes from the chunks.
+    assert_eq!(read_all(&store, f.image.len()), f.image);
+    assert!(srv.target_requests() > probes);
+}
+
+#[test]
+fn a_prefetch_pack_is_trusted_only_as_far_as_the_manifest() {
+    let f = fixture(1 << 20, 64 << 10, 51);
+    let pid = publish_pack(&f, &[1, 2, 3]);
+    let srv = FaultServer::start(&f.serve, "blob");
+    let loc = Location::parse(&srv.url("manifest"));
+    let mut o = opts(&f);
+    o.expected_id = Some(f.id);
+    {
+        // A pinned manifest with an unpinned pack: the pack is not used.
+        let store = ChunkStore::open(&loc, o.clone()).unwrap();
+        assert_eq!(store.open_report().prefetch_pack, None);
+        assert_eq!(store.manifest().frame_count(), 0);
+    }
+    o.expected_pack = Some(pid);
+    {
+        let store = ChunkStore::open(&loc, o.clone()).unwrap();
+        assert_eq!(store.open_report().prefetch_pack, Some(pid.to_string()));
+        assert_eq!(read_block(&store, 2), image_block(&f, 2));
+        assert_eq!(store.stats().chunks_fetched, 0);
+    }
+    // A pin that neither the published pack nor the cached copy has: one clear error.
+    o.expected_pack = Some(ImageId([7; 32]));
+    let e = ChunkStore::open(&loc, o.clone()).err().unwrap().to_string();
+    assert!(
+        e.contains("prefetch pack") && e.contains("--pack-digest asks for sha256:0707"),
+        "{e}"
+    );
+    assert!(!e.contains('\n'));
+    // A malformed pack next to an unpinned manifest is ignored (a fresh cache: no copy).
+    std::fs::write(f.serve.join(PACK_FILE), b"LZBLKPP1 garbage").unwrap();
+    let mut o = opts(&f);
+    o.cache_root = f.root.join("cache2");
+    let store = ChunkStore::open(&loc, o).unwrap();
+    assert_eq!(store.open_report().prefetch_pack, None);
+    assert_eq!(read_all(&store, f.image.len()), f.image);
+}
+
+#[test]
+fn another_prefetch_pack_keeps_the_cache_and_carries_its_frames() {
+    // 1 MiB: 16 chunks of 16 blocks.
+    let f = fixture(1 << 20, 64 << 10, 52);
+    let srv = FaultServer::start(&f.serve, "blob");
+    let loc = Location::parse(&srv.url("manifest"));
+    let mut o = opts(&f);
+    o.readahead_bytes = 0;
+    {
+        let store = ChunkStore::open(&loc, o.clone()).unwrap();
+        let mut buf = vec![0u8; 64 << 10];
+        store.read_at(0, &mut buf).unwrap(); // chunk 0
+        assert!(store.chunk_present(0) && !store.chunk_present(12));
+    }
+    // A first pack: blocks 1 and 2 lie in the present chunk 0, block 200 in chunk 12.
+    publish_pack(&f, &[1, 2, 200]);
+    {
+        let store = ChunkStore::open(&loc, o.clone()).unwrap();
+        let r = store.open_report();
+        assert!(r.discarded.is_none() && r.prefetch_pack.is_some(), "{r:?}");
+        assert!(store.chunk_present(0), "chunk bits carried over");
+        assert_eq!(store.stats().pack_frames_present, 0);
+        let before = srv.target_requests();
+        assert_eq!(read_block(&store, 200), image_block(&f, 200));
+        assert_eq!(srv.target_requests(), before, "served by the pack's frame");
+        assert!(!store.chunk_present(12));
+        assert_eq!(store.stats().pack_frames_present, 1);
+    }
+    // Another pack: block 5 is in chunk 0, block 200 in the old pack's present frame.
+    let pid = publish_pack(&f, &[5, 200]);
+    let cache_dir = {
+        let store = ChunkStore::open(&loc, o.clone()).unwrap();
+        let r = store.open_report();
+        assert_eq!(r.prefetch_pack, Some(pid.to_string()));
+        assert!(r.discarded.is_none(), "{r:?}");
+        assert_eq!(
+            store.stats().pack_frames_present,
+            1,
+            "the new frame is present"
+        );
+        let before = store.stats().requests;
+        assert_eq!(read_block(&store, 200), image_block(&f, 200));
+        assert_eq!(read_block(&store, 5), image_block(&f, 5));
+        assert_eq!(store.stats().requests, before);
+        store.cache_dir().to_path_buf()
+    };
+    // After a crash (dirty bitmap), the frames are re-verified in the pack's layout.
+    let mut bm = std::fs::read(cache_dir.join("bitmap")).unwrap();
+    bm[12] = 0;
+    std::fs::write(cache_dir.join("bitmap"), &bm).unwrap();
+    let store = ChunkStore::open(&loc, o).unwrap();
+    let r = store.open_report();
+    assert_eq!(
+        (r.reverified, r.dropped),
+        (2, 0),
+        "chunk 0 and the frame: {r:?}"
+    );
+    assert_eq!(store.stats().pack_frames_present, 1);
+    assert_eq!(read_all(&store, f.image.len()), f.image);
 }

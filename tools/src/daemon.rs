@@ -146,9 +146,9 @@ fn report_open(store: &ChunkStore, ready: &Option<std::fs::File>) {
     // copy in an old one (used by `recover` and `verify-cache`) is this image's.
     let p = store.cache_dir().join("manifest");
     if std::fs::read(&p).map_or(true, |b| ImageId::of(&b) != store.id()) {
-        let bytes = store.manifest().encode();
-        let fixed = ImageId::of(&bytes) == store.id()
-            && lazyblk_chunkstore::builder::write_atomic(&p, &bytes).is_ok();
+        let bytes = store.manifest_bytes();
+        let fixed = ImageId::of(bytes) == store.id()
+            && lazyblk_chunkstore::builder::write_atomic(&p, bytes).is_ok();
         warn(
             ready,
             &if fixed {
@@ -222,6 +222,15 @@ fn run_inner(args: &mut DaemonArgs) -> Result<()> {
         cow: cow_dir,
         store_args: args.store_args.clone(),
     };
+    // The next daemon (`recover`, the supervisor) pins the manifest: it keeps the prefetch
+    // pack in use only if that is pinned too.
+    if let Some(pack) = &store.open_report().prefetch_pack {
+        if !record.store_args.iter().any(|a| a == "--pack-digest") {
+            record
+                .store_args
+                .extend(["--pack-digest".to_string(), pack.clone()]);
+        }
+    }
     let mut ublk = args.ublk.clone();
     ublk.target_data = serde_json::to_value(&record)?;
 

@@ -44,6 +44,11 @@ struct StoreArgs {
     /// Require the manifest to have this digest (sha256:...).
     #[arg(long)]
     digest: Option<String>,
+    /// Use the prefetch pack published next to the manifest (`lazyblk trace --pack`) only if
+    /// it has this digest (sha256:...), and fail without it. Without this flag a published
+    /// pack is used only when `--digest` is not given either.
+    #[arg(long)]
+    pack_digest: Option<String>,
     /// Seconds a read may wait for a missing chunk while the remote is failing (0: forever).
     #[arg(long, default_value_t = 300)]
     io_deadline: u64,
@@ -130,6 +135,9 @@ impl StoreArgs {
         if self.no_prefetch {
             a.push("--no-prefetch".into());
         }
+        if let Some(p) = &self.pack_digest {
+            a.extend(["--pack-digest".into(), p.clone()]);
+        }
         a
     }
 
@@ -137,6 +145,7 @@ impl StoreArgs {
         Ok(StoreOptions {
             cache_root: self.cache_dir.clone(),
             expected_id: daemon::parse_digest(self.digest.as_deref())?,
+            expected_pack: daemon::parse_digest(self.pack_digest.as_deref())?,
             http: HttpOptions {
                 request_timeout: Duration::from_secs(self.http_timeout.max(1)),
                 ..HttpOptions::default()
@@ -235,6 +244,8 @@ enum Cmd {
     },
     /// Record which chunks a running device has read (first-access order) into a prefetch list;
     /// publish it next to the manifest as `prefetch` and `add` fetches those chunks first.
+    /// With `--pack`, write the blocks read instead into a prefetch pack (`prefetch.pack` and
+    /// its blob): `add` then fetches just those blocks, in a few requests.
     Trace {
         /// Device id.
         id: u32,
@@ -248,6 +259,12 @@ enum Cmd {
         /// `lazyblk build --pack-blocks`: the rebuilt image stores them in its pack.
         #[arg(long, conflicts_with = "trace_only")]
         blocks: bool,
+        /// Write a prefetch pack: the 4 KiB blocks read since `add` plus the image's
+        /// metadata blocks, read back from the device and stored densely in `<OUTPUT>.blob`,
+        /// described by `<OUTPUT>`. Publish both next to the manifest (`OUTPUT` named
+        /// `prefetch.pack`). Prints the pack's digest for `add --pack-digest`.
+        #[arg(long, conflicts_with_all = ["trace_only", "blocks"])]
+        pack: bool,
     },
     /// Write the whole verified raw image of a running device to a file (fetching what is
     /// missing). For an image that is not attached, use `lazyblk cat -o`.
@@ -454,7 +471,14 @@ fn run(cli: Cli) -> Result<()> {
             output,
             trace_only,
             blocks,
-        } => cmd_trace(&state, id, &output, trace_only, blocks),
+            pack,
+        } => {
+            if pack {
+                cmd_trace_pack(&state, id, &output)
+            } else {
+                cmd_trace(&state, id, &output, trace_only, blocks)
+            }
+        }
         Cmd::Export { id, output } => {
             lazyblk_ublk::device_state(id)?;
             let out = std::path::absolute(&output)?;
@@ -753,6 +777,54 @@ fn cmd_trace(state: &Path, id: u32, output: &Path, trace_only: bool, blocks: boo
         list.chunks.len() - traced,
         output.display()
     );
+    Ok(())
+}
+
+fn cmd_trace_pack(state: &Path, id: u32, output: &Path) -> Result<()> {
+    lazyblk_ublk::device_state(id)?;
+    let rec =
+        record_of(state, id).with_context(|| format!("device {id} is not a lazyblk device"))?;
+    let image = lazyblk_chunkstore::ImageId::parse(&rec.image)?;
+    let mpath = rec.cache_root.join(image.hex()).join("manifest");
+    let mbytes = std::fs::read(&mpath).with_context(|| format!("reading {}", mpath.display()))?;
+    if lazyblk_chunkstore::ImageId::of(&mbytes) != image {
+        bail!("{} is not the manifest of {image}", mpath.display());
+    }
+    let manifest = lazyblk_chunkstore::Manifest::decode(&mbytes)?;
+    let blocks: Vec<u32> = serde_json::from_str(&daemon::control(
+        state,
+        id,
+        "blocks",
+        Duration::from_secs(30),
+    )?)
+    .context("bad blocks answer from the daemon")?;
+    let blocks: Vec<u64> = blocks.into_iter().map(u64::from).collect();
+    // The blocks are read back through the device, so they are the image's verified bytes
+    // (whatever is missing is fetched, as for any read).
+    let bdev = format!("/dev/ublkb{id}");
+    let dev = std::fs::File::open(&bdev).with_context(|| format!("opening {bdev}"))?;
+    use std::os::unix::fs::FileExt;
+    let mut read = |at: u64, buf: &mut [u8]| dev.read_exact_at(buf, at);
+    let s = lazyblk_chunkstore::builder::build_prefetch_pack(
+        image, &manifest, &blocks, &mut read, output, 9,
+    )?;
+    let meta = manifest.pack.as_ref().map_or(0, |p| p.blocks.len());
+    println!(
+        "{} blocks of 4 KiB ({} read since add, {meta} of the metadata pack) in {} frames, {} bytes, written to {} and {}",
+        s.pack.pack.blocks.len(),
+        blocks.len(),
+        s.pack.pack.frames.len(),
+        s.pack.blob_size,
+        s.pack_path.display(),
+        s.blob_path.display()
+    );
+    println!(
+        "publish both next to the manifest (as `{}` and `{}`); pin with `add --pack-digest {}`",
+        lazyblk_chunkstore::format::PACK_FILE,
+        s.pack.blob_name,
+        s.id
+    );
+    println!("digest     {}", s.id);
     Ok(())
 }
 

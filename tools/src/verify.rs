@@ -4,7 +4,7 @@
 use anyhow::{bail, Context, Result};
 use lazyblk_chunkstore::bitmap::{self, Trust};
 use lazyblk_chunkstore::format::ChunkRef;
-use lazyblk_chunkstore::store::BLOCK_SIZE;
+use lazyblk_chunkstore::store::{CacheLayout, BLOCK_SIZE};
 use lazyblk_chunkstore::{ImageId, Manifest};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -29,6 +29,10 @@ pub fn verify_cache(dir: &Path) -> Result<()> {
         }
     }
     let m = Manifest::decode(&mbytes).with_context(|| format!("decoding {}", mpath.display()))?;
+    // With a prefetch pack the cache kept, its frames stand in for the metadata pack's.
+    let layout = CacheLayout::of(dir, id, &m);
+    let prefetch_pack = layout.bitmap_id != id;
+    let m = layout.manifest;
     let n = m.chunk_count();
     let frames = m.frame_count();
     let bpath = dir.join("bitmap");
@@ -43,8 +47,8 @@ pub fn verify_cache(dir: &Path) -> Result<()> {
         }
         Err(e) => return Err(e).with_context(|| format!("reading {}", bpath.display())),
     };
-    // A bit per chunk, then a bit per metadata pack frame.
-    let decoded = bitmap::decode(&bbytes, &id, m.unit_count()).map_err(|why| {
+    // A bit per chunk, then a bit per pack frame.
+    let decoded = bitmap::decode(&bbytes, &layout.bitmap_id, m.unit_count()).map_err(|why| {
         anyhow::anyhow!(
             "bitmap {} is unusable (the store would discard the cache): {why}",
             bpath.display()
@@ -67,8 +71,8 @@ pub fn verify_cache(dir: &Path) -> Result<()> {
                 frames_good += 1;
             } else {
                 bad.push((
-                    format!("metadata pack frame {f}"),
-                    "its blocks do not hash to the manifest's digest".into(),
+                    format!("pack frame {f}"),
+                    "its blocks do not hash to the pack's digest".into(),
                 ));
             }
             continue;
@@ -107,8 +111,13 @@ pub fn verify_cache(dir: &Path) -> Result<()> {
         Trust::Verify => "not closed cleanly",
     };
     let pack = if frames > 0 {
+        let which = if prefetch_pack {
+            "prefetch"
+        } else {
+            "metadata"
+        };
         format!(
-            ", metadata pack: {frames_claimed} of {frames} frames claimed, {frames_good} verified"
+            ", {which} pack: {frames_claimed} of {frames} frames claimed, {frames_good} verified"
         )
     } else {
         String::new()
