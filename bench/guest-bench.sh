@@ -212,10 +212,10 @@ det_lazyblk() { lazyblk del "$LZ_ID" >/dev/null 2>&1 || lazyblk del --all >/dev/
 att_lazyblk_od() { att_lazyblk --no-prefetch; }
 det_lazyblk_od() { det_lazyblk; }
 
-# lazyblk with trace prefetch, as `lazyblk trace` recommends publishing it: from the W1 run of
-# plain lazyblk, the chunk list (`lazyblk trace`, served as img/prefetch) and the prefetch pack
-# of the blocks read (`lazyblk trace --pack`, img/prefetch.pack + its blob), both digests pinned
-# at add. lazyblk-pl: the chunk list alone.
+# lazyblk with trace prefetch: from the W1 run of plain lazyblk, the prefetch pack of the blocks
+# it read (`lazyblk trace --pack`, served as img/prefetch.pack + its blob), the image's and the
+# pack's digests pinned at add. lazyblk-pl: the chunk list of the same trace (`lazyblk trace`,
+# served as img/prefetch), the form that needs neither a pack nor a pin.
 PF_AVAILABLE=""
 PF_REASON="no trace recorded yet (run the lazyblk system's w1 first)"
 PACK_AVAILABLE=""
@@ -230,15 +230,13 @@ det_lazyblk_pl() {
     rm -f "$WWW/img/prefetch"
 }
 att_lazyblk_pf() {
-    [ -n "$PF_AVAILABLE" ] || { echo "$PF_REASON"; return 2; }
     [ -n "$PACK_AVAILABLE" ] || { echo "$PACK_REASON"; return 2; }
-    cp "$WWW/img/prefetch.trace" "$WWW/img/prefetch"
     cp "$SCRATCH/pack/prefetch.pack" "$SCRATCH/pack/prefetch.pack.blob" "$WWW/img/"
     att_lazyblk --digest "$IMG_DIGEST" --pack-digest "$PACK_DIGEST"
 }
 det_lazyblk_pf() {
     det_lazyblk
-    rm -f "$WWW/img/prefetch" "$WWW/img/prefetch.pack" "$WWW/img/prefetch.pack.blob"
+    rm -f "$WWW/img/prefetch.pack" "$WWW/img/prefetch.pack.blob"
 }
 
 # lazyblk on the image optimized with the same W1's block trace: `lazyblk trace --blocks`, then
@@ -442,7 +440,9 @@ cold() {
         case $sys in lazyblk*) lz_status "$sys" "$w"; smaps_top "$sys" "$w" "$DPID" ;; esac
         if [ "$sys" = lazyblk ] && [ "$w" = w1 ] && [ -z "$PF_AVAILABLE" ]; then record_trace; fi
         if [ "$sys" = lazyblk-pf ] || [ "$sys" = lazyblk-pl ]; then
-            pf=$(tail -n +$((n0 + 1)) "$LOG" | awk '$6 == "/img/prefetch" { print $2; exit }')
+            _f=/img/prefetch
+            [ "$sys" = lazyblk-pf ] && _f=/img/prefetch.pack
+            pf=$(tail -n +$((n0 + 1)) "$LOG" | awk -v f="$_f" '$6 == f { print $2; exit }')
             echo "BENCH sys=$sys w=$w-prefetch-file round=$ROUND status=${pf:-not-requested}"
         fi
     fi

@@ -220,11 +220,7 @@ pub fn build_image(
         }
         None => None,
     };
-    let blob_file = blob
-        .into_inner()
-        .map_err(|e| Error::io(&tmp_blob, e.into_error()))?;
-    blob_file.sync_all().map_err(|e| Error::io(&tmp_blob, e))?;
-    std::fs::rename(&tmp_blob, &blob_path).map_err(|e| Error::io(&blob_path, e))?;
+    publish_blob(blob, &tmp_blob, &blob_path)?;
     let manifest = Manifest {
         image_size,
         chunk_size: opts.chunk_size,
@@ -380,11 +376,7 @@ pub fn build_prefetch_pack(
         PackWriteError::Read(e) => Error::Invalid(format!("reading the image: {e}")),
         PackWriteError::Write(e) => Error::io(&tmp_blob, e),
     })?;
-    let blob_file = blob
-        .into_inner()
-        .map_err(|e| Error::io(&tmp_blob, e.into_error()))?;
-    blob_file.sync_all().map_err(|e| Error::io(&tmp_blob, e))?;
-    std::fs::rename(&tmp_blob, &blob_path).map_err(|e| Error::io(&blob_path, e))?;
+    publish_blob(blob, &tmp_blob, &blob_path)?;
     let pack = PrefetchPack {
         image,
         image_size: manifest.image_size,
@@ -462,6 +454,15 @@ fn remove_stale_pack(path: &Path, image: ImageId, manifest: &Manifest) -> Result
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(&blob, e)),
         _ => Ok(()),
     }
+}
+
+/// Flush the blob written to `tmp`, make it durable and move it to `path`.
+fn publish_blob(blob: BufWriter<File>, tmp: &Path, path: &Path) -> Result<()> {
+    let file = blob
+        .into_inner()
+        .map_err(|e| Error::io(tmp, e.into_error()))?;
+    file.sync_all().map_err(|e| Error::io(tmp, e))?;
+    std::fs::rename(tmp, path).map_err(|e| Error::io(path, e))
 }
 
 /// Write `bytes` to `path` through a temporary file, fsync and rename.

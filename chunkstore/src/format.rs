@@ -629,7 +629,7 @@ impl Manifest {
 mod tests {
     use super::*;
 
-    fn sample() -> Manifest {
+    pub(super) fn sample() -> Manifest {
         Manifest {
             image_size: 3 * 4096 + 100,
             chunk_size: 4096,
@@ -1102,7 +1102,7 @@ mod prefetch_pack_tests {
     use super::*;
 
     fn sample() -> (Manifest, PrefetchPack) {
-        let m = tests_sample_manifest();
+        let m = super::tests::sample();
         let p = PrefetchPack {
             image: ImageId::of(&m.encode()),
             image_size: m.image_size,
@@ -1128,31 +1128,6 @@ mod prefetch_pack_tests {
             },
         };
         (m, p)
-    }
-
-    fn tests_sample_manifest() -> Manifest {
-        Manifest {
-            image_size: 3 * 4096 + 100,
-            chunk_size: 4096,
-            blob_size: 300,
-            blob_name: "blob".into(),
-            map: vec![1, 0, 1, 2],
-            entries: vec![
-                Entry {
-                    digest: [7; 32],
-                    blob_offset: 0,
-                    stored_len: 200,
-                    encoding: Encoding::Zstd,
-                },
-                Entry {
-                    digest: [9; 32],
-                    blob_offset: 200,
-                    stored_len: 100,
-                    encoding: Encoding::Raw,
-                },
-            ],
-            pack: None,
-        }
     }
 
     #[test]

@@ -864,20 +864,29 @@ impl ChunkStore {
         self.inner.prefetch_list.as_deref()
     }
 
-    /// Start the background work the options ask for: the metadata pack (`prefetch_pack`),
-    /// the published prefetch list, in order, then hydration when `hydrate` is set. Does
-    /// nothing when there is none of them.
+    /// Start the background work the options ask for: the metadata pack or the prefetch pack
+    /// in its place (`prefetch_pack`), then the published prefetch list (not with a prefetch
+    /// pack), in order, then hydration when `hydrate` is set. Does nothing when there is none
+    /// of them.
     pub fn start_default_background(&self) {
         let mut order: Vec<u64> = Vec::new();
         if self.inner.opts.prefetch_pack {
             order.extend(self.inner.manifest.frame_units());
         }
-        order.extend(
-            self.prefetch_list()
-                .into_iter()
-                .flatten()
-                .map(|&c| u64::from(c)),
-        );
+        // A prefetch pack brings the traced workload's blocks themselves; the chunk list (the
+        // same kind of trace at chunk granularity) would then only add bytes and verification
+        // CPU to the start it is meant to speed up, so it is left out (hydration, if asked
+        // for, still fetches every chunk afterwards).
+        if self.report.prefetch_pack.is_none() {
+            order.extend(
+                self.prefetch_list()
+                    .into_iter()
+                    .flatten()
+                    .map(|&c| u64::from(c)),
+            );
+        } else if self.prefetch_list().is_some() {
+            tracing::info!("prefetch pack in use: the published chunk list is not fetched ahead");
+        }
         if !order.is_empty() || self.inner.opts.hydrate {
             self.start_background(order, self.inner.opts.hydrate, self.inner.opts.hydrate_rate);
         } else {

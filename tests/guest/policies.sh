@@ -16,6 +16,17 @@ subset() { # the "container start" subset: a fixed tenth of the small files
     for f in /mnt/p/small/d*/f1*.txt; do cat "$f"; done > /dev/null
 }
 
+subset_from_the_pack() { # subset_from_the_pack DEV: mount DEV (its background work done, status
+    # in /tmp/s.json), run the subset, check that it needed neither a miss nor a chunk
+    BEFORE=$(field /tmp/s.json misses); C0=$(field /tmp/s.json chunks_fetched)
+    mount -t erofs -o ro "$1" /mnt/p || die "mount"
+    subset
+    status_json "${1#/dev/ublkb}" > /tmp/s.json
+    echo "misses during mount + the workload: $(( $(field /tmp/s.json misses) - BEFORE )), chunks fetched: $(( $(field /tmp/s.json chunks_fetched) - C0 ))"
+    check "mount + the workload ran without a single miss" [ "$(field /tmp/s.json misses)" -eq "$BEFORE" ]
+    check "and without fetching a chunk: every block came in the pack" [ "$(field /tmp/s.json chunks_fetched)" -eq "$C0" ]
+}
+
 step "the metadata pack: after it, listing the whole tree needs no fetch"
 check "lazyblk build wrote no prefetch list of its own" [ ! -e /www/img1/prefetch ]
 DEV=$(lazyblk add "$URL" --cache-dir /tmp/c-meta) || die "add"
@@ -75,13 +86,7 @@ check "the rebuilt pack holds the traced data blocks" grep -q "more from --pack-
 DEV=$(lazyblk add http://127.0.0.1:8080/img1opt/manifest --cache-dir /tmp/c-opt) || die "add the rebuilt image"
 ID=${DEV#/dev/ublkb}
 wait_background "$ID"
-BEFORE=$(field /tmp/s.json misses); C0=$(field /tmp/s.json chunks_fetched)
-mount -t erofs -o ro "$DEV" /mnt/p || die "mount"
-subset
-status_json "$ID" > /tmp/s.json
-echo "misses during mount + the workload: $(( $(field /tmp/s.json misses) - BEFORE )), chunks fetched: $(( $(field /tmp/s.json chunks_fetched) - C0 ))"
-check "mount + the workload ran without a single miss" [ "$(field /tmp/s.json misses)" -eq "$BEFORE" ]
-check "and without fetching a chunk: every block came in the pack" [ "$(field /tmp/s.json chunks_fetched)" -eq "$C0" ]
+subset_from_the_pack "$DEV"
 umount /mnt/p; lazyblk del "$ID" > /dev/null
 rm -rf /www/img1opt /tmp/img1.raw /tmp/c-opt /tmp/c-blocks
 
@@ -107,13 +112,7 @@ wait_background "$ID"
 check "the pinned pack is in use" grep -q "\"prefetch_pack\": *\"$PD\"" /tmp/s.json
 F=$(field /tmp/s.json pack_frames)
 check "all of its frames arrived" [ "$F" -gt 0 -a "$(field /tmp/s.json pack_frames_present)" -eq "$F" ]
-BEFORE=$(field /tmp/s.json misses); C0=$(field /tmp/s.json chunks_fetched)
-mount -t erofs -o ro "$DEV" /mnt/p || die "mount"
-subset
-status_json "$ID" > /tmp/s.json
-echo "misses during mount + the workload: $(( $(field /tmp/s.json misses) - BEFORE )), chunks fetched: $(( $(field /tmp/s.json chunks_fetched) - C0 ))"
-check "mount + the workload ran without a single miss" [ "$(field /tmp/s.json misses)" -eq "$BEFORE" ]
-check "and without fetching a chunk: every block came in the pack" [ "$(field /tmp/s.json chunks_fetched)" -eq "$C0" ]
+subset_from_the_pack "$DEV"
 # A crashed daemon's successor (which pins the manifest) keeps the pack and its frames.
 P0=$(daemon_pid "$ID")
 kill -9 "$P0"

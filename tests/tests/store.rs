@@ -1223,9 +1223,16 @@ fn a_prefetch_pack_serves_the_traced_reads_without_chunks() {
     // Blocks outside the metadata pack (every 7th block), spread over 4 chunks.
     let traced: Vec<u64> = vec![3, 4, 5, 100, 101, 300, 500];
     let pid = publish_pack(&f, &traced);
+    // A chunk list published too is not fetched ahead: the pack has the blocks.
+    let list = lazyblk_chunkstore::format::PrefetchList {
+        image: f.id,
+        chunks: vec![0, 1, 4],
+    };
+    std::fs::write(f.serve.join("prefetch"), list.encode()).unwrap();
     let srv = FaultServer::start(&f.serve, "blob");
     let store = ChunkStore::open(&Location::parse(&srv.url("manifest")), opts(&f)).unwrap();
     assert_eq!(store.open_report().prefetch_pack, Some(pid.to_string()));
+    assert_eq!(store.prefetch_list(), Some(&[0u32, 1, 4][..]));
     let probes = srv.target_requests();
     store.start_default_background();
     wait_for("the pack", || store.stats().background_done);

@@ -780,6 +780,10 @@ fn cmd_trace(state: &Path, id: u32, output: &Path, trace_only: bool, blocks: boo
     Ok(())
 }
 
+/// One 4 KiB buffer aligned for O_DIRECT.
+#[repr(C, align(4096))]
+struct AlignedBlock([u8; 4096]);
+
 fn cmd_trace_pack(state: &Path, id: u32, output: &Path) -> Result<()> {
     lazyblk_ublk::device_state(id)?;
     let rec =
@@ -800,11 +804,27 @@ fn cmd_trace_pack(state: &Path, id: u32, output: &Path) -> Result<()> {
     .context("bad blocks answer from the daemon")?;
     let blocks: Vec<u64> = blocks.into_iter().map(u64::from).collect();
     // The blocks are read back through the device, so they are the image's verified bytes
-    // (whatever is missing is fetched, as for any read).
+    // (whatever is missing is fetched, as for any read). With O_DIRECT: buffered reads would
+    // make the kernel read ahead around every block, fetching chunks nobody read and adding
+    // their blocks to the device's block trace.
     let bdev = format!("/dev/ublkb{id}");
-    let dev = std::fs::File::open(&bdev).with_context(|| format!("opening {bdev}"))?;
-    use std::os::unix::fs::FileExt;
-    let mut read = |at: u64, buf: &mut [u8]| dev.read_exact_at(buf, at);
+    let dev = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::File::options()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&bdev)
+            .with_context(|| format!("opening {bdev}"))?
+    };
+    let mut block = Box::new(AlignedBlock([0; 4096]));
+    let mut read = |at: u64, buf: &mut [u8]| {
+        use std::os::unix::fs::FileExt;
+        // Whole 4 KiB blocks at 4 KiB offsets (the device's size is a multiple of them); the
+        // image's last block may be short.
+        dev.read_exact_at(&mut block.0, at)?;
+        buf.copy_from_slice(&block.0[..buf.len()]);
+        Ok(())
+    };
     let s = lazyblk_chunkstore::builder::build_prefetch_pack(
         image, &manifest, &blocks, &mut read, output, 9,
     )?;
@@ -886,7 +906,12 @@ fn cmd_status(state: &Path, id: u32, json: bool) -> Result<()> {
         s.present_chunks,
         s.total_chunks
     );
-    if s.pack_frames > 0 {
+    if let Some(pack) = &s.prefetch_pack {
+        println!(
+            "prefetch pack  {} of {} frames present ({pack})",
+            s.pack_frames_present, s.pack_frames
+        );
+    } else if s.pack_frames > 0 {
         println!(
             "metadata pack  {} of {} frames present",
             s.pack_frames_present, s.pack_frames
