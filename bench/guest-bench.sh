@@ -472,7 +472,7 @@ cold() {
 has() { case " $2 " in *" $1 "*) return 0 ;; esac; return 1; }
 # W4 needs only one instance per device path: download is a kernel loop device like loop, and
 # lazyblk-pf is the same daemon as lazyblk.
-w4_systems="loop ublkloop ublkloop-a nbdkit qemu lazyblk"  # (lazyblk-od and -pf: the same daemon)
+w4_systems="loop ublkloop ublkloop-a nbdkit qemu lazyblk"  # (lazyblk-od, -pl, -pf, -opt: the same daemon)
 
 # ------------------------------------------------------------------ run
 say "systems: $SYSTEMS; workloads: $WORKLOADS; image $IMAGE_BYTES bytes, blob $BLOB_BYTES bytes"

@@ -495,16 +495,15 @@ impl ChunkStore {
         let list_loc = manifest.sibling(crate::format::PREFETCH_FILE);
         let list_max = 4 * m.chunk_count() + 64;
         // The prefetch pack too: pinned (and not already cached), or next to an unpinned
-        // manifest.
+        // manifest when prefetching is on (without it, a copy the cache kept stays in use).
         let pack_loc = manifest.sibling(PACK_FILE);
         // The layout the cache was written with: its own copy of the pack it used, if any.
         let old = CacheLayout::of(&dir, id, &m);
         let pack_cached = old.pack.clone();
-        let fetch_pack = opts.prefetch_pack
-            && match opts.expected_pack {
-                Some(pin) => pack_cached.as_deref().map(ImageId::of) != Some(pin),
-                None => opts.expected_id.is_none(),
-            };
+        let fetch_pack = match opts.expected_pack {
+            Some(pin) => pack_cached.as_deref().map(ImageId::of) != Some(pin),
+            None => opts.prefetch_pack && opts.expected_id.is_none(),
+        };
         let (probed, list_bytes, pack_fetched) = runtime.block_on(async {
             let probe = async {
                 if m.blob_size == 0 {
