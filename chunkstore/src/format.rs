@@ -1160,8 +1160,8 @@ mod prefetch_pack_tests {
             "malformed prefetch pack: metadata pack: block 1 is out of order"
         );
 
-        // Applied: the pack's frames follow the image's blob, and the whole still encodes as
-        // a valid manifest layout.
+        // Applied: the pack's frames follow the image's blob (back to back with its entries,
+        // as this image has no metadata pack of its own).
         let eff = p.apply(&m);
         assert_eq!(eff.blob_size, 370);
         let ep = eff.pack.as_ref().unwrap();

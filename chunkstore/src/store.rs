@@ -1668,6 +1668,12 @@ impl Inner {
     }
 
     fn fetch(self: &Arc<Self>, offset: u64, len: u64, done: Completion) {
+        self.fetch_via(offset, len, done, true)
+    }
+
+    /// [`Inner::fetch`]; `frames`: whether a part of a missing chunk may be served by pack
+    /// frames.
+    fn fetch_via(self: &Arc<Self>, offset: u64, len: u64, done: Completion, frames: bool) {
         if let Err(e) = check_range(self.device_size, offset, len) {
             return done(Err(e));
         }
@@ -1687,8 +1693,8 @@ impl Inner {
             if self.present.get(i) {
                 continue;
             }
-            match self.pack_units(i, offset, len) {
-                Some(frames) => need.extend(frames.filter(|&u| !self.present.get(u))),
+            match frames.then(|| self.pack_units(i, offset, len)).flatten() {
+                Some(units) => need.extend(units.filter(|&u| !self.present.get(u))),
                 None => {
                     need.push(i);
                     chunk_miss = Some(chunk_miss.map_or((i, i), |(lo, _)| (lo, i)));
@@ -1703,6 +1709,25 @@ impl Inner {
         if self.shutdown.load(Ordering::Relaxed) {
             return done(Err(BlockError::ShuttingDown));
         }
+        // Pack frames that cannot be had (corrupt, or a prefetch pack's blob replaced on the
+        // server while its pinned copy stays in the cache) must not fail a read the chunks
+        // can serve: the read is tried once more through the chunks alone. Not after a
+        // deadline or an IO error: the chunks come from the same server and disk.
+        let n = self.manifest.chunk_count();
+        let done: Completion = if need.iter().any(|&u| u >= n) {
+            let this = self.clone();
+            Box::new(move |r| match r {
+                Err(BlockError::Unavailable(e)) => {
+                    tracing::warn!(
+                        "pack frames for the read {offset}+{len} failed ({e}); reading its chunks instead"
+                    );
+                    this.fetch_via(offset, len, done, false);
+                }
+                r => done(r),
+            })
+        } else {
+            done
+        };
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
         self.last_miss_ms
             .store(self.ms_since_open().max(1), Ordering::Relaxed);

@@ -953,18 +953,19 @@ fn a_corrupt_pack_frame_is_refetched_then_fails_clearly_and_marks_nothing() {
     let mut o = opts(&f);
     o.prefetch_pack = false;
     o.corrupt_attempts = 2;
+    o.readahead_bytes = 0;
     let store = ChunkStore::open(&Location::parse(&srv.url("manifest")), o).unwrap();
     srv.push(Fault::FlipByte);
     assert_eq!(read_block(&store, 14), image_block(&f, 14));
     assert_eq!(store.stats().verify_failures, 1);
     srv.set_always(Some(Fault::FlipByte));
     let mut buf = vec![0u8; 4096];
+    // The frame fails, then the read falls back to its chunk, which the server corrupts too.
     let e = store.read_at(448 * 4096, &mut buf).unwrap_err().to_string();
-    assert!(
-        e.contains("metadata pack frame 1 failed verification"),
-        "{e}"
-    );
+    assert!(e.contains("chunk 28 failed verification"), "{e}");
+    assert_eq!(store.stats().verify_failures, 1 + 2 + 2, "frame and chunk, twice each");
     assert_eq!(store.stats().pack_frames_present, 1);
+    assert!(!store.chunk_present(28));
     srv.set_always(None);
     assert_eq!(read_block(&store, 448), image_block(&f, 448));
 }
@@ -1355,6 +1356,29 @@ fn another_prefetch_pack_keeps_the_cache_and_carries_its_frames() {
         (2, 0),
         "chunk 0 and the frame: {r:?}"
     );
+    assert_eq!(store.stats().pack_frames_present, 1);
+    assert_eq!(read_all(&store, f.image.len()), f.image);
+}
+
+#[test]
+fn a_prefetch_pack_whose_blob_went_bad_falls_back_to_the_chunks() {
+    let f = fixture(1 << 20, 64 << 10, 53);
+    let pid = publish_pack(&f, &[20, 21, 200]);
+    // Faults go to the pack's blob: every frame arrives corrupt.
+    let srv = FaultServer::start(&f.serve, "prefetch.pack.blob");
+    let mut o = opts(&f);
+    o.expected_pack = Some(pid);
+    o.corrupt_attempts = 2;
+    o.readahead_bytes = 0;
+    let store = ChunkStore::open(&Location::parse(&srv.url("manifest")), o).unwrap();
+    assert_eq!(store.open_report().prefetch_pack, Some(pid.to_string()));
+    srv.set_always(Some(Fault::FlipByte));
+    assert_eq!(read_block(&store, 200), image_block(&f, 200));
+    let s = store.stats();
+    assert_eq!((s.pack_frames_present, s.verify_failures), (0, 2), "{s:?}");
+    assert!(store.chunk_present(200 * 4096 / 65536), "served by its chunk");
+    srv.set_always(None);
+    assert_eq!(read_block(&store, 20), image_block(&f, 20));
     assert_eq!(store.stats().pack_frames_present, 1);
     assert_eq!(read_all(&store, f.image.len()), f.image);
 }

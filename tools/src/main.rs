@@ -826,7 +826,12 @@ fn cmd_trace_pack(state: &Path, id: u32, output: &Path) -> Result<()> {
         Ok(())
     };
     let s = lazyblk_chunkstore::builder::build_prefetch_pack(
-        image, &manifest, &blocks, &mut read, output, 9,
+        image,
+        &manifest,
+        &blocks,
+        &mut read,
+        output,
+        lazyblk_chunkstore::builder::BuildOptions::default().level,
     )?;
     let meta = manifest.pack.as_ref().map_or(0, |p| p.blocks.len());
     println!(
