@@ -963,7 +963,11 @@ fn a_corrupt_pack_frame_is_refetched_then_fails_clearly_and_marks_nothing() {
     // The frame fails, then the read falls back to its chunk, which the server corrupts too.
     let e = store.read_at(448 * 4096, &mut buf).unwrap_err().to_string();
     assert!(e.contains("chunk 28 failed verification"), "{e}");
-    assert_eq!(store.stats().verify_failures, 1 + 2 + 2, "frame and chunk, twice each");
+    assert_eq!(
+        store.stats().verify_failures,
+        1 + 2 + 2,
+        "frame and chunk, twice each"
+    );
     assert_eq!(store.stats().pack_frames_present, 1);
     assert!(!store.chunk_present(28));
     srv.set_always(None);
@@ -1376,7 +1380,10 @@ fn a_prefetch_pack_whose_blob_went_bad_falls_back_to_the_chunks() {
     assert_eq!(read_block(&store, 200), image_block(&f, 200));
     let s = store.stats();
     assert_eq!((s.pack_frames_present, s.verify_failures), (0, 2), "{s:?}");
-    assert!(store.chunk_present(200 * 4096 / 65536), "served by its chunk");
+    assert!(
+        store.chunk_present(200 * 4096 / 65536),
+        "served by its chunk"
+    );
     srv.set_always(None);
     assert_eq!(read_block(&store, 20), image_block(&f, 20));
     assert_eq!(store.stats().pack_frames_present, 1);

@@ -20,6 +20,10 @@ rm /mnt/a/junk
 sync
 umount /mnt/a
 ID=${DEV#/dev/ublkb}
+if lazyblk trace "$ID" --pack -o /tmp/prefetch.pack >/tmp/trace.out 2>&1; then
+    die "trace --pack of a writable device succeeded"
+fi
+check "trace --pack refuses a writable device (its blocks are not the image's)" grep -q "is writable" /tmp/trace.out
 lazyblk export "$ID" /tmp/export.img || die "lazyblk export of a writable device"
 lazyblk del "$ID" >/dev/null || die "del"
 

@@ -262,7 +262,8 @@ enum Cmd {
         /// Write a prefetch pack: the 4 KiB blocks read since `add` plus the image's
         /// metadata blocks, read back from the device and stored densely in `<OUTPUT>.blob`,
         /// described by `<OUTPUT>`. Publish both next to the manifest (`OUTPUT` named
-        /// `prefetch.pack`). Prints the pack's digest for `add --pack-digest`.
+        /// `prefetch.pack`). Prints the pack's digest for `add --pack-digest`. Not for a
+        /// writable device (its blocks may not be the image's).
         #[arg(long, conflicts_with_all = ["trace_only", "blocks"])]
         pack: bool,
     },
@@ -788,6 +789,9 @@ fn cmd_trace_pack(state: &Path, id: u32, output: &Path) -> Result<()> {
     lazyblk_ublk::device_state(id)?;
     let rec =
         record_of(state, id).with_context(|| format!("device {id} is not a lazyblk device"))?;
+    if rec.cow.is_some() {
+        bail!("device {id} is writable: its blocks may differ from the image's, so they cannot go into a prefetch pack (trace a read-only device, or use --blocks)");
+    }
     let image = lazyblk_chunkstore::ImageId::parse(&rec.image)?;
     let mpath = rec.cache_root.join(image.hex()).join("manifest");
     let mbytes = std::fs::read(&mpath).with_context(|| format!("reading {}", mpath.display()))?;
