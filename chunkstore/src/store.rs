@@ -577,9 +577,13 @@ impl ChunkStore {
 
         // The prefetch pack to use, whose frames follow the image's blob.
         let chosen = choose_pack(&opts, &m, id, &pack_loc, pack_fetched, pack_cached.clone())?;
+        // Its blob is probed like the image's (not when offline: the cached copy serves).
+        let chosen = chosen.map(|(bytes, p)| {
+            let pack_blob = connector.open_remote(&pack_loc.sibling(&p.blob_name));
+            (bytes, p, pack_blob)
+        });
         let chosen = match chosen {
-            Some((bytes, p)) if report.offline.is_none() => {
-                let pack_blob = connector.open_remote(&pack_loc.sibling(&p.blob_name));
+            Some((bytes, p, pack_blob)) if report.offline.is_none() => {
                 let why = match runtime.block_on(pack_blob.probe()) {
                     Ok(info) if info.size == p.blob_size => None,
                     Ok(info) => Some(format!(
@@ -602,11 +606,7 @@ impl ChunkStore {
                     }
                 }
             }
-            Some((bytes, p)) => {
-                let pack_blob = connector.open_remote(&pack_loc.sibling(&p.blob_name));
-                Some((bytes, p, pack_blob))
-            }
-            None => None,
+            other => other,
         };
         let pack_id = chosen.as_ref().map(|(b, _, _)| ImageId::of(b));
         report.prefetch_pack = pack_id.map(|p| p.to_string());

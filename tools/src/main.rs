@@ -736,15 +736,24 @@ fn present_pct(state: &Path, id: u32, rec: &daemon::Record) -> Option<f64> {
     Some(100.0 * bits as f64 / n.max(1) as f64)
 }
 
-fn cmd_trace(state: &Path, id: u32, output: &Path, trace_only: bool, blocks: bool) -> Result<()> {
+/// The record and image of lazyblk device `id`, for the `trace` commands.
+fn traced_device(state: &Path, id: u32) -> Result<(daemon::Record, lazyblk_chunkstore::ImageId)> {
     lazyblk_ublk::device_state(id)?;
     let rec =
         record_of(state, id).with_context(|| format!("device {id} is not a lazyblk device"))?;
     let image = lazyblk_chunkstore::ImageId::parse(&rec.image)?;
-    let ask = |what: &str| -> Result<Vec<u32>> {
-        serde_json::from_str(&daemon::control(state, id, what, Duration::from_secs(30))?)
-            .with_context(|| format!("bad {what} answer from the daemon"))
-    };
+    Ok((rec, image))
+}
+
+/// A list the daemon of device `id` keeps (`trace`, `published`, `blocks`).
+fn ask_list(state: &Path, id: u32, what: &str) -> Result<Vec<u32>> {
+    serde_json::from_str(&daemon::control(state, id, what, Duration::from_secs(30))?)
+        .with_context(|| format!("bad {what} answer from the daemon"))
+}
+
+fn cmd_trace(state: &Path, id: u32, output: &Path, trace_only: bool, blocks: bool) -> Result<()> {
+    let (_, image) = traced_device(state, id)?;
+    let ask = |what: &str| ask_list(state, id, what);
     let write = |bytes: Vec<u8>| {
         std::fs::write(output, bytes).with_context(|| format!("{}", output.display()))
     };
@@ -786,27 +795,20 @@ fn cmd_trace(state: &Path, id: u32, output: &Path, trace_only: bool, blocks: boo
 struct AlignedBlock([u8; 4096]);
 
 fn cmd_trace_pack(state: &Path, id: u32, output: &Path) -> Result<()> {
-    lazyblk_ublk::device_state(id)?;
-    let rec =
-        record_of(state, id).with_context(|| format!("device {id} is not a lazyblk device"))?;
+    let (rec, image) = traced_device(state, id)?;
     if rec.cow.is_some() {
         bail!("device {id} is writable: its blocks may differ from the image's, so they cannot go into a prefetch pack (trace a read-only device, or use --blocks)");
     }
-    let image = lazyblk_chunkstore::ImageId::parse(&rec.image)?;
     let mpath = rec.cache_root.join(image.hex()).join("manifest");
     let mbytes = std::fs::read(&mpath).with_context(|| format!("reading {}", mpath.display()))?;
     if lazyblk_chunkstore::ImageId::of(&mbytes) != image {
         bail!("{} is not the manifest of {image}", mpath.display());
     }
     let manifest = lazyblk_chunkstore::Manifest::decode(&mbytes)?;
-    let blocks: Vec<u32> = serde_json::from_str(&daemon::control(
-        state,
-        id,
-        "blocks",
-        Duration::from_secs(30),
-    )?)
-    .context("bad blocks answer from the daemon")?;
-    let blocks: Vec<u64> = blocks.into_iter().map(u64::from).collect();
+    let blocks: Vec<u64> = ask_list(state, id, "blocks")?
+        .into_iter()
+        .map(u64::from)
+        .collect();
     // The blocks are read back through the device, so they are the image's verified bytes
     // (whatever is missing is fetched, as for any read). With O_DIRECT: buffered reads would
     // make the kernel read ahead around every block, fetching chunks nobody read and adding
