@@ -370,6 +370,9 @@ struct Inner {
     persist: Mutex<Persist>,
     persist_cv: Condvar,
     shutdown: AtomicBool,
+    /// Set by [`ChunkStore::seal`]: no new fetch or eviction starts (checked under the
+    /// `inflight` lock, and under the bitmap lock for evictions).
+    sealed: AtomicBool,
     handle: tokio::runtime::Handle,
     /// Clock "referenced" bits for eviction.
     referenced: AtomicBits,
@@ -733,6 +736,7 @@ impl ChunkStore {
             persist: Mutex::new(Persist::default()),
             persist_cv: Condvar::new(),
             shutdown: AtomicBool::new(false),
+            sealed: AtomicBool::new(false),
             handle: runtime.handle().clone(),
             referenced: AtomicBits::new(n),
             accessed: AtomicBits::new(n),
@@ -930,21 +934,40 @@ impl ChunkStore {
         self.inner.flush()
     }
 
-    /// Make everything fetched so far durable and mark the on-disk bitmap clean while the store
-    /// stays open, so that the next process to open the cache trusts it without re-verifying
-    /// (`lazyblk detach` hands the device over this way). A fetch that completes afterwards
-    /// sets its bit in place; the checksum then no longer matches and the next open
-    /// re-verifies, which is safe.
-    pub fn seal(&self) -> Result<()> {
+    /// Hand the cache over while the store stays open (`lazyblk detach` does this before the
+    /// next daemon opens it): stop fetching and evicting for good, let the fetches under way
+    /// land (for at most `drain`), make everything durable and mark the on-disk bitmap clean,
+    /// so that the next process trusts the cache without re-verifying it.
+    ///
+    /// Afterwards present data still reads; a miss fails with `ShuttingDown`. A fetch still
+    /// under way after `drain` (an outage) that lands later sets its bit in place: the
+    /// checksum then no longer matches and the next open re-verifies, which is safe. Returns
+    /// how many units were still in flight when the bitmap was marked clean (0: drained).
+    pub fn seal(&self, drain: Duration) -> Result<usize> {
+        let inner = &self.inner;
+        inner.sealed.store(true, Ordering::SeqCst);
+        let t0 = Instant::now();
+        let in_flight = loop {
+            let n = inner.inflight.lock().expect("lock").len();
+            if n == 0 || t0.elapsed() >= drain {
+                break n;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        if in_flight > 0 {
+            tracing::warn!(
+                "seal: {in_flight} chunk(s) still in flight after {drain:?}; if they land, the next open re-verifies the cache"
+            );
+        }
         self.inner.flush()?;
         self.inner
             .data
             .sync_data()
             .map_err(|e| Error::io(&self.inner.data_path, e))?;
-        match self.bitmap.lock().expect("lock").as_mut() {
-            Some(b) => b.mark_clean(),
-            None => Ok(()),
+        if let Some(b) = self.bitmap.lock().expect("lock").as_mut() {
+            b.mark_clean()?;
         }
+        Ok(in_flight)
     }
 
     /// Path of the data file (present chunks at their image offsets).
@@ -1265,6 +1288,13 @@ fn maintenance(inner: &Inner, bitmap: &Mutex<Option<BitmapFile>>) {
             continue;
         };
         if inner.cached_bytes.load(Ordering::Relaxed) > limit && n > 0 {
+            // The whole pass holds the bitmap lock: either `seal` marks the bitmap clean after
+            // it (and writes its cleared bits), or the pass sees the store sealed and evicts
+            // nothing.
+            let mut bm = bitmap.lock().expect("lock");
+            if inner.sealed.load(Ordering::SeqCst) {
+                continue;
+            }
             let target = limit - limit / 10;
             let mut cleared = Vec::new();
             let mut scanned = 0u64;
@@ -1292,7 +1322,7 @@ fn maintenance(inner: &Inner, bitmap: &Mutex<Option<BitmapFile>>) {
                 cleared.push(c);
             }
             if !cleared.is_empty() {
-                if let Some(b) = bitmap.lock().expect("lock").as_mut() {
+                if let Some(b) = bm.as_mut() {
                     if let Err(e) = b.update(&[], &cleared) {
                         tracing::error!("recording evictions: {e}");
                     }
@@ -1593,6 +1623,9 @@ impl Inner {
             }
             let batch = {
                 let mut inflight = self.inflight.lock().expect("lock");
+                if self.sealed.load(Ordering::SeqCst) {
+                    break;
+                }
                 let missing = |c: u64, inflight: &HashMap<u64, Vec<Arc<Waiter>>>| {
                     !self.present.get(c) && !inflight.contains_key(&c)
                 };
@@ -1630,8 +1663,12 @@ impl Inner {
                 batch
             };
             for run in self.make_runs(batch, false, true) {
-                let Ok(permit) = slots.clone().acquire_owned().await else {
-                    // Never closed; but reserved chunks must not be left without a fetch.
+                let permit = slots.clone().acquire_owned().await;
+                let Ok(permit) = permit.map_err(drop).and_then(|p| {
+                    // Sealed meanwhile: the rest of the window is released, not fetched.
+                    (!self.sealed.load(Ordering::SeqCst)).then_some(p).ok_or(())
+                }) else {
+                    // Reserved chunks must not be left without a fetch or an outcome.
                     let none = vec![false; run.parts.len()];
                     self.fail_rest(&run, &none, Error::ShuttingDown);
                     continue;
@@ -1706,7 +1743,7 @@ impl Inner {
         if need.is_empty() {
             return done(Ok(()));
         }
-        if self.shutdown.load(Ordering::Relaxed) {
+        if self.shutdown.load(Ordering::Relaxed) || self.sealed.load(Ordering::SeqCst) {
             return done(Err(BlockError::ShuttingDown));
         }
         // Pack frames that cannot be had (corrupt, or a prefetch pack's blob replaced on the
@@ -1738,6 +1775,11 @@ impl Inner {
         let mut todo = Vec::new();
         {
             let mut inflight = self.inflight.lock().expect("lock");
+            if self.sealed.load(Ordering::SeqCst) {
+                // Sealed since the check above: `seal` may already have seen nothing in flight.
+                drop(inflight);
+                return waiter.chunk_done(Some(&BlockError::ShuttingDown));
+            }
             for u in need {
                 if self.present.get(u) {
                     continue;
@@ -1767,6 +1809,9 @@ impl Inner {
     /// Reserve (mark in flight) the missing chunks in `from..=to`.
     fn reserve_missing(&self, from: u64, to: u64) -> Vec<u64> {
         let mut inflight = self.inflight.lock().expect("lock");
+        if self.sealed.load(Ordering::SeqCst) {
+            return Vec::new();
+        }
         (from..=to)
             .filter(|&c| {
                 !self.present.get(c) && {

@@ -1192,16 +1192,22 @@ fn a_sealed_cache_with_pack_frames_is_trusted_by_the_next_open() {
     let (f, _) = fixture_with_pack(46);
     let srv = FaultServer::start(&f.serve, "blob");
     let loc = Location::parse(&srv.url("manifest"));
-    // No readahead: a readahead chunk landing after `seal` sets its bit in place, and the next
-    // open then rightly re-verifies (what `seal` documents), which is not what this checks.
-    let mut o = opts(&f);
-    o.readahead_bytes = 0;
-    let store = ChunkStore::open(&loc, o).unwrap();
+    let store = ChunkStore::open(&loc, opts(&f)).unwrap();
     store.start_default_background();
     wait_for("the pack", || store.stats().background_done);
+    // A miss with its readahead (the default 512 KiB: 8 more chunks) still under way: seal
+    // lets it land before it marks the bitmap clean.
     let mut buf = vec![0u8; 65536];
     store.read_at(3 * 65536, &mut buf).unwrap();
-    store.seal().unwrap();
+    assert_eq!(store.seal(Duration::from_secs(10)).unwrap(), 0);
+    let fetched = store.stats().chunks_fetched;
+    assert_eq!(fetched, 9, "{:?}", store.stats());
+    // Sealed: present data reads, a miss fails and nothing more is fetched.
+    store.read_at(3 * 65536, &mut buf).unwrap();
+    let err = store.read_at(20 * 65536, &mut buf).unwrap_err();
+    assert!(err.to_string().contains("shutting down"), "{err}");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(store.stats().chunks_fetched, fetched);
     // Read while the store is still open, as the next daemon does after a detach (which
     // hands over with `_exit`, never closing): clean, chunks and frames alike.
     let dir = store.cache_dir().to_path_buf();
@@ -1209,7 +1215,59 @@ fn a_sealed_cache_with_pack_frames_is_trusted_by_the_next_open() {
     let units = store.manifest().unit_count();
     let d = lazyblk_chunkstore::bitmap::decode(&bits, &f.id, units).unwrap();
     assert_eq!(d.trust, lazyblk_chunkstore::bitmap::Trust::Clean);
-    assert!(d.bits[3] && d.bits[units as usize - 1]);
+    for u in 0..units {
+        assert_eq!(d.bits[u as usize], store.chunk_present(u), "unit {u}");
+    }
+    assert!(d.bits[3] && d.bits[11] && !d.bits[12] && d.bits[units as usize - 1]);
+}
+
+#[test]
+fn sealing_stops_hydration_and_eviction_and_the_next_open_trusts_the_cache() {
+    let f = fixture(4 << 20, 64 << 10, 47);
+    let srv = FaultServer::start(&f.serve, "blob");
+    let loc = Location::parse(&srv.url("manifest"));
+    let mut o = opts(&f);
+    // Hydration at 256 KiB/s (of ~22 KiB stored chunks: ~3 s for all 64) and a limit the
+    // hydrated chunks soon exceed: the maintenance thread evicts while the store fetches,
+    // until the seal.
+    o.cache_limit = Some(512 << 10);
+    o.evict_grace = Duration::ZERO;
+    o.max_request_bytes = 64 << 10; // a chunk a request, so the rate paces every chunk
+    let store = ChunkStore::open(&loc, o.clone()).unwrap();
+    store.start_background(Vec::new(), true, Some(256 << 10));
+    wait_for("an eviction", || store.stats().evicted_chunks > 0);
+    store.seal(Duration::from_secs(10)).unwrap();
+    let s = store.stats();
+    std::thread::sleep(Duration::from_millis(500));
+    let t = store.stats();
+    assert_eq!(
+        (t.chunks_fetched, t.evicted_chunks),
+        (s.chunks_fetched, s.evicted_chunks),
+        "nothing fetched or evicted after the seal"
+    );
+    let dir = store.cache_dir().to_path_buf();
+    let bits = std::fs::read(dir.join("bitmap")).unwrap();
+    let units = store.manifest().unit_count();
+    let d = lazyblk_chunkstore::bitmap::decode(&bits, &f.id, units).unwrap();
+    assert_eq!(d.trust, lazyblk_chunkstore::bitmap::Trust::Clean);
+    let present: Vec<bool> = (0..units).map(|u| store.chunk_present(u)).collect();
+    assert_eq!(d.bits.iter().by_vals().collect::<Vec<_>>(), present);
+    // The next daemon trusts it and reads the image. (The old one hands over with `_exit`,
+    // never dropping the store; here a copy of the cache as it is now stands in, since this
+    // process keeps the original's lock.)
+    let root2 = f.root.join("cache2");
+    let st = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&o.cache_root)
+        .arg(&root2)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let mut o2 = opts(&f);
+    o2.cache_root = root2;
+    let next = ChunkStore::open(&loc, o2).unwrap();
+    assert_eq!(next.open_report().reverified, 0, "{:?}", next.open_report());
+    assert_eq!(read_all(&next, f.image.len()), f.image[..]);
 }
 
 // ---- prefetch pack ------------------------------------------------------------------------

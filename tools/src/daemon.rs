@@ -163,8 +163,9 @@ fn report_open(store: &ChunkStore, ready: &Option<std::fs::File>) {
     }
 }
 
-/// Stop fetching, make everything fetched so far durable and mark the bitmap cleanly closed, so
-/// the next daemon trusts the cache without re-verifying it. The device is left as it is.
+/// Stop fetching (reads at the gate, then the store's readahead and background work), make
+/// everything fetched so far durable and mark the bitmap cleanly closed, so the next daemon
+/// trusts the cache without re-verifying it. The device is left as it is.
 fn prepare_detach(id: u32, store: &ChunkStore, gate: &FetchGate) -> Result<()> {
     tracing::info!("detach: device {id} stops fetching");
     let waiting = gate.close(Duration::from_secs(10));
@@ -173,7 +174,7 @@ fn prepare_detach(id: u32, store: &ChunkStore, gate: &FetchGate) -> Result<()> {
             "detach: {waiting} read(s) still wait for the remote; the next daemon gets them again"
         );
     }
-    store.seal()?;
+    store.seal(Duration::from_secs(5))?;
     Ok(())
 }
 
