@@ -39,9 +39,11 @@ impl BlockSource for FileSource {
 
     fn locate(&self, offset: u64, len: u64) -> Option<Located> {
         check_range(self.geometry.size, offset, len).ok()?;
+        // A raw file may have holes: never vouched for.
         Some(Located {
             fd: self.file.as_raw_fd(),
             offset,
+            written: false,
         })
     }
 

@@ -6,7 +6,8 @@
 //! * its [`Geometry`] (size, logical block size, read-only flag);
 //! * [`BlockSource::locate`]: a fast, non-blocking check that a byte range is fully local, and if
 //!   so, a file descriptor and offset from which the frontend may read it directly (for ublk this
-//!   read is issued on the queue's own io_uring, with no extra copy or thread hop);
+//!   read is issued on the queue's own io_uring, with no extra copy or thread hop), and whether
+//!   the range is all written data (no holes), which may be copied from a memory mapping;
 //! * [`BlockSource::fetch`]: make a range local, calling a [`Completion`] from any thread when
 //!   done. Completions must be cheap: a frontend typically pushes a token into a queue and wakes
 //!   its IO thread (see the ublk target's eventfd notifier);
@@ -43,6 +44,11 @@ pub struct Located {
     pub fd: RawFd,
     /// Offset in `fd` of the first requested byte.
     pub offset: u64,
+    /// The source vouches that every byte of the range is data it wrote to `fd` and does not
+    /// change while it stays located: no hole, nothing past the end of the file. A frontend may
+    /// then copy it out of a shared memory mapping of `fd`, where a hole would allocate a page
+    /// on a read fault (or fail it with `SIGBUS`). `false` is always safe.
+    pub written: bool,
 }
 
 /// Errors a block source reports to a frontend.

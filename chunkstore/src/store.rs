@@ -2281,10 +2281,16 @@ impl BlockSource for ChunkStore {
         if len > 0 {
             inner.note_blocks(offset, len);
         }
+        // Whether the range is all written data: stored chunks only (zero chunks are holes),
+        // within the image (the device's last block may run past it, into a hole).
+        let mut written = false;
         if len > 0 && inner.manifest.chunk_count() > 0 {
             let (first, last) = inner.chunk_range(offset, len);
             if inner.all_present(first, last) {
                 inner.note_access(first, last);
+                let m = &inner.manifest;
+                written = offset + len <= m.image_size
+                    && (first..=last).all(|i| m.chunk(i) != ChunkRef::Zero);
             } else {
                 // A missing chunk's part of the read may be served by present pack frames.
                 // Such reads are metadata: they are not traced and start no readahead.
@@ -2299,9 +2305,13 @@ impl BlockSource for ChunkStore {
                 }
             }
         }
+        // (A read served by pack frames is not vouched for: rare, and its chunk's other blocks
+        // are holes.) Eviction takes a chunk out of `present` before it punches its bytes, and
+        // only after `evict_grace`: a located range stays written for that long.
         Some(Located {
             fd: inner.data.as_raw_fd(),
             offset,
+            written,
         })
     }
 

@@ -742,9 +742,11 @@ impl BlockSource for Cow {
         }
         let (first, last) = inner.blocks_of(offset, len);
         match inner.coverage(first, last) {
+            // (Discards and zeroed blocks may leave holes in the layer: not vouched for.)
             Coverage::All => Some(Located {
                 fd: inner.data.as_raw_fd(),
                 offset,
+                written: false,
             }),
             Coverage::None => inner.base.locate(offset, len),
             Coverage::Mixed => None,

@@ -33,9 +33,13 @@ fn fixture(size: usize, chunk_size: u32, seed: u64) -> Fixture {
 
 /// A sample image of `size` bytes built with `build` into `www/`.
 fn fixture_built(size: usize, seed: u64, build: &BuildOptions) -> (Fixture, BuildSummary) {
+    fixture_of(sample_image(size, seed), build)
+}
+
+/// `image` built with `build` into `www/`.
+fn fixture_of(image: Vec<u8>, build: &BuildOptions) -> (Fixture, BuildSummary) {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_path_buf();
-    let image = sample_image(size, seed);
     std::fs::write(root.join("raw.img"), &image).unwrap();
     let serve = root.join("www");
     let s = build_image(&root.join("raw.img"), &serve, build, |_| {}).unwrap();
@@ -1268,6 +1272,57 @@ fn sealing_stops_hydration_and_eviction_and_the_next_open_trusts_the_cache() {
     let next = ChunkStore::open(&loc, o2).unwrap();
     assert_eq!(next.open_report().reverified, 0, "{:?}", next.open_report());
     assert_eq!(read_all(&next, f.image.len()), f.image[..]);
+}
+
+#[test]
+fn located_ranges_are_vouched_written_only_where_the_cache_file_has_data() {
+    // 16 KiB chunks; 2, 3 and 7 all zeros; the image ends 1000 bytes into its 11th chunk, so the
+    // device's last 4 KiB block runs past it.
+    let cs = 16usize << 10;
+    let mut image = sample_image(10 * cs + 1000, 48);
+    for c in [2usize, 3, 7] {
+        image[c * cs..(c + 1) * cs].fill(0);
+    }
+    image[cs - 1] = 1; // chunk 0 is not all zeros whatever the sample holds
+    let build = BuildOptions {
+        chunk_size: cs as u32,
+        ..Default::default()
+    };
+    let (f, _) = fixture_of(image, &build);
+    let srv = FaultServer::start(&f.serve, "blob");
+    let store = ChunkStore::open(&Location::parse(&srv.url("manifest")), opts(&f)).unwrap();
+    let m = store.manifest();
+    let zero = |c: u64| m.chunk(c) == ChunkRef::Zero;
+    assert!(zero(2) && zero(3) && zero(7) && !zero(0) && !zero(10));
+    assert_eq!(read_all(&store, f.image.len()), f.image);
+    let dev = store.geometry().size;
+    let hole_free = |fd: i32, off: u64, len: u64| {
+        // SAFETY: `fd` is the store's open data file; lseek only reads its extent map.
+        let h = unsafe { libc::lseek(fd, off as libc::off_t, libc::SEEK_HOLE) };
+        h < 0 || h as u64 >= off + len
+    };
+    let mut vouched = 0;
+    for b in 0..dev / 4096 {
+        let loc = store
+            .locate(b * 4096, 4096)
+            .expect("all present after reading it all");
+        let c = b * 4096 / cs as u64;
+        let in_image = (b + 1) * 4096 <= f.image.len() as u64;
+        assert_eq!(loc.written, !zero(c) && in_image, "block {b}");
+        if loc.written {
+            vouched += 1;
+            assert!(
+                hole_free(loc.fd, loc.offset, 4096),
+                "block {b} is vouched for but has a hole"
+            );
+        }
+    }
+    // Every full block of every stored chunk (the sample may hold more zero chunks than 3).
+    assert_eq!(vouched, 4 * (0..10).filter(|&c| !zero(c)).count());
+    assert!(vouched >= 4 * 5, "{vouched}");
+    // A range across a zero chunk is not vouched for, nor one that is not all present.
+    assert!(!store.locate(cs as u64, 2 * cs as u64).unwrap().written);
+    assert!(store.locate(4 * cs as u64, 3 * cs as u64).unwrap().written);
 }
 
 // ---- prefetch pack ------------------------------------------------------------------------

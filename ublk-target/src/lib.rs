@@ -5,8 +5,11 @@
 //! kernel, serves it, commits the result and waits for the next one.
 //!
 //! * A read whose range is local ([`BlockSource::locate`]) is a plain `read` on the queue's own
-//!   ring, straight from the cache file into the IO buffer; a small one from a file in memory
-//!   (tmpfs, ramfs) is a `pread` on the queue thread, which io_uring would hand to a worker.
+//!   ring, straight from the cache file into the IO buffer. A small one from a file in memory
+//!   (tmpfs, ramfs), which io_uring would hand to a worker, is done on the queue thread: a copy
+//!   out of a read-only shared mapping of the file when the source vouches that the range is
+//!   written data ([`Located::written`](lazyblk_blocksource::Located::written)), else a
+//!   `pread`.
 //! * A read with missing data calls [`BlockSource::fetch`] and parks the tag. The fetch finishes
 //!   on a fetcher thread, which posts `(tag, result)` to the queue's [`notify::Notifier`] and
 //!   writes its eventfd. A `POLL_ADD` on that eventfd is kept armed in the ring, so the queue
@@ -19,6 +22,7 @@
 //! old daemon stops fetching and leaves the reads that need data to the new one.
 
 mod gate;
+mod map;
 mod notify;
 
 pub use gate::FetchGate;
@@ -29,6 +33,7 @@ use libublk::helpers::IoBuf;
 use libublk::io::{UblkDev, UblkQueue};
 use libublk::uring_async::ublk_submit_sqe_async;
 use libublk::{BufDesc, UblkError, UblkFlags, UblkUringData};
+use map::Mapping;
 use notify::Notifier;
 use std::path::Path;
 use std::rc::Rc;
@@ -367,9 +372,13 @@ pub fn serve(
     fds.truncate(MAX_FIXED_FILES);
     let fixed: Arc<Vec<SourceFile>> = Arc::new(
         fds.into_iter()
-            .map(|fd| SourceFile {
-                fd,
-                in_memory: in_memory(fd),
+            .map(|fd| {
+                let in_memory = in_memory(fd);
+                SourceFile {
+                    fd,
+                    in_memory,
+                    map: if in_memory { Mapping::of(fd) } else { None },
+                }
             })
             .collect(),
     );
@@ -547,6 +556,11 @@ async fn handle_io(q: &UblkQueue<'_>, tag: u16, ctx: &IoCtx<'_>, buf: &mut [u8])
             };
             match ctx.fixed.iter().position(|f| f.fd == loc.fd) {
                 Some(i) if ctx.fixed[i].in_memory && len <= INLINE_READ_MAX => {
+                    let f = &ctx.fixed[i];
+                    let map = f.map.as_ref().filter(|_| loc.written);
+                    if map.is_some_and(|m| m.copy_out(loc.offset, &mut buf[..len])) {
+                        return len as i32;
+                    }
                     match pread_exact_or_zero(loc.fd, &mut buf[..len], loc.offset) {
                         Ok(()) => len as i32,
                         Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
@@ -578,11 +592,13 @@ async fn handle_io(q: &UblkQueue<'_>, tag: u16, ctx: &IoCtx<'_>, buf: &mut [u8])
 const MAX_FIXED_FILES: usize = 16;
 
 /// A file of the source, registered as fixed file `i + 1` of every queue's ring.
-#[derive(Clone, Copy, Debug)]
+#[derive(Debug)]
 struct SourceFile {
     fd: i32,
     /// On tmpfs or ramfs: a read is a copy from memory and never waits for a device.
     in_memory: bool,
+    /// A read-only mapping of an in-memory file, for its written ranges.
+    map: Option<Mapping>,
 }
 
 /// Largest read of an in-memory file done on the queue thread itself. Larger ones still go to
