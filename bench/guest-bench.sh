@@ -40,6 +40,30 @@ hwm() { # hwm PID: peak RSS in KiB (0 when no such process)
     [ -n "$1" ] && awk '/^VmHWM:/ { print $2; f = 1 } END { if (!f) print 0 }' "/proc/$1/status" 2>/dev/null || echo 0
 }
 drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+# The daemon's own RSS: VmRSS minus RssShmem, i.e. without the pages of tmpfs files it maps
+# (lazyblk maps its cache file, on tmpfs here: those pages are the cache's, there whether mapped
+# or not). VmHWM has no such split, so a sampler keeps the peak, every 0.5 s, with shell
+# builtins only (no process per sample), for as long as the daemon runs.
+OWN_PID=""
+own_start() { # own_start PID
+    own_stop
+    echo 0 >/tmp/own.max
+    [ -n "$1" ] || return 0
+    (
+        m=0
+        while [ -r "/proc/$1/status" ]; do
+            r=0 s=0
+            while read -r k v _; do
+                case $k in VmRSS:) r=$v ;; RssShmem:) s=$v ;; esac
+            done <"/proc/$1/status" 2>/dev/null
+            if [ $((r - s)) -gt "$m" ]; then m=$((r - s)); echo "$m" >/tmp/own.max; fi
+            sleep 0.5
+        done
+    ) &
+    OWN_PID=$!
+}
+own_peak() { cat /tmp/own.max 2>/dev/null || echo 0; }
+own_stop() { [ -n "$OWN_PID" ] || return 0; kill "$OWN_PID" 2>/dev/null; wait "$OWN_PID" 2>/dev/null; OWN_PID=""; }
 
 # ------------------------------------------------------------------ setup
 say "kernel $(uname -r), $(nproc) vCPUs, $(awk '/MemTotal/ { print int($2 / 1024) }' /proc/meminfo) MiB"
@@ -418,6 +442,7 @@ cold() {
         return 1
     fi
     t1=$(now)
+    own_start "$DPID"
     q=/sys/block/${DEV#/dev/}/queue
     echo "BENCHINFO sys=$sys w=$w queue: $DEV read_ahead_kb=$(cat "$q/read_ahead_kb") max_sectors_kb=$(cat "$q/max_sectors_kb") logical_block_size=$(cat "$q/logical_block_size") nr_requests=$(cat "$q/nr_requests") scheduler=$(tr -d '\n' <"$q/scheduler")"
     if [ "$w" != none ]; then
@@ -436,7 +461,7 @@ cold() {
             force_cleanup "$sys"
             return 1
         fi
-        echo "BENCH sys=$sys w=$w round=$ROUND total=$(sub "$t0" "$t2") attach=$(sub "$t0" "$t1") add=$(sub "$t0" "$ta") work=$(sub "$t1" "$t2") hwm_kib=$(hwm "$DPID") cpu_s=$(cpu "$DPID") $(net_stats "$n0")"
+        echo "BENCH sys=$sys w=$w round=$ROUND total=$(sub "$t0" "$t2") attach=$(sub "$t0" "$t1") add=$(sub "$t0" "$ta") work=$(sub "$t1" "$t2") hwm_kib=$(hwm "$DPID") own_kib=$(own_peak) cpu_s=$(cpu "$DPID") $(net_stats "$n0")"
         case $sys in lazyblk*) lz_status "$sys" "$w"; smaps_top "$sys" "$w" "$DPID" ;; esac
         if [ "$sys" = lazyblk ] && [ "$w" = w1 ] && [ -z "$PF_AVAILABLE" ]; then record_trace; fi
         if [ "$sys" = lazyblk-pf ] || [ "$sys" = lazyblk-pl ]; then
@@ -457,14 +482,15 @@ cold() {
             force_cleanup "$sys"
             return 1
         fi
-        echo "BENCH sys=$sys w=w4-fill round=$ROUND secs=$(sub "$t3" "$(now)") hwm_kib=$(hwm "$DPID") cpu_s=$(cpu "$DPID") $(net_stats "$n1")"
+        echo "BENCH sys=$sys w=w4-fill round=$ROUND secs=$(sub "$t3" "$(now)") hwm_kib=$(hwm "$DPID") own_kib=$(own_peak) cpu_s=$(cpu "$DPID") $(net_stats "$n1")"
         case $sys in lazyblk*) lz_status "$sys" w4-fill ;; esac
         drop_caches
         fio_run "$sys" rand4k randread 4k
         fio_run "$sys" seq1m read 1m
-        echo "BENCH sys=$sys w=w4-rss round=$ROUND hwm_kib=$(hwm "$DPID") cpu_s=$(cpu "$DPID")"
+        echo "BENCH sys=$sys w=w4-rss round=$ROUND hwm_kib=$(hwm "$DPID") own_kib=$(own_peak) cpu_s=$(cpu "$DPID")"
         smaps_top "$sys" w4 "$DPID"
     fi
+    own_stop
     "det_$f" >/tmp/det.out 2>&1 || say "WARNING: detach of $sys failed: $(tr '\n' ' ' </tmp/det.out)"
     return 0
 }
