@@ -45,7 +45,8 @@ pub struct Located {
     /// Offset in `fd` of the first requested byte.
     pub offset: u64,
     /// The source vouches that every byte of the range is data it wrote to `fd` and does not
-    /// change while it stays located: no hole, nothing past the end of the file. A frontend may
+    /// change while it stays located (rewriting the same bytes is no change): no hole, nothing
+    /// past the end of the file. A frontend may
     /// then copy it out of a shared memory mapping of `fd`, where a hole would allocate a page
     /// on a read fault (or fail it with `SIGBUS`). `false` is always safe.
     pub written: bool,

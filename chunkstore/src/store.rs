@@ -1663,11 +1663,9 @@ impl Inner {
                 batch
             };
             for run in self.make_runs(batch, false, true) {
-                let permit = slots.clone().acquire_owned().await;
-                let Ok(permit) = permit.map_err(drop).and_then(|p| {
-                    // Sealed meanwhile: the rest of the window is released, not fetched.
-                    (!self.sealed.load(Ordering::SeqCst)).then_some(p).ok_or(())
-                }) else {
+                // Sealed meanwhile: the rest of the window is released, not fetched.
+                let permit = slots.clone().acquire_owned().await.ok();
+                let Some(permit) = permit.filter(|_| !self.sealed.load(Ordering::SeqCst)) else {
                     // Reserved chunks must not be left without a fetch or an outcome.
                     let none = vec![false; run.parts.len()];
                     self.fail_rest(&run, &none, Error::ShuttingDown);
