@@ -44,6 +44,12 @@ def median(xs):
     return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
 
 
+def peak_kib(res, key, systems):
+    """The largest `key` (hwm_kib, own_kib) over the runs of the systems `systems` accepts; 0
+    when none has it."""
+    return max([float(d[key]) for (s, _), d in res.items() if systems(s) and key in d] or [0])
+
+
 def aggregate(runs):
     """One dict per (sys, w) from its rounds: numeric fields are medians; _n, _min, _max give
     the spread of `total` (or of the first timing field present)."""
@@ -285,7 +291,7 @@ def main():
             c3 = res.get((s, "w3"), {}).get("cpu_s")
             c4 = res.get((s, "w4-rss"), {}).get("cpu_s")
             cpus.append("" if c4 is None or c3 is None else f"{float(c4) - float(c3):.1f}")
-            own = max([float(d["own_kib"]) for (ss, _), d in res.items() if ss == s and "own_kib" in d] or [0])
+            own = peak_kib(res, "own_kib", lambda x: x == s)
             p(f"| {LABEL.get(s, s)} | {best / 1024:.1f} | {own / 1024:.1f} | {where} | " + " | ".join(cpus) + " |")
     p("")
     mem = [(s_, w_, t_) for s_, w_, t_ in infos if t_.startswith("threads=")]
@@ -376,8 +382,8 @@ def main():
     p(f"| (W4 4k random vs rublk with lazyblk's queue settings in async/await mode, libublk's model that lazyblk uses, for reference) | {rs(r)} | |")
     r = w4("w4-seq1m", "bw_kib", "loop")
     p(f"| (W4 1 MiB sequential vs kernel loop, for reference) | {rs(r)} | |")
-    hw = max([float(d["hwm_kib"]) for (s, w), d in res.items() if s.startswith("lazyblk") and "hwm_kib" in d] or [0])
-    own = max([float(d["own_kib"]) for (s, w), d in res.items() if s.startswith("lazyblk") and "own_kib" in d] or [0])
+    hw = peak_kib(res, "hwm_kib", lambda x: x.startswith("lazyblk"))
+    own = peak_kib(res, "own_kib", lambda x: x.startswith("lazyblk"))
     p(f"| lazyblk daemon peak RSS < 64 MiB: own RSS (VmRSS - RssShmem, without its mapped tmpfs cache file) | "
       f"{own / 1024:.1f} MiB | {verdict(own / 1024 if own else None, 64)} |")
     p(f"| lazyblk daemon peak RSS < 64 MiB: VmHWM (counts the cache file's pages it mapped) | "
