@@ -46,6 +46,24 @@ pub fn punch_hole(file: &File, off: u64, len: u64) -> std::io::Result<()> {
     }
 }
 
+/// Write `bytes` to `path` through a temporary file next to it (`<path>.tmp`), fsync it, rename
+/// it over `path` and fsync the directory: readers see the old file or the new one, never a
+/// part of either.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

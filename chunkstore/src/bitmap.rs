@@ -10,8 +10,8 @@
 //! a bad checksum, is not trusted: every chunk it claims present is re-verified before use.
 
 use crate::error::{Error, Result};
-use crate::format::ImageId;
 use bitvec::prelude::*;
+use lazyblk_format::ImageId;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};

@@ -3,20 +3,12 @@
 use lazyblk_blocksource::BlockError;
 use std::path::PathBuf;
 
-/// Everything that can go wrong in the chunk store, its format and its remotes.
+/// Everything that can go wrong in the chunk store (format and remote errors included).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The manifest bytes are not a valid lazyblk manifest.
-    #[error("malformed manifest: {0}")]
-    Manifest(String),
-    /// The manifest uses a format version this build does not understand.
-    #[error("unsupported manifest version {found} (this build reads version {supported})")]
-    ManifestVersion {
-        /// Version in the file.
-        found: u32,
-        /// Version understood here.
-        supported: u32,
-    },
+    /// Bytes that do not decode: a manifest, a prefetch list or pack.
+    #[error(transparent)]
+    Format(#[from] lazyblk_format::Error),
     /// The manifest does not have the digest it was asked for.
     #[error("manifest digest mismatch: expected {expected}, got {actual}")]
     ManifestDigest {
@@ -51,7 +43,7 @@ pub enum Error {
     },
     /// Fetching from the remote failed.
     #[error(transparent)]
-    Remote(#[from] crate::remote::RemoteError),
+    Remote(#[from] lazyblk_remote::RemoteError),
     /// The cache directory is unusable.
     #[error("cache {path}: {detail}")]
     Cache {

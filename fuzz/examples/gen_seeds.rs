@@ -18,8 +18,8 @@
 
 use lazyblk_blocksource::BlockSource;
 use lazyblk_chunkstore::bitmap::{self, Trust};
-use lazyblk_chunkstore::builder::{build_image, build_prefetch_pack, BuildOptions, PackBlocks};
-use lazyblk_chunkstore::format::{BlockList, ImageId, Manifest, PrefetchList, PrefetchPack};
+use lazyblk_builder::{build_image, build_prefetch_pack, BuildOptions, PackBlocks};
+use lazyblk_format::{BlockList, ImageId, Manifest, PrefetchList, PrefetchPack};
 use lazyblk_chunkstore::{ChunkStore, Location, StoreOptions};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -127,7 +127,7 @@ fn erofs_seed(work: &Path, dir: &Path, name: &str, opts: &[&str], populate: impl
         buf.copy_from_slice(&bytes[at..at + buf.len()]);
         Ok(())
     };
-    lazyblk_chunkstore::erofs::metadata_extents(&mut read_at, bytes.len() as u64)
+    lazyblk_format::erofs::metadata_extents(&mut read_at, bytes.len() as u64)
         .expect("the metadata walk accepts a real erofs image");
     write(dir, name, &bytes);
 }

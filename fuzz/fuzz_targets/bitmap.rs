@@ -5,7 +5,7 @@
 #![no_main]
 
 use lazyblk_chunkstore::bitmap::{self, Trust};
-use lazyblk_chunkstore::format::ImageId;
+use lazyblk_format::ImageId;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -3,7 +3,7 @@
 //! to the exact input and is strictly ascending.
 #![no_main]
 
-use lazyblk_chunkstore::format::BlockList;
+use lazyblk_format::BlockList;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

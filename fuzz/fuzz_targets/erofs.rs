@@ -3,7 +3,7 @@
 //! image: non-empty extents, each within the input, the first one the superblock's block.
 #![no_main]
 
-use lazyblk_chunkstore::erofs::{is_erofs, metadata_extents, SUPERBLOCK_OFFSET};
+use lazyblk_format::erofs::{is_erofs, metadata_extents, SUPERBLOCK_OFFSET};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

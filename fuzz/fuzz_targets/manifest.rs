@@ -2,7 +2,7 @@
 //! canonical (re-encoding gives back the exact input) and safe to walk chunk by chunk.
 #![no_main]
 
-use lazyblk_chunkstore::format::{ChunkRef, Encoding, Manifest, PACK_BLOCK};
+use lazyblk_format::{ChunkRef, Encoding, Manifest, PACK_BLOCK};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -20,7 +20,7 @@
 #![no_main]
 
 use arbitrary::{Arbitrary, Result, Unstructured};
-use lazyblk_chunkstore::format::{
+use lazyblk_format::{
     Encoding, Entry, Manifest, MetaPack, MAX_CHUNK_SIZE, MAX_PACK_FRAME_BLOCKS, MIN_CHUNK_SIZE,
     PACK_BLOCK,
 };

@@ -4,7 +4,7 @@
 //! the exact input and names only chunks of that image.
 #![no_main]
 
-use lazyblk_chunkstore::format::{ImageId, PrefetchList};
+use lazyblk_format::{ImageId, PrefetchList};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

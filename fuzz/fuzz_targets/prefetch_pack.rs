@@ -5,7 +5,7 @@
 //! input, names only blocks of that image in ascending order, and its frames fill its blob.
 #![no_main]
 
-use lazyblk_chunkstore::format::{ImageId, PrefetchPack, PACK_BLOCK};
+use lazyblk_format::{ImageId, PrefetchPack, PACK_BLOCK};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

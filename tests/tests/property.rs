@@ -3,7 +3,7 @@
 //! demand) of scattered blocks.
 
 use lazyblk_blocksource::BlockSource;
-use lazyblk_chunkstore::builder::{build_image, BuildOptions, PackBlocks};
+use lazyblk_builder::{build_image, BuildOptions, PackBlocks};
 use lazyblk_chunkstore::{ChunkStore, Location, StoreOptions};
 use lazyblk_tests::fault::FaultServer;
 use proptest::prelude::*;

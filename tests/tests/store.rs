@@ -1,12 +1,10 @@
 //! The chunk store against a real nginx and against the fault-injecting server.
 
 use lazyblk_blocksource::{BlockError, BlockSource};
-use lazyblk_chunkstore::builder::{
-    build_image, build_prefetch_pack, BuildOptions, BuildSummary, PackBlocks,
-};
-use lazyblk_chunkstore::format::{BlockList, ChunkRef, PACK_FILE};
-use lazyblk_chunkstore::remote::HttpOptions;
+use lazyblk_builder::{build_image, build_prefetch_pack, BuildOptions, BuildSummary, PackBlocks};
 use lazyblk_chunkstore::{ChunkStore, Error, ImageId, Location, Manifest, StoreOptions};
+use lazyblk_format::{BlockList, ChunkRef, PACK_FILE};
+use lazyblk_remote::HttpOptions;
 use lazyblk_tests::fault::{Fault, FaultServer};
 use lazyblk_tests::nginx::Nginx;
 use lazyblk_tests::sample_image;
@@ -607,7 +605,7 @@ fn gc_removes_unused_caches_only() {
 
 #[test]
 fn trace_prefetch_list_and_hydration() {
-    use lazyblk_chunkstore::format::{PrefetchList, PREFETCH_FILE};
+    use lazyblk_format::{PrefetchList, PREFETCH_FILE};
     let f = fixture(2 << 20, 64 << 10, 23);
     let srv = FaultServer::start(&f.serve, "blob");
     let loc = Location::parse(&srv.url("manifest"));
@@ -1171,7 +1169,7 @@ fn open_fetches_manifest_probe_and_list_over_one_connection() {
     let f = fixture(1 << 20, 64 << 10, 27);
     // A published list, so open makes four requests: manifest, then together the probe, the
     // list and the look for a prefetch pack (none here: a 404).
-    let list = lazyblk_chunkstore::format::PrefetchList {
+    let list = lazyblk_format::PrefetchList {
         image: f.id,
         chunks: vec![3],
     };
@@ -1346,7 +1344,7 @@ fn a_prefetch_pack_serves_the_traced_reads_without_chunks() {
     let traced: Vec<u64> = vec![3, 4, 5, 100, 101, 300, 500];
     let pid = publish_pack(&f, &traced);
     // A chunk list published too is not fetched ahead: the pack has the blocks.
-    let list = lazyblk_chunkstore::format::PrefetchList {
+    let list = lazyblk_format::PrefetchList {
         image: f.id,
         chunks: vec![0, 1, 4],
     };

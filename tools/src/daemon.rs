@@ -147,8 +147,8 @@ fn report_open(store: &ChunkStore, ready: &Option<std::fs::File>) {
     let p = store.cache_dir().join("manifest");
     if std::fs::read(&p).map_or(true, |b| ImageId::of(&b) != store.id()) {
         let bytes = store.manifest_bytes();
-        let fixed = ImageId::of(bytes) == store.id()
-            && lazyblk_chunkstore::builder::write_atomic(&p, bytes).is_ok();
+        let fixed =
+            ImageId::of(bytes) == store.id() && lazyblk_builder::write_atomic(&p, bytes).is_ok();
         warn(
             ready,
             &if fixed {

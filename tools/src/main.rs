@@ -9,9 +9,9 @@ mod vhost;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use lazyblk_blocksource::BlockSource;
-use lazyblk_chunkstore::builder::{build_image, BuildOptions, PackBlocks};
-use lazyblk_chunkstore::remote::HttpOptions;
+use lazyblk_builder::{build_image, BuildOptions, PackBlocks};
 use lazyblk_chunkstore::{ChunkStore, Location, StoreOptions};
+use lazyblk_remote::HttpOptions;
 use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -174,7 +174,7 @@ enum Cmd {
         #[arg(short, long)]
         output: PathBuf,
         /// Chunk size in KiB (power of two, 4..65536).
-        #[arg(long, default_value_t = lazyblk_chunkstore::format::DEFAULT_CHUNK_SIZE / 1024)]
+        #[arg(long, default_value_t = lazyblk_format::DEFAULT_CHUNK_SIZE / 1024)]
         chunk_kib: u32,
         /// zstd level.
         #[arg(long, default_value_t = 9)]
@@ -393,7 +393,7 @@ fn run(cli: Cli) -> Result<()> {
                 extra_pack_blocks: match pack_blocks {
                     Some(p) => {
                         let b = std::fs::read(&p).with_context(|| format!("{}", p.display()))?;
-                        let l = lazyblk_chunkstore::format::BlockList::decode(&b)
+                        let l = lazyblk_format::BlockList::decode(&b)
                             .with_context(|| format!("{}", p.display()))?;
                         l.blocks.into_iter().map(u64::from).collect()
                     }
@@ -758,7 +758,7 @@ fn cmd_trace(state: &Path, id: u32, output: &Path, trace_only: bool, blocks: boo
         std::fs::write(output, bytes).with_context(|| format!("{}", output.display()))
     };
     if blocks {
-        let list = lazyblk_chunkstore::format::BlockList {
+        let list = lazyblk_format::BlockList {
             image,
             blocks: ask("blocks")?,
         };
@@ -780,7 +780,7 @@ fn cmd_trace(state: &Path, id: u32, output: &Path, trace_only: bool, blocks: boo
         let published = ask("published")?;
         chunks.extend(published.into_iter().filter(|c| !seen.contains(c)));
     }
-    let list = lazyblk_chunkstore::format::PrefetchList { image, chunks };
+    let list = lazyblk_format::PrefetchList { image, chunks };
     write(list.encode())?;
     println!(
         "{traced} chunks in first-access order, {} from the published list, written to {} (publish it next to the manifest as `prefetch`)",
@@ -831,13 +831,13 @@ fn cmd_trace_pack(state: &Path, id: u32, output: &Path) -> Result<()> {
         buf.copy_from_slice(&block.0[..buf.len()]);
         Ok(())
     };
-    let s = lazyblk_chunkstore::builder::build_prefetch_pack(
+    let s = lazyblk_builder::build_prefetch_pack(
         image,
         &manifest,
         &blocks,
         &mut read,
         output,
-        lazyblk_chunkstore::builder::BuildOptions::default().level,
+        lazyblk_builder::BuildOptions::default().level,
     )?;
     let meta = manifest.pack.as_ref().map_or(0, |p| p.blocks.len());
     println!(
@@ -851,7 +851,7 @@ fn cmd_trace_pack(state: &Path, id: u32, output: &Path) -> Result<()> {
     );
     println!(
         "publish both next to the manifest (as `{}` and `{}`); pin with `add --pack-digest {}`",
-        lazyblk_chunkstore::format::PACK_FILE,
+        lazyblk_format::PACK_FILE,
         s.pack.blob_name,
         s.id
     );

@@ -3,9 +3,9 @@
 
 use anyhow::{bail, Context, Result};
 use lazyblk_chunkstore::bitmap::{self, Trust};
-use lazyblk_chunkstore::format::ChunkRef;
-use lazyblk_chunkstore::store::{CacheLayout, BLOCK_SIZE};
+use lazyblk_chunkstore::{CacheLayout, BLOCK_SIZE};
 use lazyblk_chunkstore::{ImageId, Manifest};
+use lazyblk_format::ChunkRef;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -67,7 +67,7 @@ pub fn verify_cache(dir: &Path) -> Result<()> {
         if i >= n {
             frames_claimed += 1;
             let f = i - n;
-            if lazyblk_chunkstore::store::frame_intact(&m, &data, f as usize) {
+            if lazyblk_chunkstore::frame_intact(&m, &data, f as usize) {
                 frames_good += 1;
             } else {
                 bad.push((
@@ -148,7 +148,7 @@ pub fn verify_cache(dir: &Path) -> Result<()> {
 mod tests {
     use super::*;
     use lazyblk_blocksource::BlockSource;
-    use lazyblk_chunkstore::builder::{build_image, BuildOptions, BuildSummary};
+    use lazyblk_builder::{build_image, BuildOptions, BuildSummary};
     use lazyblk_chunkstore::{ChunkStore, Location, StoreOptions};
 
     const CHUNK: usize = 64 << 10;
@@ -254,7 +254,7 @@ mod tests {
 
     #[test]
     fn checks_metadata_pack_frames() {
-        use lazyblk_chunkstore::builder::PackBlocks;
+        use lazyblk_builder::PackBlocks;
         let tmp = tempfile::tempdir().unwrap();
         let opts = BuildOptions {
             chunk_size: CHUNK as u32,

@@ -2,7 +2,7 @@
 //! strict checks of status, `Content-Range` and body length, and `If-Match` pinning to the ETag
 //! seen at open so a blob replaced on the server is detected instead of mixed.
 
-use super::{BlobInfo, BoxFuture, Remote, RemoteError};
+use crate::{BlobInfo, BoxFuture, Remote, RemoteError};
 use bytes::Bytes;
 use reqwest::header::{HeaderMap, CONTENT_RANGE, ETAG, IF_MATCH, RANGE};
 use reqwest::StatusCode;
@@ -31,7 +31,7 @@ impl Default for HttpOptions {
 }
 
 /// A client (one connection pool) with lazyblk's timeouts and redirect policy.
-pub(super) fn client(opts: &HttpOptions) -> Result<reqwest::Client, RemoteError> {
+pub(crate) fn client(opts: &HttpOptions) -> Result<reqwest::Client, RemoteError> {
     let policy = reqwest::redirect::Policy::custom(|attempt| {
         let same_origin = attempt.previous().first().is_some_and(|first| {
             first.scheme() == attempt.url().scheme()
@@ -112,7 +112,7 @@ impl HttpRemote {
     }
 
     /// A remote for `url` that uses `client` (and its connection pool).
-    pub(super) fn with_client(url: &str, client: reqwest::Client) -> Self {
+    pub(crate) fn with_client(url: &str, client: reqwest::Client) -> Self {
         HttpRemote {
             url: url.to_string(),
             client,
@@ -250,7 +250,7 @@ impl Remote for HttpRemote {
 }
 
 /// GET a whole small resource (a manifest), at most `max` bytes.
-pub(super) async fn get_whole(
+pub(crate) async fn get_whole(
     client: &reqwest::Client,
     url: &str,
     max: u64,

@@ -1,6 +1,6 @@
 //! A blob on a local path (or a network file system mounted locally).
 
-use super::{BlobInfo, BoxFuture, Remote, RemoteError};
+use crate::{BlobInfo, BoxFuture, Remote, RemoteError};
 use bytes::Bytes;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;

@@ -1,0 +1,25 @@
+//! lazyblk's builder: the writing side of the format.
+//!
+//! * [`image`]: `lazyblk build`: cut a raw image into a blob of zstd chunks and a manifest, and
+//!   for erofs images store the blocks holding the file-system metadata a second time, densely,
+//!   at the end of the blob (the metadata pack, [`lazyblk_format::MetaPack`]), plus any blocks a
+//!   block trace names (`--pack-blocks`).
+//! * [`pack`]: writing pack frames, for the metadata pack and for prefetch packs
+//!   (`lazyblk trace --pack`), published next to an unchanged image.
+//! * [`publish`]: files appear whole under their final names, or not at all.
+//!
+//! It writes local files only: it never reads a remote, a cache or a device (the `trace --pack`
+//! command reads the device and hands the blocks here). Encoding is `lazyblk-format`'s, so what
+//! is built is what the store decodes.
+
+pub mod error;
+pub mod image;
+pub mod pack;
+pub mod publish;
+#[cfg(test)]
+mod tests;
+
+pub use error::{Error, Result};
+pub use image::{build_image, BuildOptions, BuildSummary, PackBlocks, MANIFEST_FILE};
+pub use pack::{build_prefetch_pack, PackSummary};
+pub use publish::write_atomic;

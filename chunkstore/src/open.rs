@@ -1,0 +1,469 @@
+//! [`ChunkStore::open`]: from a manifest location to a serving store, as named steps.
+
+use crate::prelude::*;
+
+impl ChunkStore {
+    /// Open (or create) the cache for the image whose manifest is at `manifest`.
+    pub fn open(manifest: &Location, opts: StoreOptions) -> Result<ChunkStore> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(opts.fetch_threads.max(1))
+            // Verifying and writing chunks (zstd + BLAKE3 + pwrite) runs on the blocking pool:
+            // CPU-bound, so no more threads than a few per core (tokio's default is 512).
+            .max_blocking_threads(verify_threads())
+            .thread_name("lazyblk-fetch")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::io("tokio runtime", e))?;
+        let mut report = OpenReport::default();
+        // One client for the manifest, the prefetch list and the blob: one connection pool.
+        let connector = Connector::new(&opts.http)?;
+
+        // 1. The manifest: from the cache when its digest is pinned and cached, else the remote.
+        let cached = opts.expected_id.and_then(|id| {
+            let p = opts.cache_root.join(id.hex()).join("manifest");
+            std::fs::read(p).ok().filter(|b| ImageId::of(b) == id)
+        });
+        let bytes = match cached {
+            Some(b) => b,
+            None => runtime
+                .block_on(fetch_manifest(&connector, manifest))
+                .map_err(|e| match e {
+                    Error::Remote(r) => Error::Remote(RemoteError {
+                        message: format!("cannot read the manifest: {}", r.message),
+                        ..r
+                    }),
+                    other => other,
+                })?,
+        };
+        let id = ImageId::of(&bytes);
+        if let Some(want) = opts.expected_id {
+            if want != id {
+                return Err(Error::ManifestDigest {
+                    expected: want.to_string(),
+                    actual: id.to_string(),
+                });
+            }
+        }
+        let m = Manifest::decode(&bytes)?;
+
+        // 2. The cache directory.
+        let dir = opts.cache_root.join(id.hex());
+        report.fresh = !dir.join("manifest").exists();
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let lock = lock_dir(&dir)?;
+        // The cached copy must be this image's manifest (a directory copied from another image
+        // is repaired here; its bitmap and data are rejected below by the image id).
+        let cached_ok = std::fs::read(dir.join("manifest")).is_ok_and(|b| b == bytes);
+        if !cached_ok {
+            if !report.fresh {
+                tracing::warn!(
+                    "{}: the cached manifest was not this image's; rewritten",
+                    dir.display()
+                );
+            }
+            write_atomic(&dir.join("manifest"), &bytes)?;
+        }
+
+        // 3. The blob.
+        let blob_loc = manifest.sibling(&m.blob_name);
+        let remote = connector.open_remote(&blob_loc);
+        let meta_path = dir.join("meta.json");
+        let old_meta: Option<Meta> = std::fs::read(&meta_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let mut etag = old_meta.as_ref().and_then(|m| m.etag.clone());
+        // An image of zeros has an empty blob: nothing will ever be fetched, and a range
+        // probe of an empty file cannot succeed (servers answer 416), so do not probe.
+        // The optional prefetch list is fetched at the same time (one round trip, not two).
+        let list_loc = manifest.sibling(PREFETCH_FILE);
+        let list_max = 4 * m.chunk_count() + 64;
+        // The prefetch pack too: pinned (and not already cached), or next to an unpinned
+        // manifest when prefetching is on (without it, a copy the cache kept stays in use).
+        let pack_loc = manifest.sibling(PACK_FILE);
+        // The layout the cache was written with: its own copy of the pack it used, if any.
+        let old = CacheLayout::of(&dir, id, &m);
+        let pack_cached = old.pack.clone();
+        let fetch_pack = match opts.expected_pack {
+            Some(pin) => pack_cached.as_deref().map(ImageId::of) != Some(pin),
+            None => opts.prefetch_pack && opts.expected_id.is_none(),
+        };
+        let (probed, list_bytes, pack_fetched) = runtime.block_on(async {
+            let probe = async {
+                if m.blob_size == 0 {
+                    Ok(BlobInfo::default())
+                } else {
+                    remote.probe().await
+                }
+            };
+            let list = async {
+                if opts.use_prefetch_list {
+                    Some(connector.read_whole(&list_loc, list_max).await)
+                } else {
+                    None
+                }
+            };
+            let pack = async {
+                if fetch_pack {
+                    Some(
+                        connector
+                            .read_whole(&pack_loc, 40 * m.block_count() + 4096)
+                            .await,
+                    )
+                } else {
+                    None
+                }
+            };
+            tokio::join!(probe, list, pack)
+        });
+        match probed {
+            Ok(info) => {
+                if info.size != m.blob_size {
+                    return Err(Error::BlobMismatch {
+                        location: remote.location(),
+                        detail: format!(
+                            "size is {} bytes, the manifest says {}",
+                            info.size, m.blob_size
+                        ),
+                    });
+                }
+                if let (Some(old), Some(new)) = (&etag, &info.etag) {
+                    if old != new {
+                        tracing::warn!(
+                            "blob {} has a new ETag ({old} -> {new}); chunks are still verified by digest",
+                            remote.location()
+                        );
+                    }
+                }
+                etag = info.etag;
+            }
+            Err(e) if e.is_transient() && !report.fresh => {
+                tracing::warn!(
+                    "remote unreachable at open, serving from cache until it returns: {e}"
+                );
+                report.offline = Some(e.to_string());
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let meta = Meta {
+            manifest: manifest.to_string(),
+            blob: blob_loc.to_string(),
+            etag,
+        };
+        write_atomic(
+            &meta_path,
+            &serde_json::to_vec_pretty(&meta).expect("meta serializes"),
+        )?;
+
+        // The prefetch list published next to the manifest (optional).
+        let prefetch_list = list_bytes
+            .and_then(|fetched| load_prefetch(fetched, &list_loc, &dir, &id, m.chunk_count()));
+
+        // The prefetch pack to use, whose frames follow the image's blob.
+        let chosen = choose_pack(&opts, &m, id, &pack_loc, pack_fetched, pack_cached.clone())?;
+        // Its blob is probed like the image's (not when offline: the cached copy serves).
+        let chosen = chosen.map(|(bytes, p)| {
+            let pack_blob = connector.open_remote(&pack_loc.sibling(&p.blob_name));
+            (bytes, p, pack_blob)
+        });
+        let chosen = match chosen {
+            Some((bytes, p, pack_blob)) if report.offline.is_none() => {
+                let why = match runtime.block_on(pack_blob.probe()) {
+                    Ok(info) if info.size == p.blob_size => None,
+                    Ok(info) => Some(format!(
+                        "{}: size is {} bytes, the pack says {}",
+                        pack_blob.location(),
+                        info.size,
+                        p.blob_size
+                    )),
+                    Err(e) if e.is_transient() => None,
+                    Err(e) => Some(e.to_string()),
+                };
+                match why {
+                    None => Some((bytes, p, pack_blob)),
+                    Some(why) if opts.expected_pack.is_some() => {
+                        return Err(Error::Invalid(format!("prefetch pack blob {why}")))
+                    }
+                    Some(why) => {
+                        tracing::warn!("not using the prefetch pack: its blob {why}");
+                        None
+                    }
+                }
+            }
+            other => other,
+        };
+        let pack_id = chosen.as_ref().map(|(b, _, _)| ImageId::of(b));
+        report.prefetch_pack = pack_id.map(|p| p.to_string());
+        let (old_bitmap_id, old_m) = (old.bitmap_id, old.manifest);
+        let pack_bytes = chosen.as_ref().map(|(b, _, _)| b.clone());
+        // From here on `m` is the manifest as the store uses it: with the prefetch pack in
+        // place of the metadata pack, its frames read through the concatenated remote.
+        let (remote, m) = match chosen {
+            Some((_, p, pack_blob)) => (
+                Box::new(Concat::new(remote, m.blob_size, pack_blob, p.blob_size))
+                    as Box<dyn Remote>,
+                p.apply(&m),
+            ),
+            None => (remote, m),
+        };
+        let bitmap_id = cache_bitmap_id(id, pack_id);
+
+        // 4. Data file and bitmap; repair rather than trust.
+        let device_size = m.image_size.div_ceil(u64::from(BLOCK_SIZE)) * u64::from(BLOCK_SIZE);
+        let data_path = dir.join("data");
+        let data = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&data_path)
+            .map_err(|e| Error::io(&data_path, e))?;
+        let data_len = data.metadata().map_err(|e| Error::io(&data_path, e))?.len();
+        let bitmap_path = dir.join("bitmap");
+        let n = m.chunk_count();
+        // The bitmap holds a bit per unit: chunks, then the metadata pack's frames.
+        let units = m.unit_count();
+        let opened = if report.fresh || !bitmap_path.exists() {
+            None
+        } else if data_len != device_size {
+            report.discarded = Some(format!(
+                "data file is {data_len} bytes, expected {device_size}"
+            ));
+            None
+        } else {
+            match BitmapFile::open(&bitmap_path, old_bitmap_id, old_m.unit_count()) {
+                Ok(x) => Some(x),
+                Err(e) => {
+                    report.discarded = Some(e.to_string());
+                    None
+                }
+            }
+        };
+        if let Some(why) = &report.discarded {
+            tracing::warn!("discarding the cache in {}: {why}", dir.display());
+        }
+        let mut created = false;
+        let mut bitmap = match opened {
+            Some((b, Trust::Clean)) => b,
+            Some((mut b, Trust::Verify)) => {
+                let (bits, checked, bad) = reverify(&old_m, &data, b.bits());
+                report.reverified = checked;
+                report.dropped = bad;
+                if bad > 0 {
+                    tracing::warn!("{bad} of {checked} cached chunks and pack frames failed re-verification; they will be fetched again");
+                }
+                b.replace(bits)?;
+                b
+            }
+            None => {
+                created = true;
+                data.set_len(0)
+                    .and_then(|_| data.set_len(device_size))
+                    .map_err(|e| Error::io(&data_path, e))?;
+                BitmapFile::create(&bitmap_path, bitmap_id, units)?
+            }
+        };
+        // Another prefetch pack than the cache was written with (or none, or a first one):
+        // carry the bits over to the new layout, then keep a copy of the pack that decides it.
+        // (A crash in between leaves a bitmap whose id does not match the pack copy: the
+        // next open discards the cache, it never misreads it.)
+        if pack_cached != pack_bytes {
+            if !created {
+                let bits = carry_bits(&old_m, bitmap.bits(), &m);
+                bitmap = BitmapFile::create(&bitmap_path, bitmap_id, units)?;
+                bitmap.replace(bits)?;
+            }
+            let copy = dir.join(PACK_FILE);
+            match &pack_bytes {
+                Some(b) => write_atomic(&copy, b)?,
+                None => std::fs::remove_file(&copy).map_err(|e| Error::io(&copy, e))?,
+            }
+        }
+        if data_len != device_size && report.discarded.is_none() {
+            data.set_len(device_size)
+                .map_err(|e| Error::io(&data_path, e))?;
+        }
+        let present = AtomicBits::new(units);
+        for i in 0..units {
+            if bitmap.bits()[i as usize] || (i < n && m.chunk(i) == ChunkRef::Zero) {
+                present.set(i);
+            }
+        }
+        // Zero chunks are holes in the sparse file; record them so the bitmap tells the truth.
+        let zeros: Vec<u64> = (0..n)
+            .filter(|&i| m.chunk(i) == ChunkRef::Zero && !bitmap.bits()[i as usize])
+            .collect();
+        bitmap.update(&zeros, &[])?;
+        let cached: u64 = (0..n)
+            .filter(|&i| present.get(i) && m.chunk(i) != ChunkRef::Zero)
+            .map(|i| u64::from(m.chunk_len(i)))
+            .sum();
+
+        let opts_copy = opts.clone();
+        let inner = Arc::new(Inner {
+            id,
+            manifest: m,
+            dir: dir.clone(),
+            data_path,
+            data,
+            device_size,
+            present,
+            inflight: Mutex::new(HashMap::new()),
+            remote,
+            requests: Arc::new(tokio::sync::Semaphore::new(opts.max_requests.max(1))),
+            prefetch_slots: Arc::new(tokio::sync::Semaphore::new(opts.max_requests.max(1))),
+            opts,
+            stats: Stats::default(),
+            persist: Mutex::new(Persist::default()),
+            persist_cv: Condvar::new(),
+            shutdown: AtomicBool::new(false),
+            sealed: AtomicBool::new(false),
+            handle: runtime.handle().clone(),
+            referenced: AtomicBits::new(n),
+            accessed: AtomicBits::new(n),
+            trace: Mutex::new(Vec::new()),
+            cached_bytes: AtomicU64::new(cached),
+            background: Arc::new(tokio::sync::Semaphore::new(opts_background(&opts_copy))),
+            background_done: AtomicBool::new(false),
+            epoch: Instant::now(),
+            last_miss_ms: AtomicU64::new(0),
+            prefetch_list,
+            readahead: Mutex::new(Readahead::default()),
+            ra_trigger: AtomicBits::new(n),
+            touched: AtomicBits::new(device_size / u64::from(BLOCK_SIZE)),
+        });
+        let bitmap = Arc::new(Mutex::new(Some(bitmap)));
+        let persister = {
+            let inner = inner.clone();
+            let bitmap = bitmap.clone();
+            std::thread::Builder::new()
+                .name("lazyblk-persist".into())
+                .spawn(move || persister(&inner, &bitmap))
+                .map_err(|e| Error::io("persister thread", e))?
+        };
+        let maintenance = {
+            let inner = inner.clone();
+            let bitmap = bitmap.clone();
+            std::thread::Builder::new()
+                .name("lazyblk-evict".into())
+                .spawn(move || maintenance(&inner, &bitmap))
+                .map_err(|e| Error::io("maintenance thread", e))?
+        };
+        Ok(ChunkStore {
+            inner,
+            report,
+            bitmap,
+            persister: Some(persister),
+            maintenance: Some(maintenance),
+            runtime: Some(runtime),
+            manifest_bytes: bytes,
+            _lock: lock,
+        })
+    }
+}
+
+pub(crate) async fn fetch_manifest(connector: &Connector, loc: &Location) -> Result<Vec<u8>> {
+    let mut attempt = 0;
+    loop {
+        match connector.read_whole(loc, MAX_MANIFEST_BYTES).await {
+            Ok(b) => return Ok(b),
+            Err(e) if e.is_transient() && attempt < 3 => {
+                tokio::time::sleep(backoff(attempt)).await;
+                attempt += 1;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// The prefetch pack to use, as raw bytes and decoded: the one `fetched` from `loc`, else the
+/// cache's copy, if it belongs to this image and is trusted (it has the digest
+/// `opts.expected_pack` asks for; without one, only next to an unpinned manifest). A pinned
+/// pack that is neither there nor cached is an error; an unpinned one that is not usable is
+/// skipped with a warning (it only makes reads faster).
+pub(crate) fn choose_pack(
+    opts: &StoreOptions,
+    m: &Manifest,
+    id: ImageId,
+    loc: &Location,
+    fetched: Option<std::result::Result<Vec<u8>, RemoteError>>,
+    cached: Option<Vec<u8>>,
+) -> Result<Option<(Vec<u8>, PrefetchPack)>> {
+    let accept = |b: &[u8]| -> std::result::Result<PrefetchPack, String> {
+        let p = PrefetchPack::decode(b, &id, m.image_size).map_err(|e| e.to_string())?;
+        match opts.expected_pack {
+            Some(pin) if ImageId::of(b) != pin => Err(format!(
+                "its digest is {}, --pack-digest asks for {pin}",
+                ImageId::of(b)
+            )),
+            None if opts.expected_id.is_some() => {
+                Err("the manifest is pinned and the pack is not (give its digest)".into())
+            }
+            _ => Ok(p),
+        }
+    };
+    let mut why = None;
+    match fetched {
+        Some(Ok(b)) => match accept(&b) {
+            Ok(p) => return Ok(Some((b, p))),
+            Err(e) => why = Some(e),
+        },
+        Some(Err(e)) if e.kind == ErrorKind::Permanent && opts.expected_pack.is_none() => {
+            tracing::debug!("no prefetch pack at {loc}: {e}");
+        }
+        Some(Err(e)) => why = Some(e.to_string()),
+        None => {}
+    }
+    // Fall back to the cache's copy when nothing usable was fetched (offline, unpublished,
+    // or a new pack that is not acceptable).
+    if let Some(b) = cached {
+        if let Ok(p) = accept(&b) {
+            if let Some(w) = &why {
+                tracing::warn!("prefetch pack at {loc}: {w}; using the cached copy");
+            }
+            return Ok(Some((b, p)));
+        }
+    }
+    match (why, opts.expected_pack) {
+        (Some(w), Some(_)) => Err(Error::Invalid(format!("prefetch pack {loc}: {w}"))),
+        (None, Some(_)) => Err(Error::Invalid(format!(
+            "prefetch pack {loc}: not fetched and not in the cache"
+        ))),
+        (Some(w), None) => {
+            tracing::warn!("ignoring the prefetch pack at {loc}: {w}");
+            Ok(None)
+        }
+        (None, None) => Ok(None),
+    }
+}
+
+/// The optional prefetch list next to the manifest, as `fetched` from `loc` (falling back to
+/// the cached copy when it could not be fetched).
+pub(crate) fn load_prefetch(
+    fetched: std::result::Result<Vec<u8>, RemoteError>,
+    loc: &Location,
+    dir: &Path,
+    id: &ImageId,
+    chunk_count: u64,
+) -> Option<Vec<u32>> {
+    let cached = dir.join(PREFETCH_FILE);
+    let bytes = match fetched {
+        Ok(b) => {
+            let _ = write_atomic(&cached, &b);
+            b
+        }
+        Err(e) => {
+            tracing::debug!("no prefetch list at {loc}: {e}");
+            std::fs::read(&cached).ok()?
+        }
+    };
+    match PrefetchList::decode(&bytes, id, chunk_count) {
+        Ok(p) => {
+            tracing::info!("prefetch list: {} chunks", p.chunks.len());
+            Some(p.chunks)
+        }
+        Err(e) => {
+            tracing::warn!("ignoring the prefetch list at {loc}: {e}");
+            None
+        }
+    }
+}

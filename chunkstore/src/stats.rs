@@ -1,0 +1,126 @@
+//! The store's counters and what opening found: [`StatsSnapshot`], [`OpenReport`].
+
+use crate::prelude::*;
+
+/// Counters, readable while the store runs.
+#[derive(Default)]
+pub(crate) struct Stats {
+    pub(crate) misses: AtomicU64,
+    pub(crate) requests: AtomicU64,
+    pub(crate) retries: AtomicU64,
+    pub(crate) bytes_fetched: AtomicU64,
+    pub(crate) chunks_fetched: AtomicU64,
+    pub(crate) verify_failures: AtomicU64,
+    pub(crate) failed_ios: AtomicU64,
+    pub(crate) fetch_micros_total: AtomicU64,
+    pub(crate) fetch_micros_max: AtomicU64,
+    pub(crate) evicted: AtomicU64,
+    pub(crate) background_chunks: AtomicU64,
+}
+
+/// A point-in-time copy of the store's counters.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    /// Image identity.
+    pub image: String,
+    /// Reads served without fetching: filled in by the frontend, which sees every read (the
+    /// store only sees the ones that miss); 0 from [`ChunkStore::stats`].
+    pub hits: u64,
+    /// Reads that had to wait for a fetch.
+    pub misses: u64,
+    /// Range requests sent (including retries).
+    pub requests: u64,
+    /// Retries after transient failures.
+    pub retries: u64,
+    /// Compressed bytes received.
+    pub bytes_fetched: u64,
+    /// Chunks fetched and verified.
+    pub chunks_fetched: u64,
+    /// Chunks whose bytes failed verification.
+    pub verify_failures: u64,
+    /// Reads failed back to the frontend.
+    pub failed_ios: u64,
+    /// Mean range request latency in microseconds.
+    pub fetch_latency_us_mean: u64,
+    /// Max range request latency in microseconds.
+    pub fetch_latency_us_max: u64,
+    /// Chunks present (including all-zero chunks).
+    pub present_chunks: u64,
+    /// Chunks in the image.
+    pub total_chunks: u64,
+    /// Bytes of fetched (non-zero) chunks held in the cache.
+    pub cached_bytes: u64,
+    /// The cache limit in bytes (0: none).
+    pub cache_limit: u64,
+    /// Chunks evicted to stay under the limit.
+    pub evicted_chunks: u64,
+    /// Chunks fetched by prefetch or hydration.
+    pub background_chunks: u64,
+    /// Background work (prefetch list, hydration) has finished.
+    pub background_done: bool,
+    /// Frames of the image's metadata pack (0: the image has none).
+    #[serde(default)]
+    pub pack_frames: u64,
+    /// Pack frames present.
+    #[serde(default)]
+    pub pack_frames_present: u64,
+    /// Digest of the prefetch pack in use (its frames are then the pack frames counted
+    /// above, in place of the metadata pack's).
+    #[serde(default)]
+    pub prefetch_pack: Option<String>,
+}
+
+/// What opening found in the cache.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct OpenReport {
+    /// The cache directory was created now.
+    pub fresh: bool,
+    /// Why an existing cache was discarded, if it was.
+    pub discarded: Option<String>,
+    /// Chunks re-verified because the cache was not closed cleanly.
+    pub reverified: u64,
+    /// Chunks found bad during re-verification (now fetched again on demand).
+    pub dropped: u64,
+    /// Open proceeded without reaching the remote (cache-only until it returns).
+    pub offline: Option<String>,
+    /// Digest of the prefetch pack in use, if any.
+    #[serde(default)]
+    pub prefetch_pack: Option<String>,
+}
+
+impl ChunkStore {
+    /// Counters.
+    pub fn stats(&self) -> StatsSnapshot {
+        let s = &self.inner.stats;
+        let req = s.requests.load(Ordering::Relaxed);
+        StatsSnapshot {
+            image: self.inner.id.to_string(),
+            hits: 0,
+            misses: s.misses.load(Ordering::Relaxed),
+            requests: req,
+            retries: s.retries.load(Ordering::Relaxed),
+            bytes_fetched: s.bytes_fetched.load(Ordering::Relaxed),
+            chunks_fetched: s.chunks_fetched.load(Ordering::Relaxed),
+            verify_failures: s.verify_failures.load(Ordering::Relaxed),
+            failed_ios: s.failed_ios.load(Ordering::Relaxed),
+            fetch_latency_us_mean: s.fetch_micros_total.load(Ordering::Relaxed) / req.max(1),
+            fetch_latency_us_max: s.fetch_micros_max.load(Ordering::Relaxed),
+            present_chunks: self
+                .inner
+                .present
+                .count_below(self.inner.manifest.chunk_count()),
+            total_chunks: self.inner.manifest.chunk_count(),
+            cached_bytes: self.inner.cached_bytes.load(Ordering::Relaxed),
+            cache_limit: self.inner.opts.cache_limit.unwrap_or(0),
+            evicted_chunks: s.evicted.load(Ordering::Relaxed),
+            background_chunks: s.background_chunks.load(Ordering::Relaxed),
+            background_done: self.inner.background_done.load(Ordering::Relaxed),
+            pack_frames: self.inner.manifest.frame_count(),
+            pack_frames_present: {
+                let f = self.inner.manifest.frame_units();
+                self.inner.present.count_range(f.start, f.end)
+            },
+            prefetch_pack: self.report.prefetch_pack.clone(),
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! Where blobs come from. The chunk store sees only the [`Remote`] trait.
+//!
+//! This crate owns the network and file access of lazyblk's images: the [`Remote`] trait, its
+//! HTTP(S) and local-file implementations, [`Concat`] (an image's blob followed by a prefetch
+//! pack's), [`Location`] (where a manifest lives) and the [`Connector`] that opens remotes of one
+//! store over one connection pool, plus the rules for ranges, probes and error classification.
+//! It knows nothing of manifests, chunks, digests or caches: it moves bytes, and the chunk store
+//! verifies every one of them. It depends on nothing else of lazyblk.
+//!
+//! A remote reads byte ranges of one blob. Errors are classified [`Transient`](ErrorKind::Transient)
+//! (worth retrying: timeouts, resets, 5xx, truncated bodies) or
+//! [`Permanent`](ErrorKind::Permanent) (retrying cannot help: 404, no range support, a blob of
+//! the wrong size).
+
+use bytes::Bytes;
+use std::future::Future;
+use std::pin::Pin;
+
+mod concat;
+mod connector;
+mod http;
+mod local;
+mod location;
+pub use concat::Concat;
+pub use connector::Connector;
+pub use http::{HttpOptions, HttpRemote};
+pub use local::LocalRemote;
+pub use location::Location;
+
+/// Boxed future returned by [`Remote`] methods.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Whether retrying may help.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Retry with backoff.
+    Transient,
+    /// Do not retry.
+    Permanent,
+}
+
+/// A failed remote operation.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("{location}: {message}")]
+pub struct RemoteError {
+    /// Transient or permanent.
+    pub kind: ErrorKind,
+    /// What was being read.
+    pub location: String,
+    /// What happened.
+    pub message: String,
+}
+
+impl RemoteError {
+    /// A transient error.
+    pub fn transient(location: impl Into<String>, message: impl Into<String>) -> Self {
+        RemoteError {
+            kind: ErrorKind::Transient,
+            location: location.into(),
+            message: message.into(),
+        }
+    }
+
+    /// A permanent error.
+    pub fn permanent(location: impl Into<String>, message: impl Into<String>) -> Self {
+        RemoteError {
+            kind: ErrorKind::Permanent,
+            location: location.into(),
+            message: message.into(),
+        }
+    }
+
+    /// Whether a retry may help.
+    pub fn is_transient(&self) -> bool {
+        self.kind == ErrorKind::Transient
+    }
+}
+
+/// What [`Remote::probe`] learnt about the blob.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BlobInfo {
+    /// Size of the blob in bytes.
+    pub size: u64,
+    /// Entity tag, when the server gives one.
+    pub etag: Option<String>,
+}
+
+/// A source of byte ranges of one blob.
+pub trait Remote: Send + Sync + 'static {
+    /// Human-readable location, used in error messages.
+    fn location(&self) -> String;
+
+    /// Check that the blob exists and ranges work; report its size and ETag.
+    fn probe(&self) -> BoxFuture<'_, Result<BlobInfo, RemoteError>>;
+
+    /// Read exactly `len` bytes at `offset`, handing them to `sink` in order as they arrive
+    /// (in pieces of any size), so a caller can use the start of a long range before its end
+    /// is in. On an error, the pieces already handed over are valid bytes of the range.
+    fn read_range_with<'a>(
+        &'a self,
+        offset: u64,
+        len: u64,
+        sink: &'a mut (dyn FnMut(Bytes) + Send),
+    ) -> BoxFuture<'a, Result<(), RemoteError>>;
+
+    /// Read exactly `len` bytes at `offset` into one buffer.
+    fn read_range(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Bytes, RemoteError>> {
+        Box::pin(async move {
+            let mut body = bytes::BytesMut::with_capacity(len as usize);
+            let mut sink = |piece: Bytes| body.extend_from_slice(&piece);
+            self.read_range_with(offset, len, &mut sink).await?;
+            Ok(body.freeze())
+        })
+    }
+}
