@@ -4,146 +4,50 @@ use crate::prelude::*;
 
 impl ChunkStore {
     /// Open (or create) the cache for the image whose manifest is at `manifest`.
+    ///
+    /// The steps, each a function of this module: [`fetch_runtime`]; [`read_manifest`] (from
+    /// the cache when pinned, else the remote; the pin checked); [`claim_cache_dir`] (create,
+    /// lock, repair the manifest copy); [`fetch_companions`] (the blob probe, the prefetch list
+    /// and the prefetch pack in one round trip) and [`check_blob`]; [`choose_pack`] and
+    /// [`probe_pack_blob`]; [`open_presence`] (the data file and the bitmap: trusted,
+    /// re-verified or rebuilt); then the shared state and the persister and maintenance
+    /// threads ([`ChunkStore::start`]). Background fetching starts later, when the caller asks
+    /// ([`ChunkStore::start_default_background`]).
     pub fn open(manifest: &Location, opts: StoreOptions) -> Result<ChunkStore> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(opts.fetch_threads.max(1))
-            // Verifying and writing chunks (zstd + BLAKE3 + pwrite) runs on the blocking pool:
-            // CPU-bound, so no more threads than a few per core (tokio's default is 512).
-            .max_blocking_threads(verify_threads())
-            .thread_name("lazyblk-fetch")
-            .enable_all()
-            .build()
-            .map_err(|e| Error::io("tokio runtime", e))?;
+        let runtime = fetch_runtime(&opts)?;
         let mut report = OpenReport::default();
         // One client for the manifest, the prefetch list and the blob: one connection pool.
         let connector = Connector::new(&opts.http)?;
 
-        // 1. The manifest: from the cache when its digest is pinned and cached, else the remote.
-        let cached = opts.expected_id.and_then(|id| {
-            let p = opts.cache_root.join(id.hex()).join("manifest");
-            std::fs::read(p).ok().filter(|b| ImageId::of(b) == id)
-        });
-        let bytes = match cached {
-            Some(b) => b,
-            None => runtime
-                .block_on(fetch_manifest(&connector, manifest))
-                .map_err(|e| match e {
-                    Error::Remote(r) => Error::Remote(RemoteError {
-                        message: format!("cannot read the manifest: {}", r.message),
-                        ..r
-                    }),
-                    other => other,
-                })?,
-        };
+        // 1. The manifest.
+        let bytes = read_manifest(&runtime, &connector, manifest, &opts)?;
         let id = ImageId::of(&bytes);
-        if let Some(want) = opts.expected_id {
-            if want != id {
-                return Err(Error::ManifestDigest {
-                    expected: want.to_string(),
-                    actual: id.to_string(),
-                });
-            }
-        }
         let m = Manifest::decode(&bytes)?;
 
-        // 2. The cache directory.
-        let dir = opts.cache_root.join(id.hex());
-        report.fresh = !dir.join("manifest").exists();
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        let lock = lock_dir(&dir)?;
-        // The cached copy must be this image's manifest (a directory copied from another image
-        // is repaired here; its bitmap and data are rejected below by the image id).
-        let cached_ok = std::fs::read(dir.join("manifest")).is_ok_and(|b| b == bytes);
-        if !cached_ok {
-            if !report.fresh {
-                tracing::warn!(
-                    "{}: the cached manifest was not this image's; rewritten",
-                    dir.display()
-                );
-            }
-            write_atomic(&dir.join("manifest"), &bytes)?;
-        }
+        // 2. The cache directory, and the layout it was written with (its own copy of the
+        // prefetch pack it used, if any).
+        let (dir, lock) = claim_cache_dir(&opts.cache_root, id, &bytes, &mut report)?;
+        let old = CacheLayout::of(&dir, id, &m);
 
-        // 3. The blob.
+        // 3. The blob, probed together with the optional companions.
         let blob_loc = manifest.sibling(&m.blob_name);
         let remote = connector.open_remote(&blob_loc);
         let meta_path = dir.join("meta.json");
         let old_meta: Option<Meta> = std::fs::read(&meta_path)
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
-        let mut etag = old_meta.as_ref().and_then(|m| m.etag.clone());
-        // An image of zeros has an empty blob: nothing will ever be fetched, and a range
-        // probe of an empty file cannot succeed (servers answer 416), so do not probe.
-        // The optional prefetch list is fetched at the same time (one round trip, not two).
         let list_loc = manifest.sibling(PREFETCH_FILE);
-        let list_max = 4 * m.chunk_count() + 64;
-        // The prefetch pack too: pinned (and not already cached), or next to an unpinned
-        // manifest when prefetching is on (without it, a copy the cache kept stays in use).
         let pack_loc = manifest.sibling(PACK_FILE);
-        // The layout the cache was written with: its own copy of the pack it used, if any.
-        let old = CacheLayout::of(&dir, id, &m);
-        let pack_cached = old.pack.clone();
-        let fetch_pack = match opts.expected_pack {
-            Some(pin) => pack_cached.as_deref().map(ImageId::of) != Some(pin),
-            None => opts.prefetch_pack && opts.expected_id.is_none(),
-        };
-        let (probed, list_bytes, pack_fetched) = runtime.block_on(async {
-            let probe = async {
-                if m.blob_size == 0 {
-                    Ok(BlobInfo::default())
-                } else {
-                    remote.probe().await
-                }
-            };
-            let list = async {
-                if opts.use_prefetch_list {
-                    Some(connector.read_whole(&list_loc, list_max).await)
-                } else {
-                    None
-                }
-            };
-            let pack = async {
-                if fetch_pack {
-                    Some(
-                        connector
-                            .read_whole(&pack_loc, 40 * m.block_count() + 4096)
-                            .await,
-                    )
-                } else {
-                    None
-                }
-            };
-            tokio::join!(probe, list, pack)
-        });
-        match probed {
-            Ok(info) => {
-                if info.size != m.blob_size {
-                    return Err(Error::BlobMismatch {
-                        location: remote.location(),
-                        detail: format!(
-                            "size is {} bytes, the manifest says {}",
-                            info.size, m.blob_size
-                        ),
-                    });
-                }
-                if let (Some(old), Some(new)) = (&etag, &info.etag) {
-                    if old != new {
-                        tracing::warn!(
-                            "blob {} has a new ETag ({old} -> {new}); chunks are still verified by digest",
-                            remote.location()
-                        );
-                    }
-                }
-                etag = info.etag;
-            }
-            Err(e) if e.is_transient() && !report.fresh => {
-                tracing::warn!(
-                    "remote unreachable at open, serving from cache until it returns: {e}"
-                );
-                report.offline = Some(e.to_string());
-            }
-            Err(e) => return Err(e.into()),
-        }
+        let c = runtime.block_on(fetch_companions(
+            &connector, &*remote, &m, &opts, &list_loc, &pack_loc, &old,
+        ));
+        let etag = check_blob(
+            c.probed,
+            &*remote,
+            &m,
+            old_meta.and_then(|m| m.etag),
+            &mut report,
+        )?;
         let meta = Meta {
             manifest: manifest.to_string(),
             blob: blob_loc.to_string(),
@@ -153,47 +57,24 @@ impl ChunkStore {
             &meta_path,
             &serde_json::to_vec_pretty(&meta).expect("meta serializes"),
         )?;
-
-        // The prefetch list published next to the manifest (optional).
-        let prefetch_list = list_bytes
+        let prefetch_list = c
+            .list
             .and_then(|fetched| load_prefetch(fetched, &list_loc, &dir, &id, m.chunk_count()));
 
-        // The prefetch pack to use, whose frames follow the image's blob.
-        let chosen = choose_pack(&opts, &m, id, &pack_loc, pack_fetched, pack_cached.clone())?;
-        // Its blob is probed like the image's (not when offline: the cached copy serves).
-        let chosen = chosen.map(|(bytes, p)| {
-            let pack_blob = connector.open_remote(&pack_loc.sibling(&p.blob_name));
-            (bytes, p, pack_blob)
-        });
+        // 4. The prefetch pack to use, whose frames follow the image's blob.
+        let chosen = choose_pack(&opts, &m, id, &pack_loc, c.pack, old.pack.clone())?;
         let chosen = match chosen {
-            Some((bytes, p, pack_blob)) if report.offline.is_none() => {
-                let why = match runtime.block_on(pack_blob.probe()) {
-                    Ok(info) if info.size == p.blob_size => None,
-                    Ok(info) => Some(format!(
-                        "{}: size is {} bytes, the pack says {}",
-                        pack_blob.location(),
-                        info.size,
-                        p.blob_size
-                    )),
-                    Err(e) if e.is_transient() => None,
-                    Err(e) => Some(e.to_string()),
-                };
-                match why {
-                    None => Some((bytes, p, pack_blob)),
-                    Some(why) if opts.expected_pack.is_some() => {
-                        return Err(Error::Invalid(format!("prefetch pack blob {why}")))
-                    }
-                    Some(why) => {
-                        tracing::warn!("not using the prefetch pack: its blob {why}");
-                        None
-                    }
-                }
+            Some((bytes, p)) => {
+                let pack_blob = connector.open_remote(&pack_loc.sibling(&p.blob_name));
+                // Probed like the image's blob (not when offline: the cached copy serves).
+                let usable = report.offline.is_some()
+                    || runtime.block_on(probe_pack_blob(&*pack_blob, &p, &opts))?;
+                usable.then_some((bytes, p, pack_blob))
             }
-            other => other,
+            None => None,
         };
         let pack_id = chosen.as_ref().map(|(b, _, _)| ImageId::of(b));
         report.prefetch_pack = pack_id.map(|p| p.to_string());
-        let (old_bitmap_id, old_m) = (old.bitmap_id, old.manifest);
         let pack_bytes = chosen.as_ref().map(|(b, _, _)| b.clone());
         // From here on `m` is the manifest as the store uses it: with the prefetch pack in
         // place of the metadata pack, its frames read through the concatenated remote.
@@ -205,133 +86,39 @@ impl ChunkStore {
             ),
             None => (remote, m),
         };
-        let bitmap_id = cache_bitmap_id(id, pack_id);
 
-        // 4. Data file and bitmap; repair rather than trust.
-        let device_size = m.image_size.div_ceil(u64::from(BLOCK_SIZE)) * u64::from(BLOCK_SIZE);
-        let data_path = dir.join("data");
-        let data = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&data_path)
-            .map_err(|e| Error::io(&data_path, e))?;
-        let data_len = data.metadata().map_err(|e| Error::io(&data_path, e))?.len();
-        let bitmap_path = dir.join("bitmap");
-        let n = m.chunk_count();
-        // The bitmap holds a bit per unit: chunks, then the metadata pack's frames.
-        let units = m.unit_count();
-        let opened = if report.fresh || !bitmap_path.exists() {
-            None
-        } else if data_len != device_size {
-            report.discarded = Some(format!(
-                "data file is {data_len} bytes, expected {device_size}"
-            ));
-            None
-        } else {
-            match BitmapFile::open(&bitmap_path, old_bitmap_id, old_m.unit_count()) {
-                Ok(x) => Some(x),
-                Err(e) => {
-                    report.discarded = Some(e.to_string());
-                    None
-                }
-            }
-        };
-        if let Some(why) = &report.discarded {
-            tracing::warn!("discarding the cache in {}: {why}", dir.display());
-        }
-        let mut created = false;
-        let mut bitmap = match opened {
-            Some((b, Trust::Clean)) => b,
-            Some((mut b, Trust::Verify)) => {
-                let (bits, checked, bad) = reverify(&old_m, &data, b.bits());
-                report.reverified = checked;
-                report.dropped = bad;
-                if bad > 0 {
-                    tracing::warn!("{bad} of {checked} cached chunks and pack frames failed re-verification; they will be fetched again");
-                }
-                b.replace(bits)?;
-                b
-            }
-            None => {
-                created = true;
-                data.set_len(0)
-                    .and_then(|_| data.set_len(device_size))
-                    .map_err(|e| Error::io(&data_path, e))?;
-                BitmapFile::create(&bitmap_path, bitmap_id, units)?
-            }
-        };
+        // 5. Data file and bitmap; repair rather than trust.
+        let pack_changed = old.pack != pack_bytes;
+        let bitmap_id = cache_bitmap_id(id, pack_id);
+        let mut p = open_presence(&dir, &old, &m, bitmap_id, pack_changed, &mut report)?;
         // Another prefetch pack than the cache was written with (or none, or a first one):
-        // carry the bits over to the new layout, then keep a copy of the pack that decides it.
-        // (A crash in between leaves a bitmap whose id does not match the pack copy: the
-        // next open discards the cache, it never misreads it.)
-        if pack_cached != pack_bytes {
-            if !created {
-                let bits = carry_bits(&old_m, bitmap.bits(), &m);
-                bitmap = BitmapFile::create(&bitmap_path, bitmap_id, units)?;
-                bitmap.replace(bits)?;
-            }
+        // keep a copy of the pack that decides the bitmap's layout (`open_presence` carried
+        // the bits over). A crash in between leaves a bitmap whose id does not match the pack
+        // copy: the next open discards the cache, it never misreads it.
+        if pack_changed {
             let copy = dir.join(PACK_FILE);
             match &pack_bytes {
                 Some(b) => write_atomic(&copy, b)?,
                 None => std::fs::remove_file(&copy).map_err(|e| Error::io(&copy, e))?,
             }
         }
-        if data_len != device_size && report.discarded.is_none() {
-            data.set_len(device_size)
-                .map_err(|e| Error::io(&data_path, e))?;
-        }
-        let present = AtomicBits::new(units);
-        for i in 0..units {
-            if bitmap.bits()[i as usize] || (i < n && m.chunk(i) == ChunkRef::Zero) {
-                present.set(i);
-            }
-        }
-        // Zero chunks are holes in the sparse file; record them so the bitmap tells the truth.
-        let zeros: Vec<u64> = (0..n)
-            .filter(|&i| m.chunk(i) == ChunkRef::Zero && !bitmap.bits()[i as usize])
-            .collect();
-        bitmap.update(&zeros, &[])?;
-        let cached: u64 = (0..n)
-            .filter(|&i| present.get(i) && m.chunk(i) != ChunkRef::Zero)
-            .map(|i| u64::from(m.chunk_len(i)))
-            .sum();
 
-        let opts_copy = opts.clone();
-        let inner = Arc::new(Inner {
-            id,
-            manifest: m,
-            dir: dir.clone(),
-            data_path,
-            data,
-            device_size,
-            present,
-            inflight: Mutex::new(HashMap::new()),
-            remote,
-            requests: Arc::new(tokio::sync::Semaphore::new(opts.max_requests.max(1))),
-            prefetch_slots: Arc::new(tokio::sync::Semaphore::new(opts.max_requests.max(1))),
-            opts,
-            stats: Stats::default(),
-            persist: Mutex::new(Persist::default()),
-            persist_cv: Condvar::new(),
-            shutdown: AtomicBool::new(false),
-            sealed: AtomicBool::new(false),
-            handle: runtime.handle().clone(),
-            referenced: AtomicBits::new(n),
-            accessed: AtomicBits::new(n),
-            trace: Mutex::new(Vec::new()),
-            cached_bytes: AtomicU64::new(cached),
-            background: Arc::new(tokio::sync::Semaphore::new(opts_background(&opts_copy))),
-            background_done: AtomicBool::new(false),
-            epoch: Instant::now(),
-            last_miss_ms: AtomicU64::new(0),
-            prefetch_list,
-            readahead: Mutex::new(Readahead::default()),
-            ra_trigger: AtomicBits::new(n),
-            touched: AtomicBits::new(device_size / u64::from(BLOCK_SIZE)),
-        });
-        let bitmap = Arc::new(Mutex::new(Some(bitmap)));
+        // 6. The running store.
+        let bitmap = p.bitmap.take().expect("open_presence returns the bitmap");
+        let inner = Inner::new(id, m, dir, p, remote, opts, runtime.handle(), prefetch_list);
+        ChunkStore::start(inner, bitmap, report, runtime, bytes, lock)
+    }
+
+    /// Start the persister and maintenance threads of a store whose state is `inner`.
+    fn start(
+        inner: Inner,
+        bitmap: BitmapFile,
+        report: OpenReport,
+        runtime: tokio::runtime::Runtime,
+        manifest_bytes: Vec<u8>,
+        lock: File,
+    ) -> Result<ChunkStore> {
+        let (inner, bitmap) = (Arc::new(inner), Arc::new(Mutex::new(Some(bitmap))));
         let persister = {
             let inner = inner.clone();
             let bitmap = bitmap.clone();
@@ -355,10 +142,331 @@ impl ChunkStore {
             persister: Some(persister),
             maintenance: Some(maintenance),
             runtime: Some(runtime),
-            manifest_bytes: bytes,
+            manifest_bytes,
             _lock: lock,
         })
     }
+}
+
+/// The runtime of a store's fetches: `fetch_threads` async workers and a bounded blocking pool
+/// for verification.
+fn fetch_runtime(opts: &StoreOptions) -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(opts.fetch_threads.max(1))
+        // Verifying and writing chunks (zstd + BLAKE3 + pwrite) runs on the blocking pool:
+        // CPU-bound, so no more threads than a few per core (tokio's default is 512).
+        .max_blocking_threads(verify_threads())
+        .thread_name("lazyblk-fetch")
+        .enable_all()
+        .build()
+        .map_err(|e| Error::io("tokio runtime", e))
+}
+
+/// Step 1: the manifest bytes, from the cache when its digest is pinned and cached, else from
+/// the remote; with a pin, they must have its digest.
+fn read_manifest(
+    runtime: &tokio::runtime::Runtime,
+    connector: &Connector,
+    manifest: &Location,
+    opts: &StoreOptions,
+) -> Result<Vec<u8>> {
+    let cached = opts.expected_id.and_then(|id| {
+        let p = opts.cache_root.join(id.hex()).join("manifest");
+        std::fs::read(p).ok().filter(|b| ImageId::of(b) == id)
+    });
+    let bytes = match cached {
+        Some(b) => b,
+        None => runtime
+            .block_on(fetch_manifest(connector, manifest))
+            .map_err(|e| match e {
+                Error::Remote(r) => Error::Remote(RemoteError {
+                    message: format!("cannot read the manifest: {}", r.message),
+                    ..r
+                }),
+                other => other,
+            })?,
+    };
+    let id = ImageId::of(&bytes);
+    if let Some(want) = opts.expected_id {
+        if want != id {
+            return Err(Error::ManifestDigest {
+                expected: want.to_string(),
+                actual: id.to_string(),
+            });
+        }
+    }
+    Ok(bytes)
+}
+
+/// Step 2: the cache directory of image `id` under `root`, created if need be and locked
+/// (one process per cache), with a copy of the manifest `bytes` that is this image's.
+pub(crate) fn claim_cache_dir(
+    root: &Path,
+    id: ImageId,
+    bytes: &[u8],
+    report: &mut OpenReport,
+) -> Result<(PathBuf, File)> {
+    let dir = root.join(id.hex());
+    report.fresh = !dir.join("manifest").exists();
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    let lock = lock_dir(&dir)?;
+    // The cached copy must be this image's manifest (a directory copied from another image
+    // is repaired here; its bitmap and data are rejected later by the image id).
+    let cached_ok = std::fs::read(dir.join("manifest")).is_ok_and(|b| b == bytes);
+    if !cached_ok {
+        if !report.fresh {
+            tracing::warn!(
+                "{}: the cached manifest was not this image's; rewritten",
+                dir.display()
+            );
+        }
+        write_atomic(&dir.join("manifest"), bytes)?;
+    }
+    Ok((dir, lock))
+}
+
+/// What step 3 fetched in one round trip: the blob probe and the optional companions (`None`:
+/// not asked for).
+pub(crate) struct Companions {
+    pub(crate) probed: std::result::Result<BlobInfo, RemoteError>,
+    pub(crate) list: Option<std::result::Result<Vec<u8>, RemoteError>>,
+    pub(crate) pack: Option<std::result::Result<Vec<u8>, RemoteError>>,
+}
+
+/// Step 3: probe the blob and fetch the prefetch list and the prefetch pack at the same time
+/// (one round trip, not three).
+async fn fetch_companions(
+    connector: &Connector,
+    remote: &dyn Remote,
+    m: &Manifest,
+    opts: &StoreOptions,
+    list_loc: &Location,
+    pack_loc: &Location,
+    old: &CacheLayout,
+) -> Companions {
+    // The prefetch pack: pinned (and not already cached), or next to an unpinned manifest
+    // when prefetching is on (without it, a copy the cache kept stays in use).
+    let fetch_pack = match opts.expected_pack {
+        Some(pin) => old.pack.as_deref().map(ImageId::of) != Some(pin),
+        None => opts.prefetch_pack && opts.expected_id.is_none(),
+    };
+    let probe = async {
+        // An image of zeros has an empty blob: nothing will ever be fetched, and a range
+        // probe of an empty file cannot succeed (servers answer 416), so do not probe.
+        if m.blob_size == 0 {
+            Ok(BlobInfo::default())
+        } else {
+            remote.probe().await
+        }
+    };
+    let list = async {
+        if opts.use_prefetch_list {
+            Some(
+                connector
+                    .read_whole(list_loc, 4 * m.chunk_count() + 64)
+                    .await,
+            )
+        } else {
+            None
+        }
+    };
+    let pack = async {
+        if fetch_pack {
+            Some(
+                connector
+                    .read_whole(pack_loc, 40 * m.block_count() + 4096)
+                    .await,
+            )
+        } else {
+            None
+        }
+    };
+    let (probed, list, pack) = tokio::join!(probe, list, pack);
+    Companions { probed, list, pack }
+}
+
+/// Step 3, checked: the blob must have the manifest's size; returns the ETag to keep. A blob
+/// that cannot be reached is fine for a cache that exists (it serves what it has, offline).
+fn check_blob(
+    probed: std::result::Result<BlobInfo, RemoteError>,
+    remote: &dyn Remote,
+    m: &Manifest,
+    mut etag: Option<String>,
+    report: &mut OpenReport,
+) -> Result<Option<String>> {
+    match probed {
+        Ok(info) => {
+            if info.size != m.blob_size {
+                return Err(Error::BlobMismatch {
+                    location: remote.location(),
+                    detail: format!(
+                        "size is {} bytes, the manifest says {}",
+                        info.size, m.blob_size
+                    ),
+                });
+            }
+            if let (Some(old), Some(new)) = (&etag, &info.etag) {
+                if old != new {
+                    tracing::warn!(
+                        "blob {} has a new ETag ({old} -> {new}); chunks are still verified by digest",
+                        remote.location()
+                    );
+                }
+            }
+            etag = info.etag;
+        }
+        Err(e) if e.is_transient() && !report.fresh => {
+            tracing::warn!("remote unreachable at open, serving from cache until it returns: {e}");
+            report.offline = Some(e.to_string());
+        }
+        Err(e) => return Err(e.into()),
+    }
+    Ok(etag)
+}
+
+/// Step 4, checked: whether the blob of the chosen prefetch pack `p` is there with the size
+/// the pack gives. A pinned pack whose blob is wrong is an error; an unpinned one is skipped.
+async fn probe_pack_blob(
+    pack_blob: &dyn Remote,
+    p: &PrefetchPack,
+    opts: &StoreOptions,
+) -> Result<bool> {
+    let why = match pack_blob.probe().await {
+        Ok(info) if info.size == p.blob_size => None,
+        Ok(info) => Some(format!(
+            "{}: size is {} bytes, the pack says {}",
+            pack_blob.location(),
+            info.size,
+            p.blob_size
+        )),
+        Err(e) if e.is_transient() => None,
+        Err(e) => Some(e.to_string()),
+    };
+    match why {
+        None => Ok(true),
+        Some(why) if opts.expected_pack.is_some() => {
+            Err(Error::Invalid(format!("prefetch pack blob {why}")))
+        }
+        Some(why) => {
+            tracing::warn!("not using the prefetch pack: its blob {why}");
+            Ok(false)
+        }
+    }
+}
+
+/// What step 5 found or made: the data file, the bitmap and the presence it records.
+pub(crate) struct Presence {
+    pub(crate) data_path: PathBuf,
+    pub(crate) data: File,
+    pub(crate) device_size: u64,
+    /// Taken by the opener when the store starts.
+    pub(crate) bitmap: Option<BitmapFile>,
+    pub(crate) present: AtomicBits,
+    /// Bytes of present non-zero chunks.
+    pub(crate) cached: u64,
+}
+
+/// Step 5: the data file and the bitmap of the cache in `dir` for the manifest `m` as the store
+/// uses it (bound to `bitmap_id`), given the `old` layout the cache was written with. A bitmap
+/// that was closed cleanly is trusted; a dirty one has every unit it claims re-verified; one
+/// of the wrong size or image, or a data file of the wrong size, is discarded and the cache
+/// rebuilt. With `pack_changed` (another prefetch pack than the cache was written with, or
+/// none, or a first one) the bits are carried over to the new layout.
+pub(crate) fn open_presence(
+    dir: &Path,
+    old: &CacheLayout,
+    m: &Manifest,
+    bitmap_id: ImageId,
+    pack_changed: bool,
+    report: &mut OpenReport,
+) -> Result<Presence> {
+    let device_size = m.image_size.div_ceil(u64::from(BLOCK_SIZE)) * u64::from(BLOCK_SIZE);
+    let data_path = dir.join("data");
+    let data = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&data_path)
+        .map_err(|e| Error::io(&data_path, e))?;
+    let data_len = data.metadata().map_err(|e| Error::io(&data_path, e))?.len();
+    let bitmap_path = dir.join("bitmap");
+    let n = m.chunk_count();
+    // The bitmap holds a bit per unit: chunks, then the metadata pack's frames.
+    let units = m.unit_count();
+    let opened = if report.fresh || !bitmap_path.exists() {
+        None
+    } else if data_len != device_size {
+        report.discarded = Some(format!(
+            "data file is {data_len} bytes, expected {device_size}"
+        ));
+        None
+    } else {
+        match BitmapFile::open(&bitmap_path, old.bitmap_id, old.manifest.unit_count()) {
+            Ok(x) => Some(x),
+            Err(e) => {
+                report.discarded = Some(e.to_string());
+                None
+            }
+        }
+    };
+    if let Some(why) = &report.discarded {
+        tracing::warn!("discarding the cache in {}: {why}", dir.display());
+    }
+    let mut created = false;
+    let mut bitmap = match opened {
+        Some((b, Trust::Clean)) => b,
+        Some((mut b, Trust::Verify)) => {
+            let (bits, checked, bad) = reverify(&old.manifest, &data, b.bits());
+            report.reverified = checked;
+            report.dropped = bad;
+            if bad > 0 {
+                tracing::warn!("{bad} of {checked} cached chunks and pack frames failed re-verification; they will be fetched again");
+            }
+            b.replace(bits)?;
+            b
+        }
+        None => {
+            created = true;
+            data.set_len(0)
+                .and_then(|_| data.set_len(device_size))
+                .map_err(|e| Error::io(&data_path, e))?;
+            BitmapFile::create(&bitmap_path, bitmap_id, units)?
+        }
+    };
+    // The caller then keeps a copy of the pack that decides the new layout.
+    if pack_changed && !created {
+        let bits = carry_bits(&old.manifest, bitmap.bits(), m);
+        bitmap = BitmapFile::create(&bitmap_path, bitmap_id, units)?;
+        bitmap.replace(bits)?;
+    }
+    if data_len != device_size && report.discarded.is_none() {
+        data.set_len(device_size)
+            .map_err(|e| Error::io(&data_path, e))?;
+    }
+    let present = AtomicBits::new(units);
+    for i in 0..units {
+        if bitmap.bits()[i as usize] || (i < n && m.chunk(i) == ChunkRef::Zero) {
+            present.set(i);
+        }
+    }
+    // Zero chunks are holes in the sparse file; record them so the bitmap tells the truth.
+    let zeros: Vec<u64> = (0..n)
+        .filter(|&i| m.chunk(i) == ChunkRef::Zero && !bitmap.bits()[i as usize])
+        .collect();
+    bitmap.update(&zeros, &[])?;
+    let cached: u64 = (0..n)
+        .filter(|&i| present.get(i) && m.chunk(i) != ChunkRef::Zero)
+        .map(|i| u64::from(m.chunk_len(i)))
+        .sum();
+    Ok(Presence {
+        data_path,
+        data,
+        device_size,
+        bitmap: Some(bitmap),
+        present,
+        cached,
+    })
 }
 
 pub(crate) async fn fetch_manifest(connector: &Connector, loc: &Location) -> Result<Vec<u8>> {

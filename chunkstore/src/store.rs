@@ -68,6 +68,56 @@ pub(crate) struct Inner {
     pub(crate) touched: AtomicBits,
 }
 
+impl Inner {
+    /// The state of a store about to serve: the image `id` with the manifest `m` as the store
+    /// uses it, its cache in `dir` with the presence `p` found there, reading `remote`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        id: ImageId,
+        m: Manifest,
+        dir: PathBuf,
+        p: crate::open::Presence,
+        remote: Box<dyn Remote>,
+        opts: StoreOptions,
+        handle: &tokio::runtime::Handle,
+        prefetch_list: Option<Vec<u32>>,
+    ) -> Inner {
+        let n = m.chunk_count();
+        Inner {
+            id,
+            manifest: m,
+            dir,
+            data_path: p.data_path,
+            data: p.data,
+            device_size: p.device_size,
+            present: p.present,
+            inflight: Mutex::new(HashMap::new()),
+            remote,
+            requests: Arc::new(tokio::sync::Semaphore::new(opts.max_requests.max(1))),
+            prefetch_slots: Arc::new(tokio::sync::Semaphore::new(opts.max_requests.max(1))),
+            background: Arc::new(tokio::sync::Semaphore::new(opts_background(&opts))),
+            opts,
+            stats: Stats::default(),
+            persist: Mutex::new(Persist::default()),
+            persist_cv: Condvar::new(),
+            shutdown: AtomicBool::new(false),
+            sealed: AtomicBool::new(false),
+            handle: handle.clone(),
+            referenced: AtomicBits::new(n),
+            accessed: AtomicBits::new(n),
+            trace: Mutex::new(Vec::new()),
+            cached_bytes: AtomicU64::new(p.cached),
+            background_done: AtomicBool::new(false),
+            epoch: Instant::now(),
+            last_miss_ms: AtomicU64::new(0),
+            prefetch_list,
+            readahead: Mutex::new(Readahead::default()),
+            ra_trigger: AtomicBits::new(n),
+            touched: AtomicBits::new(p.device_size / u64::from(BLOCK_SIZE)),
+        }
+    }
+}
+
 /// A verified, crash-consistent local cache of one image, fetching missing chunks on demand.
 pub struct ChunkStore {
     pub(crate) inner: Arc<Inner>,
