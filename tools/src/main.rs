@@ -2,6 +2,7 @@
 
 mod cli;
 mod daemon;
+mod device;
 mod signals;
 mod store_args;
 mod supervise;
@@ -11,6 +12,7 @@ mod vhost;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use cli::{Cli, Cmd};
+use device::{is_ours, pid_alive, record_of};
 use lazyblk_blocksource::BlockSource;
 use lazyblk_chunkstore::builder::{build_image, BuildOptions, PackBlocks};
 use lazyblk_chunkstore::{ChunkStore, Location};
@@ -383,24 +385,6 @@ fn cmd_cat(
     }
     out.flush()?;
     Ok(())
-}
-
-fn is_ours(id: u32) -> bool {
-    matches!(lazyblk_ublk::device_state(id), Ok((_, Some(v))) if v.get(lazyblk_ublk::TARGET_NAME).is_some())
-}
-
-fn pid_alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
-        && std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| !s.contains(") Z "))
-            .unwrap_or(false)
-}
-
-fn record_of(state: &Path, id: u32) -> Option<daemon::Record> {
-    daemon::read_record(state, id).or_else(|| {
-        let (_, data) = lazyblk_ublk::device_state(id).ok()?;
-        serde_json::from_value(data?.get(lazyblk_ublk::TARGET_NAME)?.clone()).ok()
-    })
 }
 
 fn present_pct(state: &Path, id: u32, rec: &daemon::Record) -> Option<f64> {
