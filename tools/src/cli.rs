@@ -1,6 +1,7 @@
 //! The command line: `Cli`, its global options and the `Cmd` subcommands with their flags (clap
 //! definitions only; each command runs in its module, see `main.rs`).
 
+use crate::cmd::add;
 use crate::store_args::StoreArgs;
 use crate::vhost;
 use clap::{Parser, Subcommand};
@@ -70,39 +71,7 @@ pub enum Cmd {
         output: Option<PathBuf>,
     },
     /// Serve an image as /dev/ublkbN; prints the device path once it is live.
-    Add {
-        /// Manifest path or URL.
-        manifest: String,
-        #[command(flatten)]
-        store: StoreArgs,
-        /// Hardware queues, each with its own server thread. One by default: with a queue per
-        /// CPU the thread that submits an IO and the one that serves it share a CPU.
-        #[arg(long, default_value_t = lazyblk_ublk::DEFAULT_QUEUES)]
-        queues: u16,
-        /// Queue depth (each tag holds an IO buffer of up to 512 KiB).
-        #[arg(long, default_value_t = lazyblk_ublk::DEFAULT_DEPTH)]
-        depth: u16,
-        /// Device id (default: the kernel picks).
-        #[arg(long)]
-        id: Option<u32>,
-        /// Stay in the foreground and log to standard error.
-        #[arg(long)]
-        foreground: bool,
-        /// Daemon log file.
-        #[arg(long, default_value = "/var/log/lazyblk/lazyblk.log")]
-        log_file: PathBuf,
-        /// Run the daemon under a supervisor that restarts it (with `recover`) when it dies.
-        #[arg(long)]
-        supervise: bool,
-        /// Internal: take over device N after its daemon died.
-        #[arg(long, hide = true)]
-        recover_id: Option<u32>,
-        /// Internal: pid of the supervisor of this daemon.
-        #[arg(long, hide = true)]
-        supervised_by: Option<u32>,
-        #[command(flatten)]
-        cow: vhost::CowArgs,
-    },
+    Add(add::AddArgs),
     /// Record which chunks a running device has read (first-access order) into a prefetch list;
     /// publish it next to the manifest as `prefetch` and `add` fetches those chunks first.
     /// With `--pack`, write the blocks read instead into a prefetch pack (`prefetch.pack` and

@@ -147,7 +147,7 @@ mod tests {
 
     fn store_of(argv: &[&str]) -> StoreArgs {
         match Cli::try_parse_from(argv).expect("parses").cmd {
-            Cmd::Add { store, .. } => store,
+            Cmd::Add(a) => a.store,
             _ => panic!("not add"),
         }
     }

@@ -106,15 +106,16 @@ pub fn run(state: &Path, first: &[String], mut ready: File) -> Result<()> {
                     RESTART_WINDOW.as_secs()
                 );
             }
-            let attempt = crate::wait_recoverable(id, pid, QUIESCE_WAIT, false).and_then(|()| {
-                let mut args = crate::recover_args(state, id)?;
-                args.extend([
-                    "--foreground".into(),
-                    "--supervised-by".into(),
-                    me.to_string(),
-                ]);
-                start(&args, None)
-            });
+            let attempt = crate::cmd::lifecycle::wait_recoverable(id, pid, QUIESCE_WAIT, false)
+                .and_then(|()| {
+                    let mut args = crate::cmd::lifecycle::recover_args(state, id)?;
+                    args.extend([
+                        "--foreground".into(),
+                        "--supervised-by".into(),
+                        me.to_string(),
+                    ]);
+                    start(&args, None)
+                });
             match attempt {
                 Ok((c, Some(_))) => {
                     tracing::info!("supervisor: device {id} recovered by pid {}", c.id());
