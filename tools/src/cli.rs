@@ -2,8 +2,8 @@
 //! definitions only; each command runs in its module, see `main.rs`).
 
 use crate::cmd::add;
+use crate::cmd::vhost;
 use crate::store_args::StoreArgs;
-use crate::vhost;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 

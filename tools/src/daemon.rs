@@ -92,7 +92,7 @@ pub struct DaemonArgs {
     /// Pid of the supervisor, when there is one.
     pub supervisor: Option<u32>,
     /// Writable through a COW layer (`add --writable`).
-    pub cow: crate::vhost::CowArgs,
+    pub cow: crate::cmd::vhost::CowArgs,
     /// Where to write the ready line (`OK <id> <bdev>` or `ERR <message>`), after any number of
     /// `WARN <message>` lines about the state the daemon found.
     pub ready: Option<std::fs::File>,
@@ -415,7 +415,7 @@ fn spawn_control(
                     let out = PathBuf::from(&cmd["export ".len()..]);
                     // A writable device exports what its guest sees (image + COW layer).
                     let r = match &cow {
-                        Some(c) => crate::vhost::export_source(&**c, &out),
+                        Some(c) => crate::cmd::vhost::export_source(&**c, &out),
                         None => store.export(&out).map_err(anyhow::Error::from),
                     };
                     match r {

@@ -10,8 +10,6 @@ mod device;
 mod signals;
 mod store_args;
 mod supervise;
-mod verify;
-mod vhost;
 
 use anyhow::Result;
 use clap::Parser;
@@ -85,8 +83,8 @@ fn run(cli: Cli) -> Result<()> {
             wait,
         } => cmd::lifecycle::recover(&state, id, foreground, supervise, wait),
         Cmd::Detach { id, wait } => cmd::lifecycle::detach(&state, id, wait),
-        Cmd::VerifyCache { dir } => verify::verify_cache(&dir),
-        Cmd::Vhost(a) => vhost::run(a),
-        Cmd::ExportCow(a) => vhost::export(a),
+        Cmd::VerifyCache { dir } => cmd::verify::verify_cache(&dir),
+        Cmd::Vhost(a) => cmd::vhost::run(a),
+        Cmd::ExportCow(a) => cmd::vhost::export(a),
     }
 }

@@ -3,8 +3,8 @@
 //! `--foreground` it is the daemon (`daemon.rs`), with `--foreground --supervise` the supervisor
 //! of one (`supervise.rs`).
 
+use crate::cmd::vhost::CowArgs;
 use crate::store_args::StoreArgs;
-use crate::vhost::CowArgs;
 use crate::{daemon, supervise};
 use anyhow::{bail, Context, Result};
 use clap::Args;

@@ -9,3 +9,5 @@ pub mod gc;
 pub mod lifecycle;
 pub mod manage;
 pub mod trace;
+pub mod verify;
+pub mod vhost;
