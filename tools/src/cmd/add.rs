@@ -48,63 +48,70 @@ pub struct AddArgs {
     cow: CowArgs,
 }
 
-/// Run `lazyblk add` with the state directory `state`.
+/// Run `lazyblk add` with the state directory `state`: as the supervisor of a daemon
+/// (`--foreground --supervise`), as the daemon (`--foreground`), or by starting a detached daemon.
 pub fn run(state: PathBuf, a: AddArgs) -> Result<()> {
-    let AddArgs {
-        manifest,
-        store,
-        queues,
-        depth,
-        id,
-        foreground,
-        log_file,
-        supervise,
-        recover_id,
-        supervised_by,
-        cow,
-    } = a;
-    let ublk = lazyblk_ublk::Options {
-        id: recover_id.or(id),
-        queues,
-        depth,
-        recover: recover_id.is_some(),
-        stats: std::sync::Arc::new(lazyblk_ublk::IoStats::new(usize::from(queues))),
-        ..Default::default()
-    };
-    if foreground && supervise {
-        // The supervisor: the same command line without --supervise is its daemon.
-        let mut args: Vec<String> = std::env::args()
-            .skip(1)
-            .filter(|a| a != "--supervise")
-            .collect();
-        args.extend(["--supervised-by".into(), std::process::id().to_string()]);
-        supervise::run(&state, &args, stdout_file()?)
-    } else if foreground {
-        // In the foreground, standard output carries the ready line.
-        let ready = Some(stdout_file()?);
-        daemon::run(daemon::DaemonArgs {
-            manifest,
-            store: store.options()?,
-            store_args: store.to_args(),
-            ublk,
-            state_dir: state,
-            log: Some(log_file),
-            supervisor: supervised_by,
-            cow,
-            ready,
-        })
+    if a.foreground && a.supervise {
+        run_supervisor(&state)
+    } else if a.foreground {
+        run_daemon(state, a)
     } else {
-        lazyblk_ublk::check_kernel()?;
-        let mut args: Vec<String> = std::env::args().skip(1).collect();
-        args.push("--foreground".into());
-        let (id, bdev) = spawn_daemon(&args, &log_file)?;
-        if recover_id.is_some() {
-            println!("recovered {bdev} (device {id})");
-        } else {
-            println!("{bdev}");
-        }
-        Ok(())
+        start_detached(&a)
     }
+}
+
+/// The supervisor: the same command line without --supervise is its daemon.
+fn run_supervisor(state: &Path) -> Result<()> {
+    let mut args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--supervise")
+        .collect();
+    args.extend(["--supervised-by".into(), std::process::id().to_string()]);
+    supervise::run(state, &args, stdout_file()?)
+}
+
+/// The daemon itself, in the foreground: standard output carries the ready line.
+fn run_daemon(state: PathBuf, a: AddArgs) -> Result<()> {
+    let ublk = ublk_options(&a);
+    let ready = Some(stdout_file()?);
+    daemon::run(daemon::DaemonArgs {
+        manifest: a.manifest,
+        store: a.store.options()?,
+        store_args: a.store.to_args(),
+        ublk,
+        state_dir: state,
+        log: Some(a.log_file),
+        supervisor: a.supervised_by,
+        cow: a.cow,
+        ready,
+    })
+}
+
+/// The ublk device the daemon creates (or, with `--recover-id`, takes over).
+fn ublk_options(a: &AddArgs) -> lazyblk_ublk::Options {
+    lazyblk_ublk::Options {
+        id: a.recover_id.or(a.id),
+        queues: a.queues,
+        depth: a.depth,
+        recover: a.recover_id.is_some(),
+        stats: std::sync::Arc::new(lazyblk_ublk::IoStats::new(usize::from(a.queues))),
+        ..Default::default()
+    }
+}
+
+/// Start this command line with `--foreground` as a detached daemon and print its device once
+/// it is live.
+fn start_detached(a: &AddArgs) -> Result<()> {
+    lazyblk_ublk::check_kernel()?;
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    args.push("--foreground".into());
+    let (id, bdev) = spawn_daemon(&args, &a.log_file)?;
+    if a.recover_id.is_some() {
+        println!("recovered {bdev} (device {id})");
+    } else {
+        println!("{bdev}");
+    }
+    Ok(())
 }
 
 /// Standard output as a File we can hand to the daemon for its ready line.

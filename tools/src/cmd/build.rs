@@ -2,7 +2,7 @@
 //! mkfs.erofs, or from a raw image file.
 
 use anyhow::{bail, Context, Result};
-use lazyblk_chunkstore::builder::{build_image, BuildOptions, PackBlocks};
+use lazyblk_chunkstore::builder::{build_image, BuildOptions, BuildSummary, PackBlocks};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -40,24 +40,41 @@ pub fn run(input: &Path, output: &Path, opts: BuildOptions, keep: Option<PathBuf
     let md = std::fs::metadata(input).with_context(|| format!("{}", input.display()))?;
     std::fs::create_dir_all(output).with_context(|| format!("creating {}", output.display()))?;
     let (image, temp) = if md.is_dir() {
-        let img = keep
-            .clone()
-            .unwrap_or_else(|| output.join(".image.erofs.tmp"));
-        let st = Command::new("mkfs.erofs")
-            .arg("--quiet")
-            .arg(&img)
-            .arg(input)
-            .status()
-            .context("running mkfs.erofs (install erofs-utils)")?;
-        if !st.success() {
-            bail!("mkfs.erofs failed on {}", input.display());
-        }
-        (img, keep.is_none())
+        make_erofs(input, output, keep)?
     } else {
         (input.to_path_buf(), false)
     };
     let size = std::fs::metadata(&image)?.len();
-    let bar = if std::io::stderr().is_terminal() {
+    let bar = progress_bar(size);
+    let s = build_image(&image, output, &opts, |done| bar.set_position(done));
+    bar.finish_and_clear();
+    if temp {
+        let _ = std::fs::remove_file(&image);
+    }
+    print_summary(input, &opts, &s?);
+    Ok(())
+}
+
+/// Make an erofs image of the directory `input` with mkfs.erofs, at `keep` or else in a
+/// temporary file in `output`; the image and whether it is temporary.
+fn make_erofs(input: &Path, output: &Path, keep: Option<PathBuf>) -> Result<(PathBuf, bool)> {
+    let temp = keep.is_none();
+    let img = keep.unwrap_or_else(|| output.join(".image.erofs.tmp"));
+    let st = Command::new("mkfs.erofs")
+        .arg("--quiet")
+        .arg(&img)
+        .arg(input)
+        .status()
+        .context("running mkfs.erofs (install erofs-utils)")?;
+    if !st.success() {
+        bail!("mkfs.erofs failed on {}", input.display());
+    }
+    Ok((img, temp))
+}
+
+/// A progress bar over `size` bytes on a terminal, else a hidden one.
+fn progress_bar(size: u64) -> indicatif::ProgressBar {
+    if std::io::stderr().is_terminal() {
         let b = indicatif::ProgressBar::new(size);
         b.set_style(
             indicatif::ProgressStyle::with_template(
@@ -68,13 +85,11 @@ pub fn run(input: &Path, output: &Path, opts: BuildOptions, keep: Option<PathBuf
         b
     } else {
         indicatif::ProgressBar::hidden()
-    };
-    let s = build_image(&image, output, &opts, |done| bar.set_position(done));
-    bar.finish_and_clear();
-    if temp {
-        let _ = std::fs::remove_file(&image);
     }
-    let s = s?;
+}
+
+/// Print what the build of `input` made.
+fn print_summary(input: &Path, opts: &BuildOptions, s: &BuildSummary) {
     let stored = s.chunks - s.zero_chunks;
     println!("image      {} ({} bytes)", image_name(input), s.image_size);
     println!(
@@ -111,9 +126,9 @@ pub fn run(input: &Path, output: &Path, opts: BuildOptions, keep: Option<PathBuf
         );
     }
     println!("digest     {}", s.id);
-    Ok(())
 }
 
+/// How the summary names the input.
 fn image_name(p: &Path) -> String {
     p.display().to_string()
 }

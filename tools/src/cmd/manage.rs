@@ -108,22 +108,11 @@ pub fn del(state: &Path, id: Option<u32>, all: bool) -> Result<()> {
     }
 }
 
+/// Stop device `id`: its daemon, then the device, then its record and socket.
 fn del_one(state: &Path, id: u32) -> Result<()> {
     lazyblk_ublk::device_state(id)?;
-    let rec = record_of(state, id);
-    if let Some(r) = rec.as_ref().filter(|r| pid_alive(r.pid)) {
-        // SAFETY: kill() sends a signal to a pid; no memory is involved.
-        unsafe { libc::kill(r.pid as i32, libc::SIGTERM) };
-        let t0 = std::time::Instant::now();
-        while pid_alive(r.pid) && t0.elapsed() < Duration::from_secs(30) {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        if pid_alive(r.pid) {
-            bail!(
-                "the daemon of device {id} (pid {}) did not stop within 30 s",
-                r.pid
-            );
-        }
+    if let Some(r) = record_of(state, id).filter(|r| pid_alive(r.pid)) {
+        stop_daemon(id, r.pid)?;
     }
     if Path::new(&format!("/sys/class/ublk-char/ublkc{id}")).exists() {
         lazyblk_ublk::delete(id)?;
@@ -131,6 +120,20 @@ fn del_one(state: &Path, id: u32) -> Result<()> {
     let _ = std::fs::remove_file(daemon::record_path(state, id));
     let _ = std::fs::remove_file(daemon::socket_path(state, id));
     println!("deleted /dev/ublkb{id}");
+    Ok(())
+}
+
+/// Ask the daemon `pid` of device `id` to stop (SIGTERM) and wait up to 30 s until it has.
+fn stop_daemon(id: u32, pid: u32) -> Result<()> {
+    // SAFETY: kill() sends a signal to a pid; no memory is involved.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let t0 = std::time::Instant::now();
+    while pid_alive(pid) && t0.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if pid_alive(pid) {
+        bail!("the daemon of device {id} (pid {pid}) did not stop within 30 s");
+    }
     Ok(())
 }
 
