@@ -38,6 +38,8 @@ fn ask_list(state: &Path, id: u32, what: &str) -> Result<Vec<u32>> {
         .with_context(|| format!("bad {what} answer from the daemon"))
 }
 
+/// A prefetch list (chunks in first-access order, then the published list unless
+/// `trace_only`), or with `blocks` the block list, of device `id` into `output`.
 fn trace_list(state: &Path, id: u32, output: &Path, trace_only: bool, blocks: bool) -> Result<()> {
     let (_, image) = traced_device(state, id)?;
     let ask = |what: &str| ask_list(state, id, what);
@@ -81,17 +83,14 @@ fn trace_list(state: &Path, id: u32, output: &Path, trace_only: bool, blocks: bo
 #[repr(C, align(4096))]
 struct AlignedBlock([u8; 4096]);
 
+/// A prefetch pack of device `id` into `output` (and `<output>.blob`): the blocks read since
+/// `add` and the metadata blocks, read back from the device.
 fn trace_pack(state: &Path, id: u32, output: &Path) -> Result<()> {
     let (rec, image) = traced_device(state, id)?;
     if rec.cow.is_some() {
         bail!("device {id} is writable: its blocks may differ from the image's, so they cannot go into a prefetch pack (trace a read-only device, or use --blocks)");
     }
-    let mpath = rec.cache_root.join(image.hex()).join("manifest");
-    let mbytes = std::fs::read(&mpath).with_context(|| format!("reading {}", mpath.display()))?;
-    if lazyblk_chunkstore::ImageId::of(&mbytes) != image {
-        bail!("{} is not the manifest of {image}", mpath.display());
-    }
-    let manifest = lazyblk_chunkstore::Manifest::decode(&mbytes)?;
+    let manifest = cached_manifest(&rec, image)?;
     let blocks: Vec<u64> = ask_list(state, id, "blocks")?
         .into_iter()
         .map(u64::from)
@@ -100,15 +99,7 @@ fn trace_pack(state: &Path, id: u32, output: &Path) -> Result<()> {
     // (whatever is missing is fetched, as for any read). With O_DIRECT: buffered reads would
     // make the kernel read ahead around every block, fetching chunks nobody read and adding
     // their blocks to the device's block trace.
-    let bdev = format!("/dev/ublkb{id}");
-    let dev = {
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::File::options()
-            .read(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(&bdev)
-            .with_context(|| format!("opening {bdev}"))?
-    };
+    let dev = open_direct(id)?;
     let mut block = Box::new(AlignedBlock([0; 4096]));
     let mut read = |at: u64, buf: &mut [u8]| {
         use std::os::unix::fs::FileExt;
@@ -144,4 +135,28 @@ fn trace_pack(state: &Path, id: u32, output: &Path) -> Result<()> {
     );
     println!("digest     {}", s.id);
     Ok(())
+}
+
+/// The manifest of `image` in the cache of device record `rec`, checked against its digest.
+fn cached_manifest(
+    rec: &daemon::Record,
+    image: lazyblk_chunkstore::ImageId,
+) -> Result<lazyblk_chunkstore::Manifest> {
+    let mpath = rec.cache_root.join(image.hex()).join("manifest");
+    let mbytes = std::fs::read(&mpath).with_context(|| format!("reading {}", mpath.display()))?;
+    if lazyblk_chunkstore::ImageId::of(&mbytes) != image {
+        bail!("{} is not the manifest of {image}", mpath.display());
+    }
+    Ok(lazyblk_chunkstore::Manifest::decode(&mbytes)?)
+}
+
+/// The block device of device `id`, opened for O_DIRECT reads.
+fn open_direct(id: u32) -> Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let bdev = format!("/dev/ublkb{id}");
+    std::fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&bdev)
+        .with_context(|| format!("opening {bdev}"))
 }
