@@ -137,6 +137,8 @@ fn stop_daemon(id: u32, pid: u32) -> Result<()> {
     Ok(())
 }
 
+/// How much of device `id`'s image is in its cache, in percent: from its daemon, else from
+/// the cache's bitmap.
 fn present_pct(state: &Path, id: u32, rec: &daemon::Record) -> Option<f64> {
     if let Ok(s) = daemon::query_status(state, id) {
         return Some(100.0 * s.present_chunks as f64 / s.total_chunks.max(1) as f64);
