@@ -92,7 +92,7 @@ pub struct DaemonArgs {
     /// Pid of the supervisor, when there is one.
     pub supervisor: Option<u32>,
     /// Writable through a COW layer (`add --writable`).
-    pub cow: crate::vhost::CowArgs,
+    pub cow: crate::cmd::vhost::CowArgs,
     /// Where to write the ready line (`OK <id> <bdev>` or `ERR <message>`), after any number of
     /// `WARN <message>` lines about the state the daemon found.
     pub ready: Option<std::fs::File>,
@@ -194,67 +194,21 @@ fn run_inner(args: &mut DaemonArgs) -> Result<()> {
     }
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("creating {}", args.state_dir.display()))?;
-    let loc = Location::parse(&args.manifest);
-    let store = Arc::new(ChunkStore::open(&loc, args.store.clone())?);
-    // Prefetch list and hydration start at once, ahead of the workload.
-    store.start_default_background();
-    report_open(&store, &args.ready);
+    let store = open_store(args)?;
     let id = store.id();
     let cow_dir = args.cow.dir_for(&id.hex());
-    let cow = match &cow_dir {
-        Some(d) => Some(Arc::new(
-            lazyblk_cow::Cow::open(d, store.clone(), &id.to_string())
-                .with_context(|| format!("opening the COW layer {}", d.display()))?,
-        )),
-        None => None,
-    };
-    let mut record = Record {
-        id: 0,
-        pid: std::process::id(),
-        bdev: String::new(),
-        image: id.to_string(),
-        manifest: args.manifest.clone(),
-        cache_root: args.store.cache_root.clone(),
-        queues: args.ublk.queues,
-        depth: args.ublk.depth,
-        io_deadline_secs: args.store.io_deadline.map_or(0, |d| d.as_secs()),
-        log: args.log.clone(),
-        supervisor: args.supervisor,
-        cow: cow_dir,
-        store_args: args.store_args.clone(),
-    };
-    // The next daemon (`recover`, the supervisor) pins the manifest: it keeps the prefetch
-    // pack in use only if that is pinned too.
-    if let Some(pack) = &store.open_report().prefetch_pack {
-        if !record.store_args.iter().any(|a| a == "--pack-digest") {
-            record
-                .store_args
-                .extend(["--pack-digest".to_string(), pack.clone()]);
-        }
-    }
+    let cow = open_cow(cow_dir.as_deref(), &store, &id)?;
+    let mut record = device_record(args, &store, cow_dir);
     let mut ublk = args.ublk.clone();
     ublk.target_data = serde_json::to_value(&record)?;
 
     let dev_id = Arc::new(AtomicU32::new(u32::MAX));
     let stopping = Arc::new(AtomicBool::new(false));
-    // Signals: stop the device; `serve` then returns and we clean up.
-    {
-        let (dev_id, stopping) = (dev_id.clone(), stopping.clone());
-        crate::signals::on_termination(move |sig| {
-            tracing::info!("signal {sig}: stopping the device");
-            stopping.store(true, Ordering::SeqCst);
-            let id = dev_id.load(Ordering::SeqCst);
-            if id != u32::MAX {
-                if let Err(e) = lazyblk_ublk::stop(id) {
-                    tracing::error!("stopping device {id}: {e}");
-                }
-            }
-        })?;
-    }
+    stop_on_signals(dev_id.clone(), stopping.clone())?;
     let state_dir = args.state_dir.clone();
     let ready = args.ready.take();
-    // The control thread holds weak references only: the last strong one, dropped at the end of
-    // `run_inner`, closes the cache's bitmap cleanly (the store's `Drop`).
+    // The control thread holds weak references only: the last strong one, dropped at the end
+    // (`finish`), closes the cache's bitmap cleanly (the store's `Drop`).
     let st2 = Arc::downgrade(&store);
     let cow2 = cow.as_ref().map(Arc::downgrade);
     let dev2 = dev_id.clone();
@@ -291,13 +245,97 @@ fn run_inner(args: &mut DaemonArgs) -> Result<()> {
     };
     let served = lazyblk_ublk::serve(source, &ublk, on_live);
     let id_now = dev_id.load(Ordering::SeqCst);
+    finish(&args.state_dir, id_now, &stopping, cow, store);
+    served?;
+    tracing::info!("device {id_now} stopped; cache kept");
+    Ok(())
+}
+
+/// Open the chunk store, start its background work (prefetch list, hydration) at once, ahead of
+/// the workload, and report what opening the cache found.
+fn open_store(args: &DaemonArgs) -> Result<Arc<ChunkStore>> {
+    let loc = Location::parse(&args.manifest);
+    let store = Arc::new(ChunkStore::open(&loc, args.store.clone())?);
+    store.start_default_background();
+    report_open(&store, &args.ready);
+    Ok(store)
+}
+
+/// The COW layer over `store` in `dir`, for a writable device.
+fn open_cow(
+    dir: Option<&Path>,
+    store: &Arc<ChunkStore>,
+    id: &ImageId,
+) -> Result<Option<Arc<lazyblk_cow::Cow>>> {
+    Ok(match dir {
+        Some(d) => Some(Arc::new(
+            lazyblk_cow::Cow::open(d, store.clone(), &id.to_string())
+                .with_context(|| format!("opening the COW layer {}", d.display()))?,
+        )),
+        None => None,
+    })
+}
+
+/// The record of the device (its id and block device are filled in once it is live).
+fn device_record(args: &DaemonArgs, store: &ChunkStore, cow_dir: Option<PathBuf>) -> Record {
+    let mut record = Record {
+        id: 0,
+        pid: std::process::id(),
+        bdev: String::new(),
+        image: store.id().to_string(),
+        manifest: args.manifest.clone(),
+        cache_root: args.store.cache_root.clone(),
+        queues: args.ublk.queues,
+        depth: args.ublk.depth,
+        io_deadline_secs: args.store.io_deadline.map_or(0, |d| d.as_secs()),
+        log: args.log.clone(),
+        supervisor: args.supervisor,
+        cow: cow_dir,
+        store_args: args.store_args.clone(),
+    };
+    // The next daemon (`recover`, the supervisor) pins the manifest: it keeps the prefetch
+    // pack in use only if that is pinned too.
+    if let Some(pack) = &store.open_report().prefetch_pack {
+        if !record.store_args.iter().any(|a| a == "--pack-digest") {
+            record
+                .store_args
+                .extend(["--pack-digest".to_string(), pack.clone()]);
+        }
+    }
+    record
+}
+
+/// On SIGTERM or SIGINT, stop the device (`dev_id`, once it is live): `serve` then returns and
+/// `run_inner` cleans up.
+fn stop_on_signals(dev_id: Arc<AtomicU32>, stopping: Arc<AtomicBool>) -> Result<()> {
+    crate::signals::on_termination(move |sig| {
+        tracing::info!("signal {sig}: stopping the device");
+        stopping.store(true, Ordering::SeqCst);
+        let id = dev_id.load(Ordering::SeqCst);
+        if id != u32::MAX {
+            if let Err(e) = lazyblk_ublk::stop(id) {
+                tracing::error!("stopping device {id}: {e}");
+            }
+        }
+    })
+}
+
+/// After `serve` returned: delete the device if we stopped it, remove its socket and record,
+/// flush the COW layer and the cache, and close the cache.
+fn finish(
+    state_dir: &Path,
+    id_now: u32,
+    stopping: &AtomicBool,
+    cow: Option<Arc<lazyblk_cow::Cow>>,
+    store: Arc<ChunkStore>,
+) {
     if id_now != u32::MAX {
         // A stop we asked for ends the device; anything else (a crash of the kernel side) too.
         if stopping.load(Ordering::SeqCst) {
             let _ = lazyblk_ublk::delete(id_now);
         }
-        let _ = std::fs::remove_file(socket_path(&args.state_dir, id_now));
-        let _ = std::fs::remove_file(record_path(&args.state_dir, id_now));
+        let _ = std::fs::remove_file(socket_path(state_dir, id_now));
+        let _ = std::fs::remove_file(record_path(state_dir, id_now));
     }
     if let Some(c) = cow {
         if let Err(e) = c.flush() {
@@ -308,9 +346,6 @@ fn run_inner(args: &mut DaemonArgs) -> Result<()> {
         tracing::error!("{e}");
     }
     close_store(store);
-    served?;
-    tracing::info!("device {id_now} stopped; cache kept");
-    Ok(())
 }
 
 /// Drop the last reference to the store so that it closes its bitmap cleanly and the next start
@@ -415,7 +450,7 @@ fn spawn_control(
                     let out = PathBuf::from(&cmd["export ".len()..]);
                     // A writable device exports what its guest sees (image + COW layer).
                     let r = match &cow {
-                        Some(c) => crate::vhost::export_source(&**c, &out),
+                        Some(c) => crate::cmd::vhost::export_source(&**c, &out),
                         None => store.export(&out).map_err(anyhow::Error::from),
                     };
                     match r {

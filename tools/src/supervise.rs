@@ -8,6 +8,7 @@
 //! gives up after `MAX_RESTARTS` deaths within `RESTART_WINDOW` (a daemon that cannot start);
 //! the device then stays quiesced and `lazyblk recover` can still take it over.
 
+use crate::cmd::lifecycle::{recover_args, wait_recoverable};
 use anyhow::{bail, Context, Result};
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
@@ -106,8 +107,8 @@ pub fn run(state: &Path, first: &[String], mut ready: File) -> Result<()> {
                     RESTART_WINDOW.as_secs()
                 );
             }
-            let attempt = crate::wait_recoverable(id, pid, QUIESCE_WAIT, false).and_then(|()| {
-                let mut args = crate::recover_args(state, id)?;
+            let attempt = wait_recoverable(id, pid, QUIESCE_WAIT, false).and_then(|()| {
+                let mut args = recover_args(state, id)?;
                 args.extend([
                     "--foreground".into(),
                     "--supervised-by".into(),

@@ -2,7 +2,7 @@
 //! through a local copy-on-write layer; `lazyblk export-cow`: write a writable disk's current
 //! contents (image + COW layer) to a file.
 
-use crate::StoreArgs;
+use crate::store_args::StoreArgs;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use lazyblk_blocksource::{BlockSource, FileSource};

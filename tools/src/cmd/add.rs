@@ -1,0 +1,170 @@
+//! `lazyblk add`: serve an image as a ublk device. By default it starts a detached daemon (itself
+//! with `--foreground`) and prints the device once the daemon reports it live; with
+//! `--foreground` it is the daemon (`daemon.rs`), with `--foreground --supervise` the supervisor
+//! of one (`supervise.rs`).
+
+use crate::cmd::vhost::CowArgs;
+use crate::store_args::StoreArgs;
+use crate::{daemon, supervise};
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// `lazyblk add`.
+#[derive(Args)]
+pub struct AddArgs {
+    /// Manifest path or URL.
+    manifest: String,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Hardware queues, each with its own server thread. One by default: with a queue per
+    /// CPU the thread that submits an IO and the one that serves it share a CPU.
+    #[arg(long, default_value_t = lazyblk_ublk::DEFAULT_QUEUES)]
+    queues: u16,
+    /// Queue depth (each tag holds an IO buffer of up to 512 KiB).
+    #[arg(long, default_value_t = lazyblk_ublk::DEFAULT_DEPTH)]
+    depth: u16,
+    /// Device id (default: the kernel picks).
+    #[arg(long)]
+    id: Option<u32>,
+    /// Stay in the foreground and log to standard error.
+    #[arg(long)]
+    pub foreground: bool,
+    /// Daemon log file.
+    #[arg(long, default_value = "/var/log/lazyblk/lazyblk.log")]
+    log_file: PathBuf,
+    /// Run the daemon under a supervisor that restarts it (with `recover`) when it dies.
+    #[arg(long)]
+    supervise: bool,
+    /// Internal: take over device N after its daemon died.
+    #[arg(long, hide = true)]
+    recover_id: Option<u32>,
+    /// Internal: pid of the supervisor of this daemon.
+    #[arg(long, hide = true)]
+    supervised_by: Option<u32>,
+    #[command(flatten)]
+    cow: CowArgs,
+}
+
+/// Run `lazyblk add` with the state directory `state`: as the supervisor of a daemon
+/// (`--foreground --supervise`), as the daemon (`--foreground`), or by starting a detached daemon.
+pub fn run(state: PathBuf, a: AddArgs) -> Result<()> {
+    if a.foreground && a.supervise {
+        run_supervisor(&state)
+    } else if a.foreground {
+        run_daemon(state, a)
+    } else {
+        start_detached(&a)
+    }
+}
+
+/// The supervisor: the same command line without --supervise is its daemon.
+fn run_supervisor(state: &Path) -> Result<()> {
+    let mut args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--supervise")
+        .collect();
+    args.extend(["--supervised-by".into(), std::process::id().to_string()]);
+    supervise::run(state, &args, stdout_file()?)
+}
+
+/// The daemon itself, in the foreground: standard output carries the ready line.
+fn run_daemon(state: PathBuf, a: AddArgs) -> Result<()> {
+    let ublk = ublk_options(&a);
+    let ready = Some(stdout_file()?);
+    daemon::run(daemon::DaemonArgs {
+        manifest: a.manifest,
+        store: a.store.options()?,
+        store_args: a.store.to_args(),
+        ublk,
+        state_dir: state,
+        log: Some(a.log_file),
+        supervisor: a.supervised_by,
+        cow: a.cow,
+        ready,
+    })
+}
+
+/// The ublk device the daemon creates (or, with `--recover-id`, takes over).
+fn ublk_options(a: &AddArgs) -> lazyblk_ublk::Options {
+    lazyblk_ublk::Options {
+        id: a.recover_id.or(a.id),
+        queues: a.queues,
+        depth: a.depth,
+        recover: a.recover_id.is_some(),
+        stats: std::sync::Arc::new(lazyblk_ublk::IoStats::new(usize::from(a.queues))),
+        ..Default::default()
+    }
+}
+
+/// Start this command line with `--foreground` as a detached daemon and print its device once
+/// it is live.
+fn start_detached(a: &AddArgs) -> Result<()> {
+    lazyblk_ublk::check_kernel()?;
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    args.push("--foreground".into());
+    let (id, bdev) = spawn_daemon(&args, &a.log_file)?;
+    if a.recover_id.is_some() {
+        println!("recovered {bdev} (device {id})");
+    } else {
+        println!("{bdev}");
+    }
+    Ok(())
+}
+
+/// Standard output as a File we can hand to the daemon for its ready line.
+fn stdout_file() -> Result<std::fs::File> {
+    use std::os::fd::{AsFd, OwnedFd};
+    let fd: OwnedFd = std::io::stdout().as_fd().try_clone_to_owned()?;
+    Ok(std::fs::File::from(fd))
+}
+
+/// Start a detached daemon and wait for its ready line.
+pub fn spawn_daemon(args: &[String], log: &Path) -> Result<(u32, String)> {
+    use std::os::unix::process::CommandExt;
+    if let Some(d) = log.parent() {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    let logf = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("opening the log file {}", log.display()))?;
+    let (reader, writer) = std::io::pipe()?;
+    let exe = std::env::current_exe()?;
+    let mut child = Command::new(exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(writer)
+        .stderr(logf)
+        .process_group(0)
+        .spawn()
+        .context("starting the daemon")?;
+    let mut reader = BufReader::new(reader);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        reader.read_line(&mut line)?;
+        match line.trim().strip_prefix("WARN ") {
+            Some(w) => eprintln!("lazyblk: warning: {w}"),
+            None => break,
+        }
+    }
+    let line = line.trim();
+    if let Some(rest) = line.strip_prefix("OK ") {
+        let (id, bdev) = rest.split_once(' ').context("bad ready line")?;
+        // The daemon keeps running; do not wait for it.
+        std::mem::forget(child);
+        return Ok((id.parse()?, bdev.to_string()));
+    }
+    let _ = child.wait();
+    if let Some(msg) = line.strip_prefix("ERR ") {
+        bail!("{msg}");
+    }
+    bail!(
+        "the daemon exited before the device was live; see {}",
+        log.display()
+    )
+}

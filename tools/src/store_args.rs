@@ -1,0 +1,205 @@
+//! The chunk store flags shared by `add`, `cat`, `vhost` and `export-cow` (`StoreArgs`): size
+//! parsing, the store options they give, and the same settings as `add` flags for the device
+//! record.
+
+use crate::daemon;
+use anyhow::Result;
+use clap::Args;
+use lazyblk_chunkstore::remote::HttpOptions;
+use lazyblk_chunkstore::StoreOptions;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Args, Clone)]
+pub struct StoreArgs {
+    /// Cache root (one directory per image inside).
+    #[arg(long, env = "LAZYBLK_CACHE_DIR", default_value = "/var/cache/lazyblk")]
+    cache_dir: PathBuf,
+    /// Require the manifest to have this digest (sha256:...).
+    #[arg(long)]
+    digest: Option<String>,
+    /// Use the prefetch pack published next to the manifest (`lazyblk trace --pack`) only if
+    /// it has this digest (sha256:...), and fail without it. Without this flag a published
+    /// pack is used only when `--digest` is not given either.
+    #[arg(long)]
+    pack_digest: Option<String>,
+    /// Seconds a read may wait for a missing chunk while the remote is failing (0: forever).
+    #[arg(long, default_value_t = 300)]
+    io_deadline: u64,
+    /// Range requests in flight.
+    #[arg(long, default_value_t = 8)]
+    max_requests: usize,
+    /// Bytes read ahead after a miss (the first window, rounded up to whole chunks; e.g. 512K;
+    /// 0: no readahead).
+    #[arg(long, value_parser = parse_size, default_value = "512K")]
+    readahead: u64,
+    /// Largest readahead window (e.g. 4M): sequential reads double the window up to it.
+    #[arg(long, value_parser = parse_size, default_value = "4M")]
+    readahead_max: u64,
+    /// Seconds one HTTP request may take (headers and body) before it is retried.
+    #[arg(long, default_value_t = 30)]
+    http_timeout: u64,
+    /// Keep at most this much fetched data in the cache (e.g. 512M, 2G); cold chunks are
+    /// evicted and fetched again when needed.
+    #[arg(long, value_parser = parse_size)]
+    cache_limit: Option<u64>,
+    /// After the prefetch list, fetch every remaining chunk in the background (yielding to
+    /// reads), so the image ends up needing no network.
+    #[arg(long)]
+    hydrate: bool,
+    /// Hydration rate limit (bytes per second, e.g. 20M).
+    #[arg(long, value_parser = parse_size)]
+    hydrate_rate: Option<u64>,
+    /// Fetch on demand only: neither the image's metadata pack nor the prefetch list
+    /// published next to the manifest is fetched ahead (a read of metadata blocks still
+    /// fetches the pack frame holding them).
+    #[arg(long)]
+    no_prefetch: bool,
+}
+
+/// Parse `123`, `64K`, `512M`, `2G` (powers of 1024).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_uppercase() {
+                'K' => 1u64 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(format!("unknown size suffix in {s:?}")),
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("not a size: {s:?}"))
+}
+
+impl StoreArgs {
+    /// These settings as `add` flags, for the device record: `recover` and the supervisor start
+    /// the next daemon with exactly them. (`--digest` is left out: recovery pins the image.)
+    pub fn to_args(&self) -> Vec<String> {
+        let mut a = vec![
+            "--cache-dir".to_string(),
+            self.cache_dir.display().to_string(),
+            "--io-deadline".into(),
+            self.io_deadline.to_string(),
+            "--max-requests".into(),
+            self.max_requests.to_string(),
+            "--readahead".into(),
+            self.readahead.to_string(),
+            "--readahead-max".into(),
+            self.readahead_max.to_string(),
+            "--http-timeout".into(),
+            self.http_timeout.to_string(),
+        ];
+        if let Some(l) = self.cache_limit {
+            a.extend(["--cache-limit".into(), l.to_string()]);
+        }
+        if self.hydrate {
+            a.push("--hydrate".into());
+        }
+        if let Some(r) = self.hydrate_rate {
+            a.extend(["--hydrate-rate".into(), r.to_string()]);
+        }
+        if self.no_prefetch {
+            a.push("--no-prefetch".into());
+        }
+        if let Some(p) = &self.pack_digest {
+            a.extend(["--pack-digest".into(), p.clone()]);
+        }
+        a
+    }
+
+    /// The chunk store options these flags give.
+    pub fn options(&self) -> Result<StoreOptions> {
+        Ok(StoreOptions {
+            cache_root: self.cache_dir.clone(),
+            expected_id: daemon::parse_digest(self.digest.as_deref())?,
+            expected_pack: daemon::parse_digest(self.pack_digest.as_deref())?,
+            http: HttpOptions {
+                request_timeout: Duration::from_secs(self.http_timeout.max(1)),
+                ..HttpOptions::default()
+            },
+            max_requests: self.max_requests,
+            readahead_bytes: self.readahead,
+            readahead_max_bytes: self.readahead_max,
+            io_deadline: (self.io_deadline > 0).then(|| Duration::from_secs(self.io_deadline)),
+            cache_limit: self.cache_limit,
+            hydrate: self.hydrate,
+            hydrate_rate: self.hydrate_rate,
+            use_prefetch_list: !self.no_prefetch,
+            prefetch_pack: !self.no_prefetch,
+            ..Default::default()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Cli, Cmd};
+    use clap::Parser;
+
+    fn store_of(argv: &[&str]) -> StoreArgs {
+        match Cli::try_parse_from(argv).expect("parses").cmd {
+            Cmd::Add(a) => a.store,
+            _ => panic!("not add"),
+        }
+    }
+
+    #[test]
+    fn recorded_store_args_give_the_same_options() {
+        let store = store_of(&[
+            "lazyblk",
+            "add",
+            "http://h/img/manifest",
+            "--cache-dir",
+            "/c",
+            "--cache-limit",
+            "2G",
+            "--hydrate",
+            "--hydrate-rate",
+            "20M",
+            "--readahead",
+            "1M",
+            "--readahead-max",
+            "8M",
+            "--max-requests",
+            "4",
+            "--http-timeout",
+            "9",
+            "--io-deadline",
+            "0",
+            "--no-prefetch",
+        ]);
+        let mut argv = vec!["lazyblk", "add", "m"];
+        let recorded = store.to_args();
+        argv.extend(recorded.iter().map(String::as_str));
+        let again = store_of(&argv);
+        assert_eq!(again.to_args(), recorded);
+        let (a, b) = (store.options().unwrap(), again.options().unwrap());
+        assert_eq!(format!("{a:?}"), format!("{b:?}"));
+        assert_eq!(b.cache_limit, Some(2 << 30));
+        assert_eq!(b.hydrate_rate, Some(20 << 20));
+        assert!(b.hydrate && !b.use_prefetch_list && b.io_deadline.is_none());
+        assert_eq!(
+            (b.readahead_bytes, b.readahead_max_bytes),
+            (1 << 20, 8 << 20)
+        );
+        assert_eq!(b.max_requests, 4);
+        // The defaults survive too.
+        let d = store_of(&["lazyblk", "add", "m"]);
+        let mut argv = vec!["lazyblk", "add", "m"];
+        let rec = d.to_args();
+        argv.extend(rec.iter().map(String::as_str));
+        assert_eq!(
+            format!("{:?}", store_of(&argv).options().unwrap()),
+            format!("{:?}", d.options().unwrap())
+        );
+    }
+}
