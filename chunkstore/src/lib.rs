@@ -75,7 +75,6 @@ mod prelude {
 pub use cache::{frame_intact, CacheLayout};
 pub use error::{Error, Result};
 pub use gc::{gc, GcEntry};
-pub use lazyblk_format::{ImageId, Manifest};
 pub use lazyblk_remote::{HttpOptions, Location};
 pub use options::StoreOptions;
 pub use stats::{OpenReport, StatsSnapshot};

@@ -36,7 +36,7 @@ pub enum Cmd {
         #[arg(short, long)]
         output: PathBuf,
         /// Chunk size in KiB (power of two, 4..65536).
-        #[arg(long, default_value_t = lazyblk_chunkstore::format::DEFAULT_CHUNK_SIZE / 1024)]
+        #[arg(long, default_value_t = lazyblk_format::DEFAULT_CHUNK_SIZE / 1024)]
         chunk_kib: u32,
         /// zstd level.
         #[arg(long, default_value_t = 9)]

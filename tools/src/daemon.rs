@@ -3,7 +3,8 @@
 
 use anyhow::{Context, Result};
 use lazyblk_blocksource::BlockSource;
-use lazyblk_chunkstore::{ChunkStore, ImageId, Location, StatsSnapshot, StoreOptions};
+use lazyblk_chunkstore::{ChunkStore, Location, StatsSnapshot, StoreOptions};
+use lazyblk_format::ImageId;
 use lazyblk_ublk::FetchGate;
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Write};

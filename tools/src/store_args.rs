@@ -5,8 +5,8 @@
 use crate::daemon;
 use anyhow::Result;
 use clap::Args;
-use lazyblk_chunkstore::remote::HttpOptions;
 use lazyblk_chunkstore::StoreOptions;
+use lazyblk_remote::HttpOptions;
 use std::path::PathBuf;
 use std::time::Duration;
 

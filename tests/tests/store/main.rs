@@ -7,8 +7,8 @@ mod policy;
 
 use lazyblk_blocksource::{BlockError, BlockSource};
 use lazyblk_builder::{build_image, build_prefetch_pack, BuildOptions, BuildSummary, PackBlocks};
-use lazyblk_chunkstore::{ChunkStore, Error, ImageId, Location, Manifest, StoreOptions};
-use lazyblk_format::{BlockList, ChunkRef, PACK_FILE};
+use lazyblk_chunkstore::{ChunkStore, Error, Location, StoreOptions};
+use lazyblk_format::{BlockList, ChunkRef, ImageId, Manifest, PACK_FILE};
 use lazyblk_remote::HttpOptions;
 use lazyblk_tests::fault::{Fault, FaultServer};
 use lazyblk_tests::nginx::Nginx;

@@ -2,7 +2,7 @@
 //! mkfs.erofs, or from a raw image file.
 
 use anyhow::{bail, Context, Result};
-use lazyblk_chunkstore::builder::{build_image, BuildOptions, BuildSummary, PackBlocks};
+use lazyblk_builder::{build_image, BuildOptions, BuildSummary, PackBlocks};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -25,7 +25,7 @@ pub fn options(
         extra_pack_blocks: match pack_blocks {
             Some(p) => {
                 let b = std::fs::read(&p).with_context(|| format!("{}", p.display()))?;
-                let l = lazyblk_chunkstore::format::BlockList::decode(&b)
+                let l = lazyblk_format::BlockList::decode(&b)
                     .with_context(|| format!("{}", p.display()))?;
                 l.blocks.into_iter().map(u64::from).collect()
             }

@@ -147,6 +147,6 @@ fn present_pct(state: &Path, id: u32, rec: &daemon::Record) -> Option<f64> {
     let b = std::fs::read(rec.cache_root.join(hex).join("bitmap")).ok()?;
     let bits: u64 = b.get(64..)?.iter().map(|x| u64::from(x.count_ones())).sum();
     let m = std::fs::read(rec.cache_root.join(hex).join("manifest")).ok()?;
-    let n = lazyblk_chunkstore::Manifest::decode(&m).ok()?.chunk_count();
+    let n = lazyblk_format::Manifest::decode(&m).ok()?.chunk_count();
     Some(100.0 * bits as f64 / n.max(1) as f64)
 }

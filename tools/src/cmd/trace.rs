@@ -24,11 +24,11 @@ pub fn run(
 }
 
 /// The record and image of lazyblk device `id`, for the `trace` commands.
-fn traced_device(state: &Path, id: u32) -> Result<(daemon::Record, lazyblk_chunkstore::ImageId)> {
+fn traced_device(state: &Path, id: u32) -> Result<(daemon::Record, lazyblk_format::ImageId)> {
     lazyblk_ublk::device_state(id)?;
     let rec =
         record_of(state, id).with_context(|| format!("device {id} is not a lazyblk device"))?;
-    let image = lazyblk_chunkstore::ImageId::parse(&rec.image)?;
+    let image = lazyblk_format::ImageId::parse(&rec.image)?;
     Ok((rec, image))
 }
 
@@ -47,7 +47,7 @@ fn trace_list(state: &Path, id: u32, output: &Path, trace_only: bool, blocks: bo
         std::fs::write(output, bytes).with_context(|| format!("{}", output.display()))
     };
     if blocks {
-        let list = lazyblk_chunkstore::format::BlockList {
+        let list = lazyblk_format::BlockList {
             image,
             blocks: ask("blocks")?,
         };
@@ -69,7 +69,7 @@ fn trace_list(state: &Path, id: u32, output: &Path, trace_only: bool, blocks: bo
         let published = ask("published")?;
         chunks.extend(published.into_iter().filter(|c| !seen.contains(c)));
     }
-    let list = lazyblk_chunkstore::format::PrefetchList { image, chunks };
+    let list = lazyblk_format::PrefetchList { image, chunks };
     write(list.encode())?;
     println!(
         "{traced} chunks in first-access order, {} from the published list, written to {} (publish it next to the manifest as `prefetch`)",
@@ -109,13 +109,13 @@ fn trace_pack(state: &Path, id: u32, output: &Path) -> Result<()> {
         buf.copy_from_slice(&block.0[..buf.len()]);
         Ok(())
     };
-    let s = lazyblk_chunkstore::builder::build_prefetch_pack(
+    let s = lazyblk_builder::build_prefetch_pack(
         image,
         &manifest,
         &blocks,
         &mut read,
         output,
-        lazyblk_chunkstore::builder::BuildOptions::default().level,
+        lazyblk_builder::BuildOptions::default().level,
     )?;
     let meta = manifest.pack.as_ref().map_or(0, |p| p.blocks.len());
     println!(
@@ -129,7 +129,7 @@ fn trace_pack(state: &Path, id: u32, output: &Path) -> Result<()> {
     );
     println!(
         "publish both next to the manifest (as `{}` and `{}`); pin with `add --pack-digest {}`",
-        lazyblk_chunkstore::format::PACK_FILE,
+        lazyblk_format::PACK_FILE,
         s.pack.blob_name,
         s.id
     );
@@ -140,14 +140,14 @@ fn trace_pack(state: &Path, id: u32, output: &Path) -> Result<()> {
 /// The manifest of `image` in the cache of device record `rec`, checked against its digest.
 fn cached_manifest(
     rec: &daemon::Record,
-    image: lazyblk_chunkstore::ImageId,
-) -> Result<lazyblk_chunkstore::Manifest> {
+    image: lazyblk_format::ImageId,
+) -> Result<lazyblk_format::Manifest> {
     let mpath = rec.cache_root.join(image.hex()).join("manifest");
     let mbytes = std::fs::read(&mpath).with_context(|| format!("reading {}", mpath.display()))?;
-    if lazyblk_chunkstore::ImageId::of(&mbytes) != image {
+    if lazyblk_format::ImageId::of(&mbytes) != image {
         bail!("{} is not the manifest of {image}", mpath.display());
     }
-    Ok(lazyblk_chunkstore::Manifest::decode(&mbytes)?)
+    Ok(lazyblk_format::Manifest::decode(&mbytes)?)
 }
 
 /// The block device of device `id`, opened for O_DIRECT reads.

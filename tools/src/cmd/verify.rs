@@ -4,8 +4,8 @@
 use anyhow::{bail, Context, Result};
 use lazyblk_chunkstore::bitmap::{self, Trust};
 use lazyblk_chunkstore::{CacheLayout, BLOCK_SIZE};
-use lazyblk_chunkstore::{ImageId, Manifest};
 use lazyblk_format::ChunkRef;
+use lazyblk_format::{ImageId, Manifest};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
