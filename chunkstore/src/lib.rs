@@ -57,7 +57,8 @@ mod prelude {
         PACK_FILE, PREFETCH_FILE,
     };
     pub(crate) use lazyblk_remote::{
-        BlobInfo, Concat, Connector, ErrorKind, HttpOptions, Location, Remote, RemoteError,
+        BlobInfo, Concat, Connector, ErrorKind, HttpOptions, Location, RegistryOptions, Remote,
+        RemoteError,
     };
     pub(crate) use rand::Rng;
     pub(crate) use serde::{Deserialize, Serialize};
@@ -75,7 +76,7 @@ mod prelude {
 pub use cache::{frame_intact, CacheLayout};
 pub use error::{Error, Result};
 pub use gc::{gc, GcEntry};
-pub use lazyblk_remote::{HttpOptions, Location};
+pub use lazyblk_remote::{HttpOptions, Location, RegistryOptions};
 pub use options::StoreOptions;
 pub use stats::{OpenReport, StatsSnapshot};
 pub use store::{ChunkStore, BLOCK_SIZE, MAX_MANIFEST_BYTES};
