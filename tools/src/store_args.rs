@@ -3,11 +3,11 @@
 //! record.
 
 use crate::daemon;
+use crate::registry_args::RegistryArgs;
 use anyhow::Result;
 use clap::Args;
 use lazyblk_chunkstore::StoreOptions;
-use lazyblk_registry::CredentialSource;
-use lazyblk_remote::{HttpOptions, RegistryOptions};
+use lazyblk_remote::HttpOptions;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -56,30 +56,8 @@ pub struct StoreArgs {
     /// fetches the pack frame holding them).
     #[arg(long)]
     no_prefetch: bool,
-    /// Images in a registry: talk plain HTTP to it (`localhost` and `127.0.0.1` do anyway;
-    /// other hosts use HTTPS without this flag).
-    #[arg(long)]
-    plain_http: bool,
-    /// Images in a registry: a mirror to try before the registry (repeatable, tried in order),
-    /// e.g. `http://mirror:5000`. A mirror that fails is skipped for a while.
-    #[arg(long = "mirror", value_name = "URL")]
-    mirrors: Vec<String>,
-    /// Images in a registry: containerd's hosts directory (`<dir>/<host>/hosts.toml`:
-    /// mirrors, CAs, plain HTTP) [default: /etc/containerd/certs.d].
-    #[arg(long, value_name = "DIR")]
-    hosts_dir: Option<PathBuf>,
-    /// Images in a registry: extra CA certificates (PEM) trusted beside the system roots.
-    #[arg(long, value_name = "FILE")]
-    ca_file: Option<PathBuf>,
-    /// Images in a registry: do not verify TLS certificates (only when asked; never for
-    /// anything else).
-    #[arg(long)]
-    insecure: bool,
-    /// Images in a registry: read credentials from this file (Docker's `config.json` format,
-    /// or one line `user:password`) instead of `$DOCKER_CONFIG/config.json` /
-    /// `~/.docker/config.json`. Only the path is recorded, never a secret.
-    #[arg(long, value_name = "FILE")]
-    creds_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
 }
 
 /// Parse `123`, `64K`, `512M`, `2G` (powers of 1024).
@@ -137,42 +115,8 @@ impl StoreArgs {
         if let Some(p) = &self.pack_digest {
             a.extend(["--pack-digest".into(), p.clone()]);
         }
-        if self.plain_http {
-            a.push("--plain-http".into());
-        }
-        for m in &self.mirrors {
-            a.extend(["--mirror".into(), m.clone()]);
-        }
-        for (flag, p) in [
-            ("--hosts-dir", &self.hosts_dir),
-            ("--ca-file", &self.ca_file),
-            ("--creds-file", &self.creds_file),
-        ] {
-            if let Some(p) = p {
-                a.extend([flag.to_string(), p.display().to_string()]);
-            }
-        }
-        if self.insecure {
-            a.push("--insecure".into());
-        }
+        a.extend(self.registry.to_args());
         a
-    }
-
-    /// The registry client settings these flags give.
-    pub fn registry_options(&self) -> RegistryOptions {
-        RegistryOptions {
-            plain_http: self.plain_http.then_some(true),
-            mirrors: self.mirrors.clone(),
-            hosts_dir: self.hosts_dir.clone(),
-            ca_file: self.ca_file.clone(),
-            insecure: self.insecure,
-            credentials: match &self.creds_file {
-                Some(p) => CredentialSource::CredsFile(p.clone()),
-                None => CredentialSource::DockerConfig,
-            },
-            request_timeout: Duration::from_secs(self.http_timeout.max(1)),
-            ..RegistryOptions::default()
-        }
     }
 
     /// The chunk store options these flags give.
@@ -185,7 +129,7 @@ impl StoreArgs {
                 request_timeout: Duration::from_secs(self.http_timeout.max(1)),
                 ..HttpOptions::default()
             },
-            registry: self.registry_options(),
+            registry: self.registry.options(self.http_timeout),
             max_requests: self.max_requests,
             readahead_bytes: self.readahead,
             readahead_max_bytes: self.readahead_max,
@@ -205,6 +149,7 @@ mod tests {
     use super::*;
     use crate::cli::{Cli, Cmd};
     use clap::Parser;
+    use lazyblk_registry::CredentialSource;
 
     fn store_of(argv: &[&str]) -> StoreArgs {
         match Cli::try_parse_from(argv).expect("parses").cmd {

@@ -8,6 +8,7 @@ pub mod export;
 pub mod gc;
 pub mod lifecycle;
 pub mod manage;
+pub mod push;
 pub mod trace;
 pub mod verify;
 pub mod vhost;
