@@ -777,6 +777,27 @@ impl Front {
     }
 }
 
+/// A mirror that proxies to the registry at `registry_port` but answers blob reads with zeros of
+/// the asked length (a mirror with corrupt content the client cannot see, only the caller's
+/// verification can).
+pub fn lying_mirror(registry_port: u16) -> HttpServer {
+    HttpServer::start(move |req| {
+        if req.method == "GET" && req.path().contains("/blobs/sha256:") {
+            if let Some((a, b)) = req.header("range").and_then(parse_range) {
+                if b != u64::MAX {
+                    let total = format!("bytes {a}-{b}/{}", b + 1);
+                    return Reply::new(
+                        206,
+                        &[("Content-Range", &total)],
+                        vec![0u8; (b - a + 1) as usize],
+                    );
+                }
+            }
+        }
+        Reply::Raw(forward(registry_port, &req))
+    })
+}
+
 /// A mirror that answers everything with 500.
 pub fn broken_mirror() -> HttpServer {
     HttpServer::start(|_| Reply::new(500, &[("Content-Type", "text/plain")], "mirror is broken"))

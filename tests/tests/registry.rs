@@ -14,7 +14,8 @@ use lazyblk_registry::{
     Reference, Secret,
 };
 use lazyblk_tests::registry::{
-    broken_mirror, Front, IssuerConfig, ObjectStore, Registry, RegistryAuth, TokenIssuer,
+    broken_mirror, lying_mirror, Front, IssuerConfig, ObjectStore, Registry, RegistryAuth,
+    TokenIssuer,
 };
 use lazyblk_tests::sample_image;
 
@@ -736,4 +737,31 @@ async fn dead_and_broken_mirrors_fall_back_to_the_origin() {
         [true, true, false],
         "{st:?}"
     );
+}
+
+/// A mirror serves bytes that do not verify: the caller reports it and the next read comes from
+/// the origin.
+#[tokio::test]
+async fn reported_bad_mirror_is_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = Registry::start(dir.path(), &RegistryAuth::None);
+    let c = Client::new(options(dir.path(), CredentialSource::Anonymous)).unwrap();
+    let r = reference(&reg.host(), "liar/img", "v1");
+    let layer = sample_image(200_000, 10);
+    let (md, _, ld) = push_image(&c, &r, &layer).await;
+    let liar = lying_mirror(reg.port);
+    let m = Client::new(ClientOptions {
+        mirrors: vec![liar.url()],
+        ..options(dir.path(), CredentialSource::Anonymous)
+    })
+    .unwrap();
+    // Manifests through the mirror are fine (and verified by the client itself).
+    assert_eq!(m.resolve(&r).await.unwrap().digest, md);
+    let bad = read(&m, &r, &ld, 100, 5000).await;
+    assert_ne!(bad, &layer[100..5100]);
+    assert!(m.report_bad_blob(&r, &ld), "the mirror was not blamed");
+    assert!(m.endpoints(&r).unwrap()[0].down);
+    assert_eq!(read(&m, &r, &ld, 100, 5000).await, &layer[100..5100]);
+    // The origin served it: nothing to blame.
+    assert!(!m.report_bad_blob(&r, &ld));
 }
