@@ -803,6 +803,63 @@ pub fn broken_mirror() -> HttpServer {
     HttpServer::start(|_| Reply::new(500, &[("Content-Type", "text/plain")], "mirror is broken"))
 }
 
+/// A registry with `auth: token` and its own token issuer (a fresh self-signed ES256 key in
+/// the registry's `rootcertbundle`), accepting `user`/`password`; tokens live `lifetime` s
+/// while the issuer announces `expires_in` s.
+pub struct TokenRegistry {
+    /// The issuer (counts tokens issued and refused).
+    pub issuer: TokenIssuer,
+    /// The registry.
+    pub registry: Registry,
+}
+
+impl TokenRegistry {
+    /// Start both, the registry's files in `dir`.
+    pub fn start(
+        dir: &Path,
+        user: &str,
+        password: &str,
+        lifetime: i64,
+        expires_in: u64,
+    ) -> TokenRegistry {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        let cert = rcgen::CertificateParams::new(vec!["lazyblk-test-issuer".to_string()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("self-signed certificate");
+        std::fs::create_dir_all(dir).expect("mkdir");
+        let bundle = dir.join("root.pem");
+        std::fs::write(&bundle, cert.pem()).expect("write root.pem");
+        let rng = ring::rand::SystemRandom::new();
+        let kp = ring::signature::EcdsaKeyPair::from_pkcs8(
+            &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            &key.serialize_der(),
+            &rng,
+        )
+        .expect("signing key");
+        let issuer = TokenIssuer::start(IssuerConfig {
+            issuer: "lazyblk-test-issuer".into(),
+            service: "lazyblk-test-registry".into(),
+            user: user.into(),
+            password: password.into(),
+            lifetime,
+            expires_in,
+            cert_der: cert.der().to_vec(),
+            sign: Box::new(move |m| kp.sign(&rng, m).expect("sign").as_ref().to_vec()),
+        });
+        let registry = Registry::start(
+            dir,
+            &RegistryAuth::Token {
+                realm: issuer.realm(),
+                service: "lazyblk-test-registry".into(),
+                issuer: "lazyblk-test-issuer".into(),
+                rootcertbundle: bundle,
+            },
+        );
+        TokenRegistry { issuer, registry }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,8 +14,7 @@ use lazyblk_registry::{
     Reference, Secret,
 };
 use lazyblk_tests::registry::{
-    broken_mirror, lying_mirror, Front, IssuerConfig, ObjectStore, Registry, RegistryAuth,
-    TokenIssuer,
+    broken_mirror, lying_mirror, Front, ObjectStore, Registry, RegistryAuth, TokenRegistry,
 };
 use lazyblk_tests::sample_image;
 
@@ -416,48 +415,10 @@ async fn htpasswd_basic_auth() {
     assert_one_line(&e, &["anonymous"]);
 }
 
-struct TokenSetup {
-    issuer: TokenIssuer,
-    reg: Registry,
-}
-
 /// A registry with `auth: token` and an issuer whose JWTs live `lifetime` s while it announces
 /// `expires_in` s.
-fn token_setup(dir: &std::path::Path, lifetime: i64, expires_in: u64) -> TokenSetup {
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["lazyblk-test-issuer".to_string()])
-        .unwrap()
-        .self_signed(&key)
-        .unwrap();
-    let bundle = dir.join("root.pem");
-    std::fs::write(&bundle, cert.pem()).unwrap();
-    let rng = ring::rand::SystemRandom::new();
-    let kp = ring::signature::EcdsaKeyPair::from_pkcs8(
-        &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
-        &key.serialize_der(),
-        &rng,
-    )
-    .unwrap();
-    let issuer = TokenIssuer::start(IssuerConfig {
-        issuer: "lazyblk-test-issuer".into(),
-        service: "lazyblk-test-registry".into(),
-        user: USER.into(),
-        password: PASSWORD.into(),
-        lifetime,
-        expires_in,
-        cert_der: cert.der().to_vec(),
-        sign: Box::new(move |m| kp.sign(&rng, m).unwrap().as_ref().to_vec()),
-    });
-    let reg = Registry::start(
-        dir,
-        &RegistryAuth::Token {
-            realm: issuer.realm(),
-            service: "lazyblk-test-registry".into(),
-            issuer: "lazyblk-test-issuer".into(),
-            rootcertbundle: bundle,
-        },
-    );
-    TokenSetup { issuer, reg }
+fn token_setup(dir: &std::path::Path, lifetime: i64, expires_in: u64) -> TokenRegistry {
+    TokenRegistry::start(dir, USER, PASSWORD, lifetime, expires_in)
 }
 
 #[tokio::test]
@@ -465,7 +426,7 @@ async fn token_auth_reads_across_expiries() {
     let dir = tempfile::tempdir().unwrap();
     let t = token_setup(dir.path(), 2, 2);
     let c = Client::new(options(dir.path(), basic())).unwrap();
-    let r = reference(&t.reg.host(), "tok/img", "v1");
+    let r = reference(&t.registry.host(), "tok/img", "v1");
     let layer = sample_image(4 << 20, 4);
     let (md, _, ld) = push_image(&c, &r, &layer).await;
     assert_eq!(c.resolve(&r).await.unwrap().digest, md);
@@ -504,7 +465,7 @@ async fn token_refused_mid_read_is_renewed() {
     let dir = tempfile::tempdir().unwrap();
     let t = token_setup(dir.path(), -58, 3600);
     let c = Client::new(options(dir.path(), basic())).unwrap();
-    let r = reference(&t.reg.host(), "tok/img", "v1");
+    let r = reference(&t.registry.host(), "tok/img", "v1");
     let layer = sample_image(1 << 20, 5);
     let (_, _, ld) = push_image(&c, &r, &layer).await;
     assert_eq!(read(&c, &r, &ld, 0, 1000).await, &layer[..1000]);
@@ -526,7 +487,7 @@ async fn token_concurrent_reads_share_one_fetch() {
     let dir = tempfile::tempdir().unwrap();
     let t = token_setup(dir.path(), 300, 300);
     let pusher = Client::new(options(dir.path(), basic())).unwrap();
-    let r = reference(&t.reg.host(), "tok/img", "v1");
+    let r = reference(&t.registry.host(), "tok/img", "v1");
     let layer = sample_image(1 << 20, 6);
     let (_, _, ld) = push_image(&pusher, &r, &layer).await;
     let c = Client::new(options(dir.path(), basic())).unwrap();
@@ -556,7 +517,7 @@ async fn token_concurrent_reads_share_one_fetch() {
 async fn token_wrong_credentials_and_service_down() {
     let dir = tempfile::tempdir().unwrap();
     let t = token_setup(dir.path(), 60, 60);
-    let r = reference(&t.reg.host(), "tok/img", "v1");
+    let r = reference(&t.registry.host(), "tok/img", "v1");
     let wrong = CredentialSource::Basic {
         username: USER.into(),
         password: Secret::new("not-the-password"),
@@ -579,7 +540,10 @@ async fn token_wrong_credentials_and_service_down() {
     assert!(!e.to_string().contains("not-the-password"));
 
     // The token service goes away.
-    let TokenSetup { issuer, reg } = t;
+    let TokenRegistry {
+        issuer,
+        registry: reg,
+    } = t;
     drop(issuer);
     std::thread::sleep(Duration::from_millis(100));
     let c = Client::new(options(dir.path(), basic())).unwrap();
