@@ -53,8 +53,8 @@ pub struct ClientOptions {
     pub connect_timeout: Duration,
     /// Longest wait for any read on a connection (headers or body bytes).
     pub read_timeout: Duration,
-    /// Total time for a small request (manifest, token, HEAD, upload session), not for blob
-    /// bodies.
+    /// Total time for a token request. Other requests have no total limit (blob bodies may be
+    /// large); a stalled connection fails after `read_timeout`.
     pub request_timeout: Duration,
     /// Blobs up to this size are pushed in one PUT; larger ones in PATCH pieces of this size.
     pub chunk_size: u64,
