@@ -12,6 +12,13 @@ mkdir -p $M /tmp/reg
 printf 'lazy:%s\n' "$PW" > /tmp/creds
 chmod 600 /tmp/creds
 dmesg -c > /dev/null
+# registry_pids: the pids of the running `docker-registry serve` processes (no pkill in busybox)
+registry_pids() {
+    for d in /proc/[0-9]*; do
+        case "$(tr '\0' ' ' < "$d/cmdline" 2> /dev/null)" in *"docker-registry serve"*) echo "${d#/proc/}" ;; esac
+    done
+}
+no_registry() { [ -z "$(registry_pids)" ]; }
 
 step "a token-auth registry and the lazyblk images pushed to it"
 lazyblk-testkit token-registry /tmp/reg --user lazy --password "$PW" --expires 4 \
@@ -74,8 +81,10 @@ DEV=$(lazyblk add "$HOST/test/img1:v1" --creds-file /tmp/creds --no-prefetch 2> 
 ID=${DEV#/dev/ublkb}
 mount -t erofs -o ro "$DEV" $M || die "mount img1"
 cat $M/small/d0/f0.txt > /dev/null || die "a first read"
-pkill -f 'docker-registry serve' || die "no registry process to stop"
-wait_for 10 "the registry to stop" sh -c "! pgrep -f 'docker-registry serve' > /dev/null"
+REG=$(registry_pids)
+[ -n "$REG" ] || die "no registry process to stop"
+kill $REG
+wait_for 10 "the registry to stop" no_registry
 check "present data reads during the outage" cat $M/small/d0/f0.txt
 bg_start outage sha256sum $M/large/random.bin
 sleep 3
