@@ -11,12 +11,13 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tracing::debug;
 use url::Url;
 
-use crate::client::{
-    digest_matches, join, pull_scope, read_limited, status_error, Client, Ctx, Endpoint,
-};
+use crate::auth::pull_scope;
+use crate::client::Client;
+use crate::endpoints::{join, Endpoint};
 use crate::error::{ErrorKind, RegistryError, Result};
-use crate::manifest::{bare_media_type, sha256_digest, OCI_INDEX};
+use crate::manifest::{bare_media_type, digest_matches, sha256_digest, OCI_INDEX};
 use crate::reference::{validate_digest, Reference};
+use crate::transport::{exec, read_limited, status_error, Ctx};
 
 /// Where a blob's bytes come from for [`Client::push_blob`].
 #[derive(Clone, Debug)]
@@ -80,7 +81,7 @@ impl Client {
         if url.origin() == ep.base.origin() {
             Ok(self.send_authed(ep, scope, ctx, &mk).await?.0)
         } else {
-            crate::client::exec(mk(&ep.http), None, ctx).await
+            exec(mk(&ep.http), None, ctx).await
         }
     }
 
