@@ -71,16 +71,44 @@ pub(crate) fn net_error(e: reqwest::Error, ctx: &Ctx) -> RegistryError {
     } else {
         ErrorKind::Connect
     };
+    let server = e
+        .url()
+        .map(|u| match (u.host_str(), u.port_or_known_default()) {
+            (Some(h), Some(p)) => format!("{h}:{p}"),
+            (h, _) => h.unwrap_or("").to_string(),
+        });
     let e = e.without_url();
     let mut msg = e.to_string();
+    let mut cert = None;
     let mut src = std::error::Error::source(&e);
     while let Some(s) = src {
         let t = s.to_string();
+        // rustls: "invalid peer certificate: UnknownIssuer", "...: Expired", "...: not valid
+        // for name ...": a configuration problem, not worth retrying.
+        if let Some(i) = t.find("invalid peer certificate") {
+            cert.get_or_insert_with(|| t[i..].to_string());
+        }
         if !msg.contains(&t) {
             msg.push_str(": ");
             msg.push_str(&t);
         }
         src = s.source();
+    }
+    if let Some(why) = cert {
+        let server = server.unwrap_or_else(|| ctx.host.clone());
+        let hint = if why.contains("UnknownIssuer") {
+            " (its issuer is not a trusted CA)"
+        } else {
+            ""
+        };
+        return ctx.err(
+            ErrorKind::Certificate,
+            format!(
+                "{}: TLS certificate of {server} not accepted: {why}{hint}; trust its CA with \
+                 --ca-file (or hosts.toml's ca) or skip verification with --insecure",
+                ctx.subject()
+            ),
+        );
     }
     let word = match kind {
         ErrorKind::Timeout => "timed out",
