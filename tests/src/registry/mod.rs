@@ -63,12 +63,25 @@ pub struct Registry {
     pub port: u16,
     /// Its filesystem storage root.
     pub storage: PathBuf,
+    /// With [`Registry::start_tls`]: the PEM file of its (self-signed) certificate, for
+    /// `127.0.0.1` and `localhost`, to give the client as `ca_file`.
+    pub cert: Option<PathBuf>,
     dir: PathBuf,
 }
 
 impl Registry {
-    /// Start a registry with storage and config in `dir`.
+    /// Start a registry serving plain HTTP, with storage and config in `dir`.
     pub fn start(dir: &Path, auth: &RegistryAuth) -> Registry {
+        Self::start_with(dir, auth, false)
+    }
+
+    /// Start a registry serving HTTPS only (distribution's `http.tls`) with a fresh self-signed
+    /// certificate for `127.0.0.1` and `localhost` ([`Registry::cert`]).
+    pub fn start_tls(dir: &Path, auth: &RegistryAuth) -> Registry {
+        Self::start_with(dir, auth, true)
+    }
+
+    fn start_with(dir: &Path, auth: &RegistryAuth, tls: bool) -> Registry {
         let bin = registry_binary();
         let port = crate::free_port();
         let storage = dir.join("storage");
@@ -90,6 +103,27 @@ impl Registry {
                 rootcertbundle.display()
             ),
         };
+        let (cert, tls_yaml) = if tls {
+            let key = rcgen::KeyPair::generate().expect("TLS key");
+            let cert = rcgen::CertificateParams::new(vec![
+                "127.0.0.1".to_string(),
+                "localhost".to_string(),
+            ])
+            .expect("certificate params")
+            .self_signed(&key)
+            .expect("self-signed certificate");
+            let (c, k) = (dir.join("tls.crt"), dir.join("tls.key"));
+            std::fs::write(&c, cert.pem()).expect("write tls.crt");
+            std::fs::write(&k, key.serialize_pem()).expect("write tls.key");
+            let yaml = format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                c.display(),
+                k.display()
+            );
+            (Some(c), yaml)
+        } else {
+            (None, String::new())
+        };
         let conf = dir.join("config.yml");
         std::fs::write(
             &conf,
@@ -97,7 +131,7 @@ impl Registry {
                 "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\n\
                  storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  \
                  maintenance:\n    uploadpurging:\n      enabled: false\n\
-                 http:\n  addr: 127.0.0.1:{port}\n  secret: lazyblk-test-secret\n{auth_yaml}",
+                 http:\n  addr: 127.0.0.1:{port}\n  secret: lazyblk-test-secret\n{tls_yaml}{auth_yaml}",
                 storage.display()
             ),
         )
@@ -115,12 +149,19 @@ impl Registry {
             child,
             port,
             storage,
+            cert,
             dir: dir.to_path_buf(),
         };
         let t0 = Instant::now();
         loop {
             if let Ok(resp) = raw_get(port, "/v2/") {
-                if resp.starts_with(b"HTTP/1.1 200") || resp.starts_with(b"HTTP/1.1 401") {
+                // Go's server answers plain HTTP on a TLS port with a 400 saying so.
+                let ready = if tls {
+                    resp.starts_with(b"HTTP/1.0 400")
+                } else {
+                    resp.starts_with(b"HTTP/1.1 200") || resp.starts_with(b"HTTP/1.1 401")
+                };
+                if ready {
                     break;
                 }
             }
