@@ -43,8 +43,10 @@ pub struct ClientOptions {
     pub connect_timeout: Duration,
     /// Longest wait for any read on a connection (headers or body bytes).
     pub read_timeout: Duration,
-    /// Total time for a token request. Other requests have no total limit (blob bodies may be
-    /// large); a stalled connection fails after `read_timeout`.
+    /// Total time for each request but a blob read, body included: tokens, manifests, HEADs,
+    /// tags, referrers, upload requests (those carrying blob bytes get one more second per
+    /// 256 KiB). Blob reads have no total limit (their bodies may be large); a stalled read
+    /// fails after `read_timeout`.
     pub request_timeout: Duration,
     /// Blobs up to this size are pushed in one PUT; larger ones in PATCH pieces of this size.
     pub chunk_size: u64,

@@ -2,6 +2,7 @@
 //! manifests), tag listing and referrers.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use bytes::Bytes;
 use oci_spec::image::{Descriptor, ImageIndex};
@@ -41,6 +42,10 @@ pub enum PushOutcome {
     UploadedChunked(u64),
 }
 
+/// The slowest upload (bytes per second) a piece of `chunk_size` is given time for beyond
+/// `request_timeout`.
+pub(crate) const MIN_UPLOAD_RATE: u64 = 256 << 10;
+
 fn push_scope(repo: &str, from: Option<&str>) -> String {
     match from {
         Some(f) if f != repo => format!("repository:{repo}:pull,push repository:{f}:pull"),
@@ -58,7 +63,9 @@ impl Client {
     }
 
     /// Send to `url`: through `send_authed` when it is the endpoint's origin, else without the
-    /// registry's credentials.
+    /// registry's credentials. In total `request_timeout`, plus one second per
+    /// [`MIN_UPLOAD_RATE`] bytes of body (a stalled upload is only caught by a total limit:
+    /// `read_timeout` does not watch writes).
     #[allow(clippy::too_many_arguments)]
     async fn send_upload(
         &self,
@@ -70,12 +77,15 @@ impl Client {
         headers: HeaderMap,
         body: Bytes,
     ) -> Result<reqwest::Response> {
+        let limit = self.inner.opts.request_timeout
+            + Duration::from_secs(body.len() as u64 / MIN_UPLOAD_RATE);
         let mk = {
             let (url, headers) = (url.clone(), headers.clone());
             move |c: &reqwest::Client| {
                 c.request(method.clone(), url.clone())
                     .headers(headers.clone())
                     .body(body.clone())
+                    .timeout(limit)
             }
         };
         if url.origin() == ep.base.origin() {

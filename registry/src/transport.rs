@@ -206,6 +206,17 @@ pub(crate) fn sensitive(s: &Secret) -> Result<HeaderValue> {
     Ok(v)
 }
 
+/// `rb` with a total time limit, when there is one.
+pub(crate) fn bounded(
+    rb: reqwest::RequestBuilder,
+    limit: Option<std::time::Duration>,
+) -> reqwest::RequestBuilder {
+    match limit {
+        Some(t) => rb.timeout(t),
+        None => rb,
+    }
+}
+
 pub(crate) async fn exec(
     rb: reqwest::RequestBuilder,
     auth: Option<&Secret>,
@@ -220,8 +231,10 @@ pub(crate) async fn exec(
 
 impl Client {
     /// `send_authed`, then follow redirects (at most [`MAX_REDIRECTS`]), sending
-    /// `Authorization` only to the endpoint's own origin. With `remember`, a redirect's final
-    /// URL is kept for that blob and tried first next time (dropped on any failure).
+    /// `Authorization` only to the endpoint's own origin. With `remember` (a blob read), a
+    /// redirect's final URL is kept for that blob and tried first next time (dropped on any
+    /// failure). Every request but a blob read is bounded by `request_timeout` in total, body
+    /// included; blob reads only by `read_timeout` (their bodies may be large).
     #[allow(clippy::too_many_arguments)]
     pub(crate) async fn send_following(
         &self,
@@ -234,6 +247,7 @@ impl Client {
         remember: Option<(String, String)>,
     ) -> Result<reqwest::Response> {
         let key = remember.map(|(repo, digest)| (ep.label.clone(), repo, digest));
+        let limit = key.is_none().then_some(self.inner.opts.request_timeout);
         if let Some(k) = &key {
             let known = lock(&self.inner.redirects).get(k).cloned();
             if let Some(u) = known {
@@ -261,7 +275,7 @@ impl Client {
         let (mut resp, auth) = {
             let (m, u, h) = (method.clone(), url.clone(), headers.clone());
             self.send_authed(ep, scope, ctx, &move |c| {
-                c.request(m.clone(), u.clone()).headers(h.clone())
+                bounded(c.request(m.clone(), u.clone()).headers(h.clone()), limit)
             })
             .await?
         };
@@ -299,10 +313,12 @@ impl Client {
                 method = Method::GET;
             }
             debug!(from = %show_url(&cur), to = %show_url(&next), "redirect");
-            let mut rb = ep
-                .http
-                .request(method.clone(), next.clone())
-                .headers(headers.clone());
+            let mut rb = bounded(
+                ep.http
+                    .request(method.clone(), next.clone())
+                    .headers(headers.clone()),
+                limit,
+            );
             // Never send the registry's credentials to another origin.
             if origin_of(&next) == ep.origin_key {
                 if let Some(a) = &auth {
@@ -318,5 +334,143 @@ impl Client {
             }
         }
         Ok(resp)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+
+    use bytes::Bytes;
+
+    use crate::{BlobSource, Client, ClientOptions, ErrorKind, Reference};
+
+    /// A server that keeps every connection alive with a byte every 50 ms, so `read_timeout`
+    /// never fires: headers that never end, except blob GETs (a 206 whose 20 body bytes trickle
+    /// in over a second) and HEADs under `/v2/fast/` (404 at once, so a push goes on to POST).
+    fn trickler() -> u16 {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for conn in l.incoming() {
+                let Ok(mut s) = conn else { continue };
+                std::thread::spawn(move || {
+                    let mut head = Vec::new();
+                    let mut b = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        if s.read(&mut b).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        head.push(b[0]);
+                    }
+                    let head = String::from_utf8_lossy(&head).into_owned();
+                    let (method, path) = {
+                        let mut w = head.split(' ');
+                        (
+                            w.next().unwrap_or("").to_string(),
+                            w.next().unwrap_or("").to_string(),
+                        )
+                    };
+                    let tick = || std::thread::sleep(Duration::from_millis(50));
+                    if method == "HEAD" && path.starts_with("/v2/fast/") {
+                        let _ = s.write_all(
+                            b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\
+                              Connection: close\r\n\r\n",
+                        );
+                        return;
+                    }
+                    if method == "GET" && path.contains("/blobs/") {
+                        let _ = s.write_all(
+                            b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-19/20\r\n\
+                              Content-Length: 20\r\n\r\n",
+                        );
+                        for i in 0..20u8 {
+                            tick();
+                            if s.write_all(&[b'a' + i]).is_err() {
+                                return;
+                            }
+                        }
+                        return;
+                    }
+                    if s.write_all(b"HTTP/1.1 200 OK\r\n").is_err() {
+                        return;
+                    }
+                    for _ in 0..400 {
+                        tick();
+                        if s.write_all(b"X-Slow: 1\r\n").is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        port
+    }
+
+    /// `request_timeout` bounds manifests, HEADs and uploads in total even while bytes keep
+    /// coming; a blob read that takes longer than it still completes.
+    #[tokio::test]
+    async fn request_timeout_bounds_all_but_blob_reads() {
+        let port = trickler();
+        let dir = tempfile::tempdir().unwrap();
+        let c = Client::new(ClientOptions {
+            hosts_dir: Some(dir.path().into()),
+            read_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_millis(600),
+            ..Default::default()
+        })
+        .unwrap();
+        let slow = Reference::parse(&format!("127.0.0.1:{port}/slow/img:v1")).unwrap();
+        let fast = Reference::parse(&format!("127.0.0.1:{port}/fast/img:v1")).unwrap();
+        let d = crate::manifest::sha256_digest(b"x");
+        let timed = |e: crate::RegistryError, t0: Instant, what: &str| {
+            assert_eq!(e.kind(), ErrorKind::Timeout, "{what}: {e}");
+            assert!(
+                t0.elapsed() < Duration::from_millis(1800),
+                "{what}: {:?}",
+                t0.elapsed()
+            );
+            assert!(e.to_string().contains("timed out"), "{what}: {e}");
+        };
+        let t0 = Instant::now();
+        timed(c.resolve(&slow).await.unwrap_err(), t0, "manifest");
+        let t0 = Instant::now();
+        timed(c.blob_size(&slow, &d).await.unwrap_err(), t0, "HEAD");
+        let t0 = Instant::now();
+        let e = c
+            .push_blob(
+                &fast,
+                &d,
+                1,
+                BlobSource::Bytes(Bytes::from_static(b"x")),
+                None,
+            )
+            .await
+            .unwrap_err();
+        timed(e, t0, "upload");
+        let t0 = Instant::now();
+        let e = c
+            .push_manifest(
+                &slow,
+                "v1",
+                crate::manifest::OCI_MANIFEST,
+                Bytes::from_static(b"{}"),
+            )
+            .await
+            .unwrap_err();
+        timed(e, t0, "manifest PUT");
+        // A blob read: a second of trickle, longer than request_timeout, and it completes.
+        let t0 = Instant::now();
+        let mut got = Vec::new();
+        c.read_blob_range(&slow, &d, 0, 20, &mut |b| got.extend_from_slice(&b))
+            .await
+            .unwrap();
+        assert_eq!(got, b"abcdefghijklmnopqrst");
+        assert!(
+            t0.elapsed() > Duration::from_millis(800),
+            "{:?}",
+            t0.elapsed()
+        );
     }
 }
