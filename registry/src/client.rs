@@ -2,7 +2,7 @@
 //! per TLS setting, token cache, redirect memory, mirror health), construction and the HTTP
 //! clients. The rest of `impl Client` is by role: `endpoints.rs` (where requests go),
 //! `auth.rs`, `transport.rs` (sending, redirects, errors), `resolve.rs` (manifests),
-//! `blobs.rs` (reads) and `push.rs`.
+//! `blobs.rs` (reads), `push.rs`, and `proxy.rs` (proxies from the environment).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
