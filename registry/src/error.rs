@@ -9,7 +9,8 @@ pub enum ErrorClass {
     /// Retrying may help: connect errors, timeouts, resets, 5xx, 408, 429, truncated bodies.
     Transient,
     /// Retrying the same request will fail the same way: unknown repository/tag/blob, bad
-    /// credentials, wrong media type, size limit, digest mismatch, redirect loop, bad input.
+    /// credentials, an untrusted TLS certificate, wrong media type, size limit, digest mismatch,
+    /// redirect loop, bad input.
     Permanent,
 }
 
@@ -19,6 +20,9 @@ pub enum ErrorClass {
 pub enum ErrorKind {
     /// TCP/TLS connection could not be made, or was reset.
     Connect,
+    /// The server's TLS certificate was not accepted (unknown issuer, wrong name, expired): a
+    /// configuration problem (`ca_file`, `insecure`, `hosts.toml`), so not retried.
+    Certificate,
     /// A connect or read timeout expired.
     Timeout,
     /// The body ended before the announced or requested length.

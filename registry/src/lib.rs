@@ -40,20 +40,29 @@
 //!
 //! [OCI distribution spec]: https://github.com/opencontainers/distribution-spec
 
+mod auth;
+mod blobs;
 pub mod challenge;
 mod client;
 pub mod creds;
+mod endpoints;
 pub mod error;
 pub mod hosts;
 pub mod manifest;
+mod proxy;
 mod push;
 pub mod reference;
+mod resolve;
+mod transport;
 
 pub use challenge::{parse_challenges, Challenge};
-pub use client::{Client, ClientOptions, EndpointStatus, Resolved, MAX_REDIRECTS};
+pub use client::{Client, ClientOptions};
 pub use creds::{CredentialSource, Secret};
+pub use endpoints::EndpointStatus;
 pub use error::{ErrorClass, ErrorKind, RegistryError, Result};
 pub use manifest::{parse_manifest, select_platform, Manifest};
 pub use oci_spec::image::Descriptor;
 pub use push::{BlobSource, PushOutcome};
 pub use reference::Reference;
+pub use resolve::Resolved;
+pub use transport::MAX_REDIRECTS;

@@ -138,9 +138,26 @@ pub fn sha256_digest(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
 }
 
+/// Hash `bytes` with the digest's algorithm and compare: `None` when they match, else the
+/// actual digest.
+pub(crate) fn digest_matches(digest: &str, bytes: &[u8]) -> Option<String> {
+    let actual = match digest.split_once(':') {
+        Some(("sha512", _)) => format!("sha512:{}", hex::encode(sha2::Sha512::digest(bytes))),
+        _ => sha256_digest(bytes),
+    };
+    (actual != digest).then_some(actual)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn digest_check() {
+        let d = sha256_digest(b"abc");
+        assert_eq!(digest_matches(&d, b"abc"), None);
+        assert!(digest_matches(&d, b"abd").is_some());
+    }
 
     pub(crate) const INDEX: &str = r#"{
       "schemaVersion": 2,

@@ -2,6 +2,7 @@
 //! manifests), tag listing and referrers.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use bytes::Bytes;
 use oci_spec::image::{Descriptor, ImageIndex};
@@ -11,12 +12,13 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tracing::debug;
 use url::Url;
 
-use crate::client::{
-    digest_matches, join, pull_scope, read_limited, status_error, Client, Ctx, Endpoint,
-};
+use crate::auth::pull_scope;
+use crate::client::Client;
+use crate::endpoints::{join, Endpoint};
 use crate::error::{ErrorKind, RegistryError, Result};
-use crate::manifest::{bare_media_type, sha256_digest, OCI_INDEX};
+use crate::manifest::{bare_media_type, digest_matches, sha256_digest, OCI_INDEX};
 use crate::reference::{validate_digest, Reference};
+use crate::transport::{exec, read_limited, status_error, Ctx};
 
 /// Where a blob's bytes come from for [`Client::push_blob`].
 #[derive(Clone, Debug)]
@@ -40,6 +42,10 @@ pub enum PushOutcome {
     UploadedChunked(u64),
 }
 
+/// The slowest upload (bytes per second) a piece of `chunk_size` is given time for beyond
+/// `request_timeout`.
+pub(crate) const MIN_UPLOAD_RATE: u64 = 256 << 10;
+
 fn push_scope(repo: &str, from: Option<&str>) -> String {
     match from {
         Some(f) if f != repo => format!("repository:{repo}:pull,push repository:{f}:pull"),
@@ -57,7 +63,9 @@ impl Client {
     }
 
     /// Send to `url`: through `send_authed` when it is the endpoint's origin, else without the
-    /// registry's credentials.
+    /// registry's credentials. In total `request_timeout`, plus one second per
+    /// [`MIN_UPLOAD_RATE`] bytes of body (a stalled upload is only caught by a total limit:
+    /// `read_timeout` does not watch writes).
     #[allow(clippy::too_many_arguments)]
     async fn send_upload(
         &self,
@@ -69,18 +77,21 @@ impl Client {
         headers: HeaderMap,
         body: Bytes,
     ) -> Result<reqwest::Response> {
+        let limit = self.inner.opts.request_timeout
+            + Duration::from_secs(body.len() as u64 / MIN_UPLOAD_RATE);
         let mk = {
             let (url, headers) = (url.clone(), headers.clone());
             move |c: &reqwest::Client| {
                 c.request(method.clone(), url.clone())
                     .headers(headers.clone())
                     .body(body.clone())
+                    .timeout(limit)
             }
         };
         if url.origin() == ep.base.origin() {
             Ok(self.send_authed(ep, scope, ctx, &mk).await?.0)
         } else {
-            crate::client::exec(mk(&ep.http), None, ctx).await
+            exec(mk(&ep.http), None, ctx).await
         }
     }
 

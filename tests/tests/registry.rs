@@ -1,6 +1,7 @@
 //! The registry client (`lazyblk-registry`) against a real Docker registry (Debian's
 //! `docker-registry`, distribution 2.8) on loopback: anonymous, htpasswd and token auth (tokens
-//! that expire during a read), errors, redirects to an object store, and broken mirrors.
+//! that expire during a read), errors, redirects to an object store, broken mirrors, and HTTPS
+//! with a self-signed certificate.
 //! These tests need `docker-registry` and `htpasswd` (scripts/setup installs them) and fail
 //! without them.
 
@@ -728,4 +729,62 @@ async fn reported_bad_mirror_is_skipped() {
     assert_eq!(read(&m, &r, &ld, 100, 5000).await, &layer[100..5100]);
     // The origin served it: nothing to blame.
     assert!(!m.report_bad_blob(&r, &ld));
+}
+
+/// A registry serving HTTPS with a self-signed certificate for 127.0.0.1: trusted through
+/// `ca_file`; refused without it in one line naming the host and the certificate problem;
+/// accepted with `insecure`.
+#[tokio::test]
+async fn tls_ca_file_and_insecure() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = Registry::start_tls(dir.path(), &RegistryAuth::None);
+    let cert = reg.cert.clone().unwrap();
+    // 127.0.0.1 defaults to plain HTTP: ask for HTTPS.
+    let tls = |ca_file: Option<std::path::PathBuf>, insecure: bool| {
+        Client::new(ClientOptions {
+            plain_http: Some(false),
+            ca_file,
+            insecure,
+            ..options(dir.path(), CredentialSource::Anonymous)
+        })
+        .unwrap()
+    };
+    let r = reference(&reg.host(), "lazy/tls", "v1");
+    let layer = sample_image(300 << 10, 11);
+    let trusted = tls(Some(cert.clone()), false);
+    let (md, _, ld) = push_image(&trusted, &r, &layer).await;
+    assert_eq!(trusted.resolve(&r).await.unwrap().digest, md);
+    assert_eq!(read(&trusted, &r, &ld, 1000, 5000).await, layer[1000..6000]);
+    assert_eq!(
+        trusted.blob_size(&r, &ld).await.unwrap(),
+        layer.len() as u64
+    );
+
+    // No CA: every request fails, permanently, in one line naming the host and the problem.
+    let untrusted = tls(None, false);
+    let e = untrusted.resolve(&r).await.unwrap_err();
+    assert_one_line(
+        &e,
+        &[&reg.host(), "TLS certificate", "UnknownIssuer", "--ca-file"],
+    );
+    assert_eq!(
+        (e.kind(), e.class()),
+        (ErrorKind::Certificate, ErrorClass::Permanent),
+        "{e}"
+    );
+    let e = untrusted
+        .read_blob_range(&r, &ld, 0, 10, &mut |_| {})
+        .await
+        .unwrap_err();
+    assert_one_line(&e, &[&reg.host(), "TLS certificate"]);
+    assert_eq!(e.kind(), ErrorKind::Certificate, "{e}");
+
+    // Insecure: no verification.
+    let insecure = tls(None, true);
+    assert_eq!(read(&insecure, &r, &ld, 0, 4096).await, layer[..4096]);
+
+    // Plain HTTP to the TLS port fails too (Go answers 400), without hanging.
+    let plain = Client::new(options(dir.path(), CredentialSource::Anonymous)).unwrap();
+    let e = plain.resolve(&r).await.unwrap_err();
+    assert_one_line(&e, &[&reg.host()]);
 }

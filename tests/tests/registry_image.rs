@@ -1,6 +1,7 @@
 //! lazyblk images in a real Docker registry (Debian's `docker-registry`) end to end: `push` of
 //! a build directory, then the chunk store reading the image by reference (`add <ref>` and
-//! `cat <ref>` do exactly this), a prefetch pack pushed over it, recover-style pinning, and bad
+//! `cat <ref>` do exactly this), a prefetch pack pushed over it, recover-style pinning, a slow
+//! cold read through tokens that keep expiring, blobs redirected to an object store, and bad
 //! input that must fail with one clear line and leave nothing cached.
 
 use lazyblk_blocksource::BlockSource;
@@ -8,9 +9,11 @@ use lazyblk_builder::{build_image, build_prefetch_pack, BuildOptions};
 use lazyblk_chunkstore::{ChunkStore, Location, StoreOptions};
 use lazyblk_registry::{Client, ClientOptions, CredentialSource, PushOutcome, Reference, Secret};
 use lazyblk_remote::RegistryLocation;
-use lazyblk_tests::registry::{Registry, RegistryAuth};
+use lazyblk_tests::registry::{Front, ObjectStore, Registry, RegistryAuth, TokenRegistry};
 use lazyblk_tests::sample_image;
 use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -159,6 +162,127 @@ fn htpasswd_credentials_come_from_a_creds_file_and_never_show() {
     .unwrap();
     let shown = format!("{:?} {:?}", s.stats(), s.open_report());
     assert!(!shown.contains(password), "{shown}");
+}
+
+/// A token-auth registry whose tokens the registry itself takes for ~2 s (the JWT's `exp` is 58 s
+/// in the past and distribution allows 60 s of clock skew) while the issuer announces 2 s: the
+/// store reads the image cold, whole, in 64 KiB pieces over ~8 s, through at least three
+/// expiries, with its credentials from a creds file. Exact bytes, no error, ≥ 4 tokens issued.
+#[test]
+fn a_slow_cold_read_crosses_token_expiries() {
+    let dir = tempfile::tempdir().unwrap();
+    let (user, password) = ("lazy", "t0ken-pa55");
+    let t = TokenRegistry::start(&dir.path().join("reg"), user, password, -58, 2);
+    let image = built(dir.path(), 1 << 20, 11);
+    let client = Client::new(ClientOptions {
+        credentials: CredentialSource::Basic {
+            username: user.into(),
+            password: Secret::new(password),
+        },
+        ..Default::default()
+    })
+    .unwrap();
+    let tag = format!("{}/tok/img:v1", t.registry.host());
+    push(&client, &dir.path().join("out"), &tag);
+    let creds = dir.path().join("creds");
+    std::fs::write(&creds, format!("{user}:{password}\n")).unwrap();
+    let before = t.issuer.issued.load(Ordering::SeqCst);
+    let s = ChunkStore::open(
+        &location(&tag),
+        store_opts(
+            &dir.path().join("cache"),
+            CredentialSource::CredsFile(creds),
+        ),
+    )
+    .unwrap();
+    let t0 = Instant::now();
+    let step = 64 << 10;
+    let mut got = vec![0u8; image.len()];
+    for (i, piece) in got.chunks_mut(step).enumerate() {
+        s.read_at((i * step) as u64, piece)
+            .unwrap_or_else(|e| panic!("read at {}: {e}", i * step));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(
+        t0.elapsed() > Duration::from_secs(7),
+        "read too fast: {:?}",
+        t0.elapsed()
+    );
+    assert!(got == image, "the bytes read differ from the image");
+    let st = s.stats();
+    // No retry by the store either: every renewal happened inside the registry client.
+    assert_eq!(
+        (st.failed_ios, st.verify_failures, st.retries),
+        (0, 0, 0),
+        "{st:?}"
+    );
+    assert!(st.chunks_fetched > 0, "{st:?}");
+    let issued = t.issuer.issued.load(Ordering::SeqCst) - before;
+    assert!(
+        issued >= 4,
+        "only {issued} tokens issued over {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(t.issuer.refused.load(Ordering::SeqCst), 0);
+}
+
+/// A registry that redirects blob reads to an object store (the harness' `Front` before a real
+/// registry with htpasswd, and `ObjectStore` serving its files): the store reads the image
+/// through the front, exactly, and the registry's `Authorization` never reaches the object store.
+#[test]
+fn blobs_redirected_to_an_object_store_read_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (user, password) = ("lazy", "redirect-pa55");
+    let reg = Registry::start(
+        &dir.path().join("reg"),
+        &RegistryAuth::Htpasswd {
+            user: user.into(),
+            password: password.into(),
+        },
+    );
+    let image = built(dir.path(), 2 << 20, 12);
+    let client = Client::new(ClientOptions {
+        credentials: CredentialSource::Basic {
+            username: user.into(),
+            password: Secret::new(password),
+        },
+        ..Default::default()
+    })
+    .unwrap();
+    push(
+        &client,
+        &dir.path().join("out"),
+        &format!("{}/redir/img:v1", reg.host()),
+    );
+    let store = ObjectStore::start(&reg.storage);
+    let front = Front::start(reg.port, &store.server.url());
+    let creds = dir.path().join("creds");
+    std::fs::write(&creds, format!("{user}:{password}\n")).unwrap();
+    let s = ChunkStore::open(
+        &location(&format!("{}/redir/img:v1", front.host())),
+        store_opts(
+            &dir.path().join("cache"),
+            CredentialSource::CredsFile(creds),
+        ),
+    )
+    .unwrap();
+    assert!(
+        read_all(&s, image.len()) == image,
+        "the bytes read differ from the image"
+    );
+    assert!(s.stats().chunks_fetched > 0);
+    assert!(
+        front.redirected.load(Ordering::SeqCst) > 0,
+        "no blob was redirected"
+    );
+    assert!(
+        store.served.load(Ordering::SeqCst) > 0,
+        "the object store served nothing"
+    );
+    assert!(
+        !store.saw_authorization.load(Ordering::SeqCst),
+        "the registry's Authorization reached the object store"
+    );
 }
 
 #[test]
