@@ -37,7 +37,9 @@ pub struct StoreArgs {
     /// Largest readahead window (e.g. 4M): sequential reads double the window up to it.
     #[arg(long, value_parser = parse_size, default_value = "4M")]
     readahead_max: u64,
-    /// Seconds one HTTP request may take (headers and body) before it is retried.
+    /// Seconds one HTTP request may take (headers and body) before it is retried. For images
+    /// in a registry it bounds every request but blob reads, which give up after 30 s without
+    /// a byte.
     #[arg(long, default_value_t = 30)]
     http_timeout: u64,
     /// Keep at most this much fetched data in the cache (e.g. 512M, 2G); cold chunks are
