@@ -158,6 +158,13 @@ pub enum Cmd {
         #[arg(long, default_value_t = 60)]
         wait: u64,
     },
+    /// Hand a device added with `--handover` over to the kernel now (its image must be
+    /// complete): its dm device is switched to a read-only loop device of the cache file, the
+    /// ublk device is deleted and the daemon exits. Read-only images only.
+    Handover {
+        /// Device id.
+        id: u32,
+    },
     /// Check a cache directory without changing it: every chunk its bitmap claims present must
     /// match the manifest's digest. Exits non-zero on any bad chunk.
     VerifyCache {
