@@ -34,13 +34,13 @@ handed_over() { [ "$(step_of "$1")" = handed-over ] && pid_gone "$(daemon_pid "$
 no_lazyblk_process() { ! pidof lazyblk > /dev/null; }
 # dm_slave ID: the block device under /dev/mapper/lazyblk-ID (e.g. loop0, ublkb0)
 dm_slave() {
-    for d in /sys/block/dm-*; do
-        [ "$(cat "$d/dm/name" 2>/dev/null)" = "lazyblk-$1" ] && ls "$d/slaves"
+    for _d in /sys/block/dm-*; do
+        [ "$(cat "$_d/dm/name" 2>/dev/null)" = "lazyblk-$1" ] && ls "$_d/slaves"
     done
 }
 dm_suspended() {
-    for d in /sys/block/dm-*; do
-        [ "$(cat "$d/dm/name" 2>/dev/null)" = "lazyblk-$1" ] && [ "$(cat "$d/dm/suspended")" = 1 ] && return 0
+    for _d in /sys/block/dm-*; do
+        [ "$(cat "$_d/dm/name" 2>/dev/null)" = "lazyblk-$1" ] && [ "$(cat "$_d/dm/suspended")" = 1 ] && return 0
     done
     return 1
 }
@@ -50,16 +50,16 @@ no_io_errors() {
     [ -z "$e" ] || { echo "$e"; die "$1: the kernel logged IO errors"; }
 }
 
-# The reader: whole-tree digests of $M, one after the other (page cache dropped in between so
+# The reader (a function: it returns, bg_start's subshell records the status): whole-tree digests of $M, one after the other (page cache dropped in between so
 # each one reads the device), until /tmp/stop-reader exists; each must match the source.
 reader() {
     n=0
     while :; do
         n=$((n + 1))
-        lazyblk-testkit digest-tree $M > /tmp/reader.digest || { echo "pass $n: digest-tree failed"; exit 1; }
-        cmp -s /expected/img1.txt /tmp/reader.digest || { diff /expected/img1.txt /tmp/reader.digest | head; echo "pass $n: wrong data"; exit 2; }
+        lazyblk-testkit digest-tree $M > /tmp/reader.digest || { echo "pass $n: digest-tree failed"; return 1; }
+        cmp -s /expected/img1.txt /tmp/reader.digest || { diff /expected/img1.txt /tmp/reader.digest | head; echo "pass $n: wrong data"; return 2; }
         echo "$n" > /tmp/reader.passes
-        [ -f /tmp/stop-reader ] && exit 0
+        [ -f /tmp/stop-reader ] && return 0
         echo 3 > /proc/sys/vm/drop_caches
     done
 }

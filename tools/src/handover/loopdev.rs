@@ -170,3 +170,16 @@ pub fn serving(file: &Path) -> Vec<String> {
     out.sort();
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ioctl_structs_have_the_kernel_layout() {
+        // include/uapi/linux/loop.h: loop_info64 is 232 bytes, loop_config 304.
+        assert_eq!(std::mem::size_of::<LoopInfo64>(), 232);
+        assert_eq!(std::mem::size_of::<LoopConfig>(), 304);
+        assert_eq!(std::mem::offset_of!(LoopConfig, info), 8);
+    }
+}

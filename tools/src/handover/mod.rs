@@ -395,3 +395,42 @@ pub fn free_id(state: &Path) -> Option<u32> {
     let ublk = lazyblk_ublk::device_ids();
     (0..u32::MAX).find(|i| !taken.contains(i) && !ublk.contains(i))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steps_are_ordered_and_named_as_recorded() {
+        let all = [
+            Step::Serving,
+            Step::Sealed,
+            Step::LoopAttached,
+            Step::Suspended,
+            Step::Swapped,
+            Step::HandedOver,
+        ];
+        assert!(all.windows(2).all(|w| w[0] < w[1]));
+        for s in all {
+            assert_eq!(serde_json::to_value(s).unwrap(), s.name());
+        }
+    }
+
+    #[test]
+    fn a_record_without_a_handover_still_reads() {
+        let r: Record = serde_json::from_value(serde_json::json!({
+            "id": 3, "pid": 1, "bdev": "/dev/ublkb3", "image": "sha256:00",
+            "manifest": "m", "cache_root": "/c", "queues": 1, "depth": 64,
+            "io_deadline_secs": 0, "log": null
+        }))
+        .unwrap();
+        assert!(r.handover.is_none());
+    }
+
+    #[test]
+    fn handover_is_refused_for_writable_devices_and_cache_limits() {
+        assert!(check_options(false, None).is_ok());
+        assert!(check_options(true, None).is_err());
+        assert!(check_options(false, Some(1 << 30)).is_err());
+    }
+}
