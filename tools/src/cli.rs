@@ -70,7 +70,8 @@ pub enum Cmd {
         #[arg(short, long)]
         output: Option<PathBuf>,
     },
-    /// Serve an image as /dev/ublkbN; prints the device path once it is live.
+    /// Serve an image as /dev/ublkbN (with `--handover`: /dev/mapper/lazyblk-<id>); prints the
+    /// device path once it is live.
     Add(add::AddArgs),
     /// Record which chunks a running device has read (first-access order) into a prefetch list;
     /// publish it next to the manifest as `prefetch` and `add` fetches those chunks first.
