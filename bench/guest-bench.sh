@@ -9,7 +9,7 @@ set -u
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 # shellcheck disable=SC1091
 . /bench/bench.conf
-SYSTEMS=${BENCH_SYSTEMS:-loop ublkloop ublkloop-a download nbdkit qemu lazyblk-od lazyblk lazyblk-pl lazyblk-pf lazyblk-opt}
+SYSTEMS=${BENCH_SYSTEMS:-loop ublkloop ublkloop-a download nbdkit qemu lazyblk-od lazyblk lazyblk-pl lazyblk-pf lazyblk-opt lazyblk-ho}
 WORKLOADS=${BENCH_WORKLOADS:-w1 w2 w3 w4}
 NETEM=${BENCH_NETEM:-delay 10ms rate 100mbit}
 FIO_SECS=${BENCH_FIO_SECS:-5}
@@ -231,6 +231,38 @@ att_lazyblk() { # lazyblk add <manifest URL> [ADD-ARGS...] with a fresh cache di
     DPID=$(sed -n 's/.*"pid": *\([0-9]*\).*/\1/p' "/run/lazyblk/$LZ_ID.json" 2>/dev/null | head -n 1)
 }
 det_lazyblk() { lazyblk del "$LZ_ID" >/dev/null 2>&1 || lazyblk del --all >/dev/null 2>&1; rm -rf "$SCRATCH/lazyblk"; }
+# lazyblk that hands the image over to the kernel once it is complete (W4 only): the device is
+# /dev/mapper/lazyblk-<id>; after the fill, W4 waits for the hand-over and runs fio on the dm
+# device, which then maps a kernel loop device of the cache file (no daemon)
+att_lazyblk_ho() {
+    rm -rf "$SCRATCH/lazyblk"
+    out=$(lazyblk add "$URL/$LZ_IMG/manifest" --cache-dir "$SCRATCH/lazyblk" --hydrate --handover 2>&1) || { echo "$out"; return 1; }
+    DEV=$(echo "$out" | tail -n 1)
+    [ -b "$DEV" ] || { echo "$out"; return 1; }
+    LZ_ID=${DEV#/dev/mapper/lazyblk-}
+    DPID=$(sed -n 's/.*"pid": *\([0-9]*\).*/\1/p' "/run/lazyblk/$LZ_ID.json" 2>/dev/null | head -n 1)
+}
+det_lazyblk_ho() { det_lazyblk; }
+# wait_handover: until the record of $LZ_ID says handed-over and its daemon is gone (300 s)
+wait_handover() {
+    i=0
+    while ! grep -q '"step": *"handed-over"' "/run/lazyblk/$LZ_ID.json" 2>/dev/null || [ -d "/proc/$DPID" ]; do
+        i=$((i + 1))
+        [ $i -lt 3000 ] || return 1
+        sleep 0.1
+    done
+}
+# sysblock DEV: its name under /sys/block (a /dev/mapper node is a dm-N)
+sysblock() {
+    case $1 in
+    /dev/mapper/*)
+        for d in /sys/block/dm-*; do
+            [ "$(cat "$d/dm/name" 2>/dev/null)" = "${1#/dev/mapper/}" ] && { echo "${d##*/}"; return; }
+        done ;;
+    esac
+    echo "${1#/dev/}"
+}
+
 # lazyblk on demand only (--no-prefetch): neither the image's metadata pack nor a published list
 # is fetched ahead
 att_lazyblk_od() { att_lazyblk --no-prefetch; }
@@ -443,7 +475,7 @@ cold() {
     fi
     t1=$(now)
     own_start "$DPID"
-    q=/sys/block/${DEV#/dev/}/queue
+    q=/sys/block/$(sysblock "$DEV")/queue
     echo "BENCHINFO sys=$sys w=$w queue: $DEV read_ahead_kb=$(cat "$q/read_ahead_kb") max_sectors_kb=$(cat "$q/max_sectors_kb") logical_block_size=$(cat "$q/logical_block_size") nr_requests=$(cat "$q/nr_requests") scheduler=$(tr -d '\n' <"$q/scheduler")"
     if [ "$w" != none ]; then
         perf_start "$sys" "$w"
@@ -484,6 +516,15 @@ cold() {
         fi
         echo "BENCH sys=$sys w=w4-fill round=$ROUND secs=$(sub "$t3" "$(now)") hwm_kib=$(hwm "$DPID") own_kib=$(own_peak) cpu_s=$(cpu "$DPID") $(net_stats "$n1")"
         case $sys in lazyblk*) lz_status "$sys" w4-fill ;; esac
+        if [ "$sys" = lazyblk-ho ]; then
+            t4=$(now)
+            if ! wait_handover; then
+                fail_run "$sys" w4 "no hand-over within 300 s of the fill: $(tr '\n' ' ' <"/run/lazyblk/$LZ_ID.json" 2>/dev/null | cut -c1-300)"
+                force_cleanup "$sys"
+                return 1
+            fi
+            echo "BENCH sys=$sys w=w4-handover round=$ROUND secs=$(sub "$t4" "$(now)") slaves=$(ls "/sys/block/$(sysblock "$DEV")/slaves" | tr '\n' ,) daemons=$(pidof lazyblk | wc -w)"
+        fi
         drop_caches
         fio_run "$sys" rand4k randread 4k
         fio_run "$sys" seq1m read 1m
@@ -499,6 +540,7 @@ has() { case " $2 " in *" $1 "*) return 0 ;; esac; return 1; }
 # W4 needs only one instance per device path: download is a kernel loop device like loop, and
 # lazyblk-pf is the same daemon as lazyblk.
 w4_systems="loop ublkloop ublkloop-a nbdkit qemu lazyblk"  # (lazyblk-od, -pl, -pf, -opt: the same daemon)
+w4_only="lazyblk-ho" # W4 alone: its cold runs would be lazyblk's
 
 # ------------------------------------------------------------------ run
 say "systems: $SYSTEMS; workloads: $WORKLOADS; image $IMAGE_BYTES bytes, blob $BLOB_BYTES bytes"
@@ -517,6 +559,13 @@ while [ "$ROUND" -le "$ROUNDS" ]; do
     for w in w1 w2 w3; do
         has "$w" "$WORKLOADS" || continue
         for sys in $order; do
+            if has "$sys" "$w4_only"; then
+                if [ "$w" = w3 ] && has w4 "$WORKLOADS"; then
+                    say "---- round $ROUND: $sys w4"
+                    cold "$sys" none w4
+                fi
+                continue
+            fi
             say "---- round $ROUND: $sys $w"
             if [ "$w" = w3 ] && has w4 "$WORKLOADS" && has "$sys" "$w4_systems"; then
                 cold "$sys" w3 w4
@@ -527,7 +576,7 @@ while [ "$ROUND" -le "$ROUNDS" ]; do
     done
     if has w4 "$WORKLOADS" && ! has w3 "$WORKLOADS"; then
         for sys in $order; do
-            has "$sys" "$w4_systems" || continue
+            has "$sys" "$w4_systems" || has "$sys" "$w4_only" || continue
             say "---- round $ROUND: $sys w4"
             cold "$sys" none w4
         done

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs a shell script as the test of a throwaway qemu guest (TCG) that boots
-# Debian's 6.12 cloud kernel (ublk, nbd, erofs, overlay, loop, netem, veth).
+# Debian's 6.12 cloud kernel (ublk, nbd, erofs, overlay, loop, device-mapper, netem, veth).
 #
 # usage: qemu/run-guest.sh --script <guest-test.sh> [--bin <host binary>]...
 #          [--file <hostpath>:<guestpath>]... [--dir <hostdir>:<guestdir>]...
@@ -27,7 +27,7 @@ usage() {
 # Root modules (path under kernel/ without .ko.xz is not needed: names are
 # resolved in the module tree). Their dependencies are added transitively.
 # Built-in ones (virtio_pci in this kernel) are skipped.
-GUEST_MODULES=(ublk_drv erofs overlay nbd loop sch_netem veth virtio_pci virtio_blk)
+GUEST_MODULES=(ublk_drv erofs overlay nbd loop dm_mod sch_netem veth virtio_pci virtio_blk)
 
 script=""
 bins=()

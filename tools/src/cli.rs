@@ -91,7 +91,8 @@ pub enum Cmd {
         #[arg(short, long)]
         output: Option<PathBuf>,
     },
-    /// Serve an image as /dev/ublkbN; prints the device path once it is live.
+    /// Serve an image as /dev/ublkbN (with `--handover`: /dev/mapper/lazyblk-<id>); prints the
+    /// device path once it is live.
     Add(add::AddArgs),
     /// Record which chunks a running device has read (first-access order) into a prefetch list;
     /// publish it next to the manifest as `prefetch` and `add` fetches those chunks first.
@@ -184,6 +185,13 @@ pub enum Cmd {
         /// Seconds to wait for the kernel to park the device's IO.
         #[arg(long, default_value_t = 60)]
         wait: u64,
+    },
+    /// Hand a device added with `--handover` over to the kernel now (its image must be
+    /// complete): its dm device is switched to a read-only loop device of the cache file, the
+    /// ublk device is deleted and the daemon exits. Read-only images only.
+    Handover {
+        /// Device id.
+        id: u32,
     },
     /// Check a cache directory without changing it: every chunk its bitmap claims present must
     /// match the manifest's digest. Exits non-zero on any bad chunk.

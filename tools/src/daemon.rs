@@ -47,6 +47,9 @@ pub struct Record {
     /// cache limit, hydration, prefetch), so `recover` and the supervisor keep them.
     #[serde(default)]
     pub store_args: Vec<String>,
+    /// The hand-over to the kernel of a device added with `--handover` (`handover.rs`).
+    #[serde(default)]
+    pub handover: Option<crate::handover::Handover>,
 }
 
 /// Paths in the state directory.
@@ -94,6 +97,8 @@ pub struct DaemonArgs {
     pub supervisor: Option<u32>,
     /// Writable through a COW layer (`add --writable`).
     pub cow: crate::cmd::vhost::CowArgs,
+    /// Serve through a dm device and hand over to the kernel once complete (`add --handover`).
+    pub handover: bool,
     /// Where to write the ready line (`OK <id> <bdev>` or `ERR <message>`), after any number of
     /// `WARN <message>` lines about the state the daemon found.
     pub ready: Option<std::fs::File>,
@@ -190,6 +195,13 @@ pub fn run(mut args: DaemonArgs) -> Result<()> {
 
 fn run_inner(args: &mut DaemonArgs) -> Result<()> {
     lazyblk_ublk::check_kernel()?;
+    if args.handover {
+        crate::handover::check_options(args.cow.writable, args.store.cache_limit)?;
+    }
+    if args.ublk.id.is_none() && !args.ublk.recover {
+        // The ids of handed-over devices are free in the kernel but not ours to reuse.
+        args.ublk.id = crate::handover::free_id(&args.state_dir);
+    }
     if let (Some(id), false) = (args.ublk.id, args.ublk.recover) {
         lazyblk_ublk::check_id_free(id)?;
     }
@@ -216,10 +228,30 @@ fn run_inner(args: &mut DaemonArgs) -> Result<()> {
     let stop2 = stopping.clone();
     let gate = ublk.gate.clone();
     let io_stats = ublk.stats.clone();
+    let handover = args.handover;
+    let (st3, stop3, dev_size) = (
+        Arc::downgrade(&store),
+        stopping.clone(),
+        store.geometry().size,
+    );
     let on_live = move |live: &lazyblk_ublk::LiveDevice| {
         dev2.store(live.id, Ordering::SeqCst);
         record.id = live.id;
         record.bdev = live.bdev.clone();
+        let mut shown = live.bdev.clone();
+        if handover {
+            match crate::handover::setup(&mut record, &live.bdev, dev_size) {
+                Ok(dev) => shown = dev,
+                Err(e) => {
+                    tracing::error!("--handover: {e:#}");
+                    let mut ready = ready;
+                    say_ready(&mut ready, &format!("ERR --handover: {e:#}"));
+                    stop2.store(true, Ordering::SeqCst);
+                    let _ = lazyblk_ublk::stop(live.id);
+                    return;
+                }
+            }
+        }
         if !live.recoverable() {
             tracing::warn!(
                 "the kernel did not accept UBLK_F_USER_RECOVERY: a daemon crash will fail IO"
@@ -231,14 +263,18 @@ fn run_inner(args: &mut DaemonArgs) -> Result<()> {
             tracing::error!("writing {}: {e}", rp.display());
         }
         spawn_control(&state_dir, live.id, st2, cow2, stop2, gate, io_stats);
+        if handover {
+            let ctx = crate::handover::Ctx {
+                state: state_dir.clone(),
+                id: live.id,
+                store: st3,
+                stopping: stop3,
+            };
+            crate::handover::spawn(ctx, true);
+        }
         let mut ready = ready;
-        say_ready(&mut ready, &format!("OK {} {}", live.id, live.bdev));
-        tracing::info!(
-            "device {} live at {} for {}",
-            live.id,
-            live.bdev,
-            record.image
-        );
+        say_ready(&mut ready, &format!("OK {} {}", live.id, shown));
+        tracing::info!("device {} live at {} for {}", live.id, shown, record.image);
     };
     let source: Arc<dyn BlockSource> = match &cow {
         Some(c) => c.clone(),
@@ -293,6 +329,7 @@ fn device_record(args: &DaemonArgs, store: &ChunkStore, cow_dir: Option<PathBuf>
         supervisor: args.supervisor,
         cow: cow_dir,
         store_args: args.store_args.clone(),
+        handover: None,
     };
     // The next daemon (`recover`, the supervisor) pins the manifest: it keeps the prefetch
     // pack in use only if that is pinned too.
@@ -349,7 +386,10 @@ fn finish(
             let _ = lazyblk_ublk::delete(id_now);
         }
         let _ = std::fs::remove_file(socket_path(state_dir, id_now));
-        let _ = std::fs::remove_file(record_path(state_dir, id_now));
+        // A device handed over to the kernel lives on without a daemon: keep its record.
+        if !crate::handover::finish(state_dir, id_now) {
+            let _ = std::fs::remove_file(record_path(state_dir, id_now));
+        }
     }
     if let Some(c) = cow {
         if let Err(e) = c.flush() {
@@ -446,6 +486,11 @@ fn spawn_control(
                     );
                     // SAFETY: _exit ends the process at once; nothing is touched afterwards.
                     unsafe { libc::_exit(0) };
+                }
+                "handover" => {
+                    drop(store);
+                    let answer = crate::handover::request(Duration::from_secs(120));
+                    let _ = writeln!(w, "{answer}");
                 }
                 "trace" => {
                     let t = serde_json::to_string(&store.access_trace()).unwrap_or_default();

@@ -7,6 +7,7 @@ mod cli;
 mod cmd;
 mod daemon;
 mod device;
+mod handover;
 mod registry_args;
 mod signals;
 mod store_args;
@@ -96,7 +97,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Export { id, output } => cmd::export::run(&state, id, &output),
-        Cmd::Gc { cache_dir, dry_run } => cmd::gc::run(&cache_dir, dry_run),
+        Cmd::Gc { cache_dir, dry_run } => cmd::gc::run(&state, &cache_dir, dry_run),
         Cmd::Status { id, json } => cmd::manage::status(&state, id, json),
         Cmd::Del { id, all } => cmd::manage::del(&state, id, all),
         Cmd::Recover {
@@ -106,6 +107,7 @@ fn run(cli: Cli) -> Result<()> {
             wait,
         } => cmd::lifecycle::recover(&state, id, foreground, supervise, wait),
         Cmd::Detach { id, wait } => cmd::lifecycle::detach(&state, id, wait),
+        Cmd::Handover { id } => cmd::handover::run(&state, id),
         Cmd::VerifyCache { dir } => cmd::verify::verify_cache(&dir),
         Cmd::Vhost(a) => cmd::vhost::run(a),
         Cmd::ExportCow(a) => cmd::vhost::export(a),

@@ -107,6 +107,15 @@ pub fn run(state: &Path, first: &[String], mut ready: File) -> Result<()> {
                     RESTART_WINDOW.as_secs()
                 );
             }
+            // A daemon that died past the swap of a hand-over: finish it, no daemon needed.
+            match crate::cmd::handover::recover(state, id) {
+                Ok(Some(done)) => {
+                    tracing::info!("supervisor: {done}");
+                    return Ok(());
+                }
+                Ok(None) => {}
+                Err(e) => tracing::error!("supervisor: device {id}: {e:#}"),
+            }
             let attempt = wait_recoverable(id, pid, QUIESCE_WAIT, false).and_then(|()| {
                 let mut args = recover_args(state, id)?;
                 args.extend([

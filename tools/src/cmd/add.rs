@@ -38,6 +38,15 @@ pub struct AddArgs {
     /// Run the daemon under a supervisor that restarts it (with `recover`) when it dies.
     #[arg(long)]
     supervise: bool,
+    /// Hand the image over to the kernel once it is complete (every chunk fetched: with
+    /// `--hydrate`, or once everything was read): the device to mount is
+    /// /dev/mapper/lazyblk-<id>, a device-mapper device that is switched, without the file
+    /// system noticing, from the ublk device to a read-only loop device of the cache file; then
+    /// the ublk device is deleted and the daemon exits (no process, no network on the read
+    /// path). `lazyblk handover <id>` does it on demand. Read-only images only (not with
+    /// --writable, nor --cache-limit).
+    #[arg(long, conflicts_with = "writable")]
+    handover: bool,
     /// Internal: take over device N after its daemon died.
     #[arg(long, hide = true)]
     recover_id: Option<u32>,
@@ -83,6 +92,7 @@ fn run_daemon(state: PathBuf, a: AddArgs) -> Result<()> {
         log: Some(a.log_file),
         supervisor: a.supervised_by,
         cow: a.cow,
+        handover: a.handover,
         ready,
     })
 }

@@ -3,12 +3,22 @@
 use anyhow::Result;
 use std::path::Path;
 
-/// Run `lazyblk gc` on the cache root `cache_dir` (`dry_run`: only list).
-pub fn run(cache_dir: &Path, dry_run: bool) -> Result<()> {
+/// Run `lazyblk gc` on the cache root `cache_dir` (`dry_run`: only list), with the device
+/// records in `state`.
+pub fn run(state: &Path, cache_dir: &Path, dry_run: bool) -> Result<()> {
     let mut freed = 0;
-    for e in lazyblk_chunkstore::gc(cache_dir, &[], dry_run)? {
+    // Handed-over caches: a loop device serves them, no daemon holds their lock.
+    let keep = crate::cmd::handover::gc_keep(state, cache_dir);
+    for e in lazyblk_chunkstore::gc(cache_dir, &keep, dry_run)? {
+        let handed_over = e
+            .dir
+            .file_name()
+            .and_then(|n| lazyblk_format::ImageId::parse(&n.to_string_lossy()).ok())
+            .is_some_and(|id| keep.contains(&id));
         let what = if e.in_use {
             "in use, kept"
+        } else if handed_over {
+            "handed over to the kernel, kept"
         } else if e.removed {
             freed += e.bytes;
             "removed"

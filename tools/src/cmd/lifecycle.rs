@@ -81,11 +81,19 @@ pub fn recover_args(state: &Path, id: u32) -> Result<Vec<String>> {
     if let Some(c) = &rec.cow {
         args.extend(["--writable".into(), "--cow".into(), c.display().to_string()]);
     }
+    if rec.handover.is_some() {
+        args.push("--handover".into());
+    }
     Ok(args)
 }
 
 /// Run `lazyblk recover`: wait until device `id` can be taken over, then start its new daemon.
 pub fn recover(state: &Path, id: u32, foreground: bool, supervise: bool, wait: u64) -> Result<()> {
+    // A hand-over that got past the suspend is finished without a daemon.
+    if let Some(done) = crate::cmd::handover::recover(state, id)? {
+        println!("{done}");
+        return Ok(());
+    }
     lazyblk_ublk::device_state(id)?;
     let rec =
         record_of(state, id).with_context(|| format!("device {id} is not a lazyblk device"))?;

@@ -12,7 +12,7 @@ pub fn list(state: &Path) -> Result<()> {
         lazyblk_ublk::check_kernel()?;
     }
     println!(
-        "{:<4} {:<14} {:<20} {:>8}  STATE",
+        "{:<4} {:<22} {:<20} {:>8}  STATE",
         "ID", "DEVICE", "IMAGE", "PRESENT"
     );
     for id in lazyblk_ublk::device_ids() {
@@ -38,20 +38,28 @@ pub fn list(state: &Path) -> Result<()> {
             }
             (s, _) => format!("{s:?}").to_lowercase(),
         };
+        let (dev, state_s) = match rec.as_ref().and_then(|r| r.handover.as_ref()) {
+            Some(h) if h.step == crate::handover::Step::Serving => (h.dm_dev.clone(), state_s),
+            Some(h) => (
+                h.dm_dev.clone(),
+                format!("{state_s} (hand-over: {})", h.step.name()),
+            ),
+            None => (format!("/dev/ublkb{id}"), state_s),
+        };
         println!(
-            "{:<4} {:<14} {:<20} {:>8}  {}",
-            id,
-            format!("/dev/ublkb{id}"),
-            image,
-            pct,
-            state_s
+            "{:<4} {:<22} {:<20} {:>8}  {}",
+            id, dev, image, pct, state_s
         );
     }
+    crate::cmd::handover::list_rows(state);
     Ok(())
 }
 
 /// Run `lazyblk status`.
 pub fn status(state: &Path, id: u32, json: bool) -> Result<()> {
+    if crate::cmd::handover::status(state, id, json)? {
+        return Ok(());
+    }
     lazyblk_ublk::device_state(id)?;
     let s = daemon::query_status(state, id)?;
     if json {
@@ -102,6 +110,9 @@ pub fn del(state: &Path, id: Option<u32>, all: bool) -> Result<()> {
                     del_one(state, id)?;
                 }
             }
+            for r in crate::handover::without_ublk(state) {
+                del_one(state, r.id)?;
+            }
             Ok(())
         }
         _ => bail!("give a device id or --all"),
@@ -110,6 +121,10 @@ pub fn del(state: &Path, id: Option<u32>, all: bool) -> Result<()> {
 
 /// Stop device `id`: its daemon, then the device, then its record and socket.
 fn del_one(state: &Path, id: u32) -> Result<()> {
+    // A device added with --handover: its dm device first (refused while mounted).
+    if crate::cmd::handover::del(state, id)? {
+        return Ok(());
+    }
     lazyblk_ublk::device_state(id)?;
     if let Some(r) = record_of(state, id).filter(|r| pid_alive(r.pid)) {
         stop_daemon(id, r.pid)?;

@@ -6,6 +6,7 @@ pub mod build;
 pub mod cat;
 pub mod export;
 pub mod gc;
+pub mod handover;
 pub mod lifecycle;
 pub mod manage;
 pub mod push;
