@@ -1,23 +1,15 @@
 #!/usr/bin/env bash
 # Host driver of the guest test suites: builds release binaries and test images, then boots the
 # qemu guest (qemu/run-guest.sh) once per suite. Usage: tests/guest/run.sh [suite...]
-<<<<<<< HEAD
 # Suites (default: all): e2e, hostile, policies, registry (a token-auth docker-registry in the
-# guest), reliability (one main boot, then RELIABILITY_RESETS boots that reset
-=======
-# Suites (default: all): e2e, hostile, policies, handover, reliability (one main boot, then RELIABILITY_RESETS boots that reset
->>>>>>> handover
+# guest), handover (dm + loop), reliability (one main boot, then RELIABILITY_RESETS boots that reset
 # the guest mid-fetch with the cache on a persistent ext4 disk, and a last boot that checks it).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 top=$(cd "$here/../.." && pwd)
 work=${LAZYBLK_GUEST_WORK:-$top/target/guest-work}
 suites=("$@")
-<<<<<<< HEAD
-[ ${#suites[@]} -gt 0 ] || suites=(e2e hostile policies registry reliability)
-=======
-[ ${#suites[@]} -gt 0 ] || suites=(e2e hostile policies reliability handover)
->>>>>>> handover
+[ ${#suites[@]} -gt 0 ] || suites=(e2e hostile policies registry handover reliability)
 
 cd "$top"
 cargo build --release --locked -p lazyblk-tools -p lazyblk-tests --bins
