@@ -1,6 +1,6 @@
 #!/bin/sh
 # The lazyblk demo, run where /dev/ublk-control exists (the host, or the qemu guest).
-# Usage: demo.sh <dir with img/manifest+blob> ; lazyblk and nginx on PATH; run as root.
+# Usage: demo.sh <dir with img/manifest+blob> ; lazyblk, nginx and docker-registry on PATH; run as root.
 set -eu
 www=$1
 port=8099
@@ -43,5 +43,30 @@ umount "$state/merged"; umount "$state/mnt"
 echo "\$ lazyblk del ${dev#/dev/ublkb}"
 lazyblk del "${dev#/dev/ublkb}"
 kill "$(cat "$state/nginx/nginx.pid")" 2>/dev/null || true
+
+echo "--- the same image through an OCI registry (docker-registry on 127.0.0.1:5099)"
+mkdir -p "$state/registry"
+cat > "$state/registry/config.yml" <<CONF
+version: 0.1
+log: { level: error, accesslog: { disabled: true } }
+storage: { filesystem: { rootdirectory: $state/registry/storage } }
+http: { addr: 127.0.0.1:5099 }
+CONF
+docker-registry serve "$state/registry/config.yml" > "$state/registry/log" 2>&1 &
+regpid=$!
+trap 'umount "$state/mnt" 2>/dev/null; lazyblk del --all >/dev/null 2>&1; kill $regpid 2>/dev/null; true' EXIT
+i=0; until wget -q -O /dev/null http://127.0.0.1:5099/v2/ 2>/dev/null || [ $i -ge 100 ]; do sleep 0.1; i=$((i + 1)); done
+echo "\$ lazyblk push $www/img 127.0.0.1:5099/demo/app:v1"
+lazyblk push "$www/img" 127.0.0.1:5099/demo/app:v1
+echo "\$ lazyblk add 127.0.0.1:5099/demo/app:v1"
+dev=$(lazyblk add 127.0.0.1:5099/demo/app:v1 --cache-dir "$state/cache-registry")
+echo "$dev"
+mount -t erofs -o ro "$dev" "$state/mnt"
+echo "\$ cat etc/os-release  (read from the registry by range)"
+cat "$state/mnt/etc/os-release"
+lazyblk list
+umount "$state/mnt"
+lazyblk del "${dev#/dev/ublkb}"
+kill $regpid 2>/dev/null || true
 trap - EXIT
 echo "--- demo done"

@@ -7,15 +7,18 @@
 //! * [`pack`]: writing pack frames, for the metadata pack and for prefetch packs
 //!   (`lazyblk trace --pack`), published next to an unchanged image.
 //! * [`publish`]: files appear whole under their final names, or not at all.
+//! * [`push`]: a build directory published to an OCI registry as a lazyblk artifact, and a
+//!   new prefetch pack published over an image already there.
 //!
-//! It writes local files only: it never reads a remote, a cache or a device (the `trace --pack`
-//! command reads the device and hands the blocks here). Encoding is `lazyblk-format`'s, so what
+//! It writes local files and pushes to registries; it never reads a cache or a device (the
+//! `trace --pack` command reads the device and hands the blocks here). Encoding is `lazyblk-format`'s, so what
 //! is built is what the store decodes.
 
 pub mod error;
 pub mod image;
 pub mod pack;
 pub mod publish;
+pub mod push;
 #[cfg(test)]
 mod tests;
 
@@ -23,3 +26,4 @@ pub use error::{Error, Result};
 pub use image::{build_image, BuildOptions, BuildSummary, PackBlocks, MANIFEST_FILE};
 pub use pack::{build_prefetch_pack, PackSummary};
 pub use publish::write_atomic;
+pub use push::{push, push_pack, PushSummary};

@@ -359,6 +359,7 @@ impl Inner {
             }
             let err = if let Some(e) = bad {
                 self.stats.verify_failures.fetch_add(1, Ordering::Relaxed);
+                self.remote.report_corrupt();
                 corrupt += 1;
                 tracing::warn!("{e} (attempt {corrupt} of {})", self.opts.corrupt_attempts);
                 if corrupt >= self.opts.corrupt_attempts {

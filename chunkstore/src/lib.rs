@@ -53,11 +53,12 @@ mod prelude {
         check_range, BlockError, BlockSource, Completion, Geometry, Located,
     };
     pub(crate) use lazyblk_format::{
-        ChunkRef, Encoding, Entry, ImageId, Manifest, PrefetchList, PrefetchPack, PACK_BLOCK,
-        PACK_FILE, PREFETCH_FILE,
+        ChunkRef, Encoding, Entry, ImageId, Manifest, PrefetchList, PrefetchPack,
+        MAX_MANIFEST_BYTES, PACK_BLOCK, PACK_FILE, PREFETCH_FILE,
     };
     pub(crate) use lazyblk_remote::{
-        BlobInfo, Concat, Connector, ErrorKind, HttpOptions, Location, Remote, RemoteError,
+        BlobInfo, Concat, Connector, ErrorKind, HttpOptions, Location, RegistryOptions, Remote,
+        RemoteError,
     };
     pub(crate) use rand::Rng;
     pub(crate) use serde::{Deserialize, Serialize};
@@ -75,7 +76,7 @@ mod prelude {
 pub use cache::{frame_intact, CacheLayout};
 pub use error::{Error, Result};
 pub use gc::{gc, GcEntry};
-pub use lazyblk_remote::{HttpOptions, Location};
+pub use lazyblk_remote::{HttpOptions, Location, RegistryOptions};
 pub use options::StoreOptions;
 pub use stats::{OpenReport, StatsSnapshot};
-pub use store::{ChunkStore, BLOCK_SIZE, MAX_MANIFEST_BYTES};
+pub use store::{ChunkStore, BLOCK_SIZE};

@@ -17,10 +17,11 @@ impl ChunkStore {
         let runtime = fetch_runtime(&opts)?;
         let mut report = OpenReport::default();
         // One client for the manifest, the prefetch list and the blob: one connection pool.
-        let connector = Connector::new(&opts.http)?;
+        let connector = Connector::new(&opts.http, &opts.registry)?;
 
         // 1. The manifest.
         let bytes = read_manifest(&runtime, &connector, manifest, &opts)?;
+        report.resolved = runtime.block_on(connector.resolved_digest(manifest));
         let id = ImageId::of(&bytes);
         let m = Manifest::decode(&bytes)?;
 

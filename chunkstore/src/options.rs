@@ -15,6 +15,8 @@ pub struct StoreOptions {
     pub expected_pack: Option<ImageId>,
     /// HTTP tunables.
     pub http: HttpOptions,
+    /// Registry settings (credentials, mirrors, TLS) for images in OCI registries.
+    pub registry: RegistryOptions,
     /// Range requests in flight at once.
     pub max_requests: usize,
     /// Largest coalesced range request.
@@ -63,6 +65,7 @@ impl Default for StoreOptions {
             expected_id: None,
             expected_pack: None,
             http: HttpOptions::default(),
+            registry: RegistryOptions::default(),
             max_requests: 8,
             max_request_bytes: 2 << 20,
             readahead_bytes: 512 << 10,

@@ -86,6 +86,10 @@ pub struct OpenReport {
     /// Digest of the prefetch pack in use, if any.
     #[serde(default)]
     pub prefetch_pack: Option<String>,
+    /// For an image in a registry: the digest of the OCI manifest its reference resolved to
+    /// (so the next daemon can pin it).
+    #[serde(default)]
+    pub resolved: Option<String>,
 }
 
 impl ChunkStore {

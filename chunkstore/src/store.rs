@@ -21,9 +21,6 @@ use crate::prelude::*;
 /// Block size exposed to frontends; the data file is rounded up to it.
 pub const BLOCK_SIZE: u32 = 4096;
 
-/// Largest manifest accepted.
-pub const MAX_MANIFEST_BYTES: u64 = 256 << 20;
-
 pub(crate) struct Inner {
     pub(crate) id: ImageId,
     pub(crate) manifest: Manifest,

@@ -2,7 +2,9 @@
 //!
 //! [`Cow`] wraps a (typically read-only, lazily fetched) base source and is itself a writable
 //! [`BlockSource`], so every frontend (ublk, vhost-user-blk) gets writable disks for free. The
-//! base is never written.
+//! base is never written. It depends on `lazyblk-blocksource` only: it knows nothing of where
+//! the base's blocks come from. (One file of ~800 lines, its tests in `tests.rs`: the layer's
+//! write ordering is one argument, easier to check in one place.)
 //!
 //! A layer is a directory with three files:
 //!

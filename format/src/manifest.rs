@@ -19,6 +19,8 @@ pub const HEADER_LEN: usize = 64;
 /// entries are stored in blob order, back to back.
 pub const ENTRY_LEN: usize = 36;
 pub(crate) const RAW_FLAG: u32 = 1 << 31;
+/// Largest manifest a reader accepts.
+pub const MAX_MANIFEST_BYTES: u64 = 256 << 20;
 /// Smallest chunk size allowed.
 pub const MIN_CHUNK_SIZE: u32 = 4096;
 /// Largest chunk size allowed.

@@ -52,6 +52,11 @@ impl Remote for Concat {
         })
     }
 
+    fn report_corrupt(&self) {
+        self.first.report_corrupt();
+        self.second.report_corrupt();
+    }
+
     fn read_range_with<'a>(
         &'a self,
         offset: u64,

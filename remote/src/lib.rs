@@ -4,8 +4,10 @@
 //! HTTP(S) and local-file implementations, [`Concat`] (an image's blob followed by a prefetch
 //! pack's), [`Location`] (where a manifest lives) and the [`Connector`] that opens remotes of one
 //! store over one connection pool, plus the rules for ranges, probes and error classification.
-//! It knows nothing of manifests, chunks, digests or caches: it moves bytes, and the chunk store
-//! verifies every one of them. It depends on nothing else of lazyblk.
+//! Images in OCI registries are one more kind of location ([`registry`]), read through
+//! `lazyblk-registry`. It knows nothing of lazyblk's manifests, chunks or caches: it moves
+//! bytes, and the chunk store verifies every one of them. Of lazyblk it depends on the registry
+//! client only.
 //!
 //! A remote reads byte ranges of one blob. Errors are classified [`Transient`](ErrorKind::Transient)
 //! (worth retrying: timeouts, resets, 5xx, truncated bodies) or
@@ -21,11 +23,14 @@ mod connector;
 mod http;
 mod local;
 mod location;
+pub mod registry;
 pub use concat::Concat;
 pub use connector::Connector;
 pub use http::{HttpOptions, HttpRemote};
+pub use lazyblk_registry::ClientOptions as RegistryOptions;
 pub use local::LocalRemote;
 pub use location::Location;
+pub use registry::{RegistryLocation, RegistryRemote};
 
 /// Boxed future returned by [`Remote`] methods.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -102,6 +107,11 @@ pub trait Remote: Send + Sync + 'static {
         len: u64,
         sink: &'a mut (dyn FnMut(Bytes) + Send),
     ) -> BoxFuture<'a, Result<(), RemoteError>>;
+
+    /// The bytes last read did not verify (a chunk's digest did not match): a remote with
+    /// several sources (registry mirrors) stops using the one that served them. Default:
+    /// nothing to do.
+    fn report_corrupt(&self) {}
 
     /// Read exactly `len` bytes at `offset` into one buffer.
     fn read_range(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Bytes, RemoteError>> {

@@ -1,22 +1,47 @@
 //! Where a manifest or blob lives.
 
-/// Where a manifest or blob lives: a local path or an HTTP(S) URL.
+use crate::registry::{RegistryLocation, MANIFEST_FILE};
+use lazyblk_registry::Reference;
+
+/// Where a manifest or blob lives: a local path, an HTTP(S) URL, or a file of an image in an
+/// OCI registry.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Location {
     /// A local file.
     Path(std::path::PathBuf),
     /// An http:// or https:// URL.
     Url(String),
+    /// A file of a lazyblk image in an OCI registry.
+    Registry(RegistryLocation),
 }
 
 impl Location {
-    /// Parse a command-line argument.
+    /// Parse a command-line argument: an `http://` or `https://` URL; else a local path when
+    /// it is one (it exists, or starts with `/`, `./` or `../`); else a Docker-style image
+    /// reference `[host[:port]/]repo[:tag|@digest]` when it names a registry host (a first
+    /// component with `.` or `:`, or `localhost`) or a tag or digest; else a local path (so a
+    /// mistyped relative path is reported as a missing file, not looked up on Docker Hub).
     pub fn parse(s: &str) -> Location {
         if s.starts_with("http://") || s.starts_with("https://") {
-            Location::Url(s.to_string())
-        } else {
-            Location::Path(s.into())
+            return Location::Url(s.to_string());
         }
+        let path = std::path::Path::new(s);
+        let pathlike = s.starts_with('/') || s.starts_with("./") || s.starts_with("../");
+        if pathlike || path.exists() {
+            return Location::Path(s.into());
+        }
+        let first = s.split('/').next().unwrap_or("");
+        let names_host = s.contains('/') && (first.contains(['.', ':']) || first == "localhost");
+        let last = s.rsplit('/').next().unwrap_or(s);
+        if names_host || last.contains([':', '@']) {
+            if let Ok(reference) = Reference::parse(s) {
+                return Location::Registry(RegistryLocation {
+                    reference,
+                    name: MANIFEST_FILE.to_string(),
+                });
+            }
+        }
+        Location::Path(s.into())
     }
 
     /// The location of `name` next to this one (in the same directory).
@@ -36,6 +61,10 @@ impl Location {
                 let sep = if dir.ends_with('/') { "" } else { "/" };
                 Location::Url(format!("{dir}{sep}{name}"))
             }
+            Location::Registry(r) => Location::Registry(RegistryLocation {
+                reference: r.reference.clone(),
+                name: name.to_string(),
+            }),
         }
     }
 }
@@ -45,6 +74,7 @@ impl std::fmt::Display for Location {
         match self {
             Location::Path(p) => write!(f, "{}", p.display()),
             Location::Url(u) => write!(f, "{u}"),
+            Location::Registry(r) => write!(f, "{r}"),
         }
     }
 }
@@ -67,5 +97,22 @@ mod tests {
             Location::parse("/x/y/manifest").sibling("blob"),
             Location::Path("/x/y/blob".into())
         );
+        let Location::Registry(r) = Location::parse("127.0.0.1:5000/a/b:v1").sibling("blob") else {
+            panic!("not a registry location");
+        };
+        assert_eq!((r.reference.repository(), r.name.as_str()), ("a/b", "blob"));
+    }
+
+    #[test]
+    fn arguments_are_urls_paths_or_references() {
+        let reg = |s: &str| matches!(Location::parse(s), Location::Registry(_));
+        assert!(reg("localhost:5000/img:v1"));
+        assert!(reg("registry.example/team/img"));
+        assert!(reg("img:latest"));
+        assert!(reg("127.0.0.1:5000/img@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"));
+        assert!(!reg("out/manifest"), "a relative path stays a path");
+        assert!(!reg("./img:v1"));
+        assert!(!reg("/abs/img:v1"));
+        assert!(matches!(Location::parse("https://h/m"), Location::Url(_)));
     }
 }

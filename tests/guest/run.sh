@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Host driver of the guest test suites: builds release binaries and test images, then boots the
 # qemu guest (qemu/run-guest.sh) once per suite. Usage: tests/guest/run.sh [suite...]
-# Suites (default: all): e2e, hostile, policies, handover, reliability (one main boot, then RELIABILITY_RESETS boots that reset
+# Suites (default: all): e2e, hostile, policies, handover, registry (a token-auth docker-registry in the
+# guest), reliability (one main boot, then RELIABILITY_RESETS boots that reset
 # the guest mid-fetch with the cache on a persistent ext4 disk, and a last boot that checks it).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 top=$(cd "$here/../.." && pwd)
 work=${LAZYBLK_GUEST_WORK:-$top/target/guest-work}
 suites=("$@")
-[ ${#suites[@]} -gt 0 ] || suites=(e2e hostile policies reliability handover)
+[ ${#suites[@]} -gt 0 ] || suites=(e2e hostile policies handover registry reliability)
 
 cd "$top"
 cargo build --release --locked -p lazyblk-tools -p lazyblk-tests --bins
@@ -86,6 +87,9 @@ for s in "${suites[@]}"; do
     echo "### guest suite: $s"
     if [[ $s == reliability ]]; then
         reliability && st=0 || st=$?
+    elif [[ $s == registry ]]; then
+        command -v docker-registry >/dev/null || { echo "run.sh: docker-registry is missing (scripts/setup installs it)"; exit 1; }
+        boot registry.sh --bin "$(command -v docker-registry)" --timeout 900 && st=0 || st=$?
     else
         boot "$s.sh" --timeout 900 && st=0 || st=$?
     fi

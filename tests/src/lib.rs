@@ -1,8 +1,10 @@
 //! Test harness shared by lazyblk's integration tests: a real nginx on a free loopback port, a
-//! fault-injecting HTTP/1.1 range server, and deterministic test data.
+//! fault-injecting HTTP/1.1 range server, a real Docker registry with the servers its client's tests
+//! need, and deterministic test data.
 
 pub mod fault;
 pub mod nginx;
+pub mod registry;
 pub mod tree;
 
 use rand::{Rng, SeedableRng};

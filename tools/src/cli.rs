@@ -3,6 +3,7 @@
 
 use crate::cmd::add;
 use crate::cmd::vhost;
+use crate::registry_args::RegistryArgs;
 use crate::store_args::StoreArgs;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -53,6 +54,26 @@ pub enum Cmd {
         /// finds them all after a few requests, at block rather than chunk granularity.
         #[arg(long)]
         pack_blocks: Option<PathBuf>,
+        /// Then push the output directory to this image reference (as `lazyblk push`).
+        #[arg(long, value_name = "REF")]
+        push: Option<String>,
+        #[command(flatten)]
+        registry: RegistryArgs,
+    },
+    /// Publish a build directory (`manifest`, its blob, and `prefetch` / `prefetch.pack` when
+    /// there) to an OCI registry as a lazyblk image; prints the manifest digest. Blobs the
+    /// registry has are not sent again.
+    Push {
+        /// The build directory (`lazyblk build -o`).
+        dir: PathBuf,
+        /// Where to: `[host[:port]/]repo[:tag]` (tag `latest` when none).
+        reference: String,
+        /// Mount the blobs from this repository of the same registry when it has them (no
+        /// upload).
+        #[arg(long, value_name = "REPO")]
+        mount_from: Option<String>,
+        #[command(flatten)]
+        registry: RegistryArgs,
     },
     /// Read an image through the chunk store (no kernel device needed).
     Cat {
@@ -97,6 +118,12 @@ pub enum Cmd {
         /// writable device (its blocks may not be the image's).
         #[arg(long, conflicts_with_all = ["trace_only", "blocks"])]
         pack: bool,
+        /// With `--pack`: push the pack to this image reference (the device's image in a
+        /// registry), as a new manifest over the image's blobs under the same tag.
+        #[arg(long, value_name = "REF", requires = "pack")]
+        push: Option<String>,
+        #[command(flatten)]
+        registry: RegistryArgs,
     },
     /// Write the whole verified raw image of a running device to a file (fetching what is
     /// missing). For an image that is not attached, use `lazyblk cat -o`.

@@ -320,7 +320,7 @@ fn device_record(args: &DaemonArgs, store: &ChunkStore, cow_dir: Option<PathBuf>
         pid: std::process::id(),
         bdev: String::new(),
         image: store.id().to_string(),
-        manifest: args.manifest.clone(),
+        manifest: pinned_source(&args.manifest, store),
         cache_root: args.store.cache_root.clone(),
         queues: args.ublk.queues,
         depth: args.ublk.depth,
@@ -341,6 +341,19 @@ fn device_record(args: &DaemonArgs, store: &ChunkStore, cow_dir: Option<PathBuf>
         }
     }
     record
+}
+
+/// Where the manifest came from, as the next daemon should read it: an image reference by tag
+/// is pinned to the digest it resolved to, so `recover` serves the same image even if the tag
+/// has moved since.
+fn pinned_source(arg: &str, store: &ChunkStore) -> String {
+    match (Location::parse(arg), &store.open_report().resolved) {
+        (Location::Registry(r), Some(d)) if r.reference.digest().is_none() => r
+            .reference
+            .with_digest(d)
+            .map_or_else(|_| arg.to_string(), |p| p.to_string()),
+        _ => arg.to_string(),
+    }
 }
 
 /// On SIGTERM or SIGINT, stop the device (`dev_id`, once it is live): `serve` then returns and

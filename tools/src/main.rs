@@ -8,6 +8,7 @@ mod cmd;
 mod daemon;
 mod device;
 mod handover;
+mod registry_args;
 mod signals;
 mod store_args;
 mod supervise;
@@ -51,12 +52,26 @@ fn run(cli: Cli) -> Result<()> {
             keep_image,
             no_metadata_pack,
             pack_blocks,
-        } => cmd::build::run(
-            &input,
-            &output,
-            cmd::build::options(chunk_kib, level, no_metadata_pack, pack_blocks)?,
-            keep_image,
-        ),
+            push,
+            registry,
+        } => {
+            cmd::build::run(
+                &input,
+                &output,
+                cmd::build::options(chunk_kib, level, no_metadata_pack, pack_blocks)?,
+                keep_image,
+            )?;
+            match push {
+                Some(to) => cmd::push::push_dir(&output, &to, None, &registry),
+                None => Ok(()),
+            }
+        }
+        Cmd::Push {
+            dir,
+            reference,
+            mount_from,
+            registry,
+        } => cmd::push::push_dir(&dir, &reference, mount_from.as_deref(), &registry),
         Cmd::Cat {
             manifest,
             store,
@@ -72,7 +87,15 @@ fn run(cli: Cli) -> Result<()> {
             trace_only,
             blocks,
             pack,
-        } => cmd::trace::run(&state, id, &output, trace_only, blocks, pack),
+            push,
+            registry,
+        } => {
+            cmd::trace::run(&state, id, &output, trace_only, blocks, pack)?;
+            match push {
+                Some(to) => cmd::push::push_pack(&output, &to, &registry),
+                None => Ok(()),
+            }
+        }
         Cmd::Export { id, output } => cmd::export::run(&state, id, &output),
         Cmd::Gc { cache_dir, dry_run } => cmd::gc::run(&state, &cache_dir, dry_run),
         Cmd::Status { id, json } => cmd::manage::status(&state, id, json),

@@ -3,6 +3,7 @@
 //! record.
 
 use crate::daemon;
+use crate::registry_args::RegistryArgs;
 use anyhow::Result;
 use clap::Args;
 use lazyblk_chunkstore::StoreOptions;
@@ -36,7 +37,9 @@ pub struct StoreArgs {
     /// Largest readahead window (e.g. 4M): sequential reads double the window up to it.
     #[arg(long, value_parser = parse_size, default_value = "4M")]
     readahead_max: u64,
-    /// Seconds one HTTP request may take (headers and body) before it is retried.
+    /// Seconds one HTTP request may take (headers and body) before it is retried. For images
+    /// in a registry it bounds every request but blob reads, which give up after 30 s without
+    /// a byte.
     #[arg(long, default_value_t = 30)]
     http_timeout: u64,
     /// Keep at most this much fetched data in the cache (e.g. 512M, 2G); cold chunks are
@@ -55,6 +58,8 @@ pub struct StoreArgs {
     /// fetches the pack frame holding them).
     #[arg(long)]
     no_prefetch: bool,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
 }
 
 /// Parse `123`, `64K`, `512M`, `2G` (powers of 1024).
@@ -112,6 +117,7 @@ impl StoreArgs {
         if let Some(p) = &self.pack_digest {
             a.extend(["--pack-digest".into(), p.clone()]);
         }
+        a.extend(self.registry.to_args());
         a
     }
 
@@ -125,6 +131,7 @@ impl StoreArgs {
                 request_timeout: Duration::from_secs(self.http_timeout.max(1)),
                 ..HttpOptions::default()
             },
+            registry: self.registry.options(self.http_timeout),
             max_requests: self.max_requests,
             readahead_bytes: self.readahead,
             readahead_max_bytes: self.readahead_max,
@@ -144,6 +151,7 @@ mod tests {
     use super::*;
     use crate::cli::{Cli, Cmd};
     use clap::Parser;
+    use lazyblk_registry::CredentialSource;
 
     fn store_of(argv: &[&str]) -> StoreArgs {
         match Cli::try_parse_from(argv).expect("parses").cmd {
@@ -176,6 +184,18 @@ mod tests {
             "--io-deadline",
             "0",
             "--no-prefetch",
+            "--plain-http",
+            "--mirror",
+            "http://m1:5000",
+            "--mirror",
+            "http://m2",
+            "--hosts-dir",
+            "/h",
+            "--ca-file",
+            "/ca.pem",
+            "--creds-file",
+            "/creds",
+            "--insecure",
         ]);
         let mut argv = vec!["lazyblk", "add", "m"];
         let recorded = store.to_args();
@@ -192,6 +212,11 @@ mod tests {
             (1 << 20, 8 << 20)
         );
         assert_eq!(b.max_requests, 4);
+        assert_eq!(b.registry.mirrors, ["http://m1:5000", "http://m2"]);
+        assert!(b.registry.insecure && b.registry.plain_http == Some(true));
+        assert!(
+            matches!(&b.registry.credentials, CredentialSource::CredsFile(p) if p == std::path::Path::new("/creds"))
+        );
         // The defaults survive too.
         let d = store_of(&["lazyblk", "add", "m"]);
         let mut argv = vec!["lazyblk", "add", "m"];

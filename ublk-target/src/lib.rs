@@ -1,4 +1,5 @@
-//! lazyblk's ublk frontend: serve any [`BlockSource`] as `/dev/ublkbN`.
+//! lazyblk's ublk frontend: serve any [`BlockSource`] as `/dev/ublkbN`. It depends on
+//! `lazyblk-blocksource` only and must not know about HTTP, registries, manifests or caches.
 //!
 //! One thread per hardware queue runs a single-threaded executor over libublk's per-queue
 //! io_uring. Each of the queue's `depth` tags is an async task: it takes an IO command from the

@@ -1,5 +1,8 @@
 //! lazyblk's vhost-user-blk frontend: serve any [`BlockSource`] to a VM (qemu's
-//! `vhost-user-blk-pci`, cloud-hypervisor, ...) over a vhost-user socket.
+//! `vhost-user-blk-pci`, cloud-hypervisor, ...) over a vhost-user socket. It depends on
+//! `lazyblk-blocksource` only and must not know about HTTP, registries, manifests or caches.
+//! (One file of ~800 lines: the backend, its queue worker and the request parsing share the
+//! virtio state and would only trade one file for three that must be read together.)
 //!
 //! Built on rust-vmm's `vhost-user-backend`: one worker thread per virtqueue, each an epoll loop
 //! on the queue's kick eventfd and on a completion eventfd of our own.

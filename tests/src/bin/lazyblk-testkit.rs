@@ -1,4 +1,6 @@
-//! Test helper binary: `gen-tree <dir> [--seed N] [--scale N]` and `digest-tree <dir>`.
+//! Test helper binary: `gen-tree <dir> [--seed N] [--scale N]`, `digest-tree <dir>`,
+//! `par-read`, `serve` (a fault-injecting HTTP server) and `token-registry` (a Docker registry
+//! with token auth and its issuer, for the guest suites).
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -54,6 +56,26 @@ enum Cmd {
         #[arg(long)]
         port_file: PathBuf,
     },
+    /// Run a Docker registry (`docker-registry`) with `auth: token` and its token issuer until
+    /// killed; writes `host:port` of the registry to `--host-file` once it answers. The
+    /// registry's config stays in `<dir>/config.yml`, so `docker-registry serve` restarts it
+    /// after an outage.
+    TokenRegistry {
+        /// Storage and config directory.
+        dir: PathBuf,
+        /// The one user the issuer accepts.
+        #[arg(long)]
+        user: String,
+        /// Its password.
+        #[arg(long)]
+        password: String,
+        /// Token lifetime (and announced `expires_in`), seconds.
+        #[arg(long, default_value_t = 60)]
+        expires: u64,
+        /// Where to write `host:port`.
+        #[arg(long)]
+        host_file: PathBuf,
+    },
 }
 
 fn main() -> Result<()> {
@@ -108,6 +130,25 @@ fn main() -> Result<()> {
                 }
             }
             std::fs::write(&port_file, srv.port.to_string())?;
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            }
+        }
+        Cmd::TokenRegistry {
+            dir,
+            user,
+            password,
+            expires,
+            host_file,
+        } => {
+            let t = lazyblk_tests::registry::TokenRegistry::start(
+                &dir,
+                &user,
+                &password,
+                expires as i64,
+                expires,
+            );
+            std::fs::write(&host_file, t.registry.host())?;
             loop {
                 std::thread::sleep(std::time::Duration::from_secs(3600));
             }

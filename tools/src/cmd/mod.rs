@@ -9,6 +9,7 @@ pub mod gc;
 pub mod handover;
 pub mod lifecycle;
 pub mod manage;
+pub mod push;
 pub mod trace;
 pub mod verify;
 pub mod vhost;

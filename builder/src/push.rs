@@ -1,0 +1,284 @@
+//! `lazyblk push`: publish a build directory to an OCI registry as a lazyblk artifact
+//! (`docs/FORMAT.md`, "In an OCI registry"), and `trace --pack --push`: the same image with a
+//! new prefetch pack, as a new manifest over the same blobs.
+//!
+//! The manifest is written as JSON with sorted keys (not through `oci-spec`'s builder, whose
+//! annotations are a `HashMap` and would serialize in a different order each time), so pushing
+//! the same directory twice gives the same manifest digest. It is checked by decoding it with
+//! `oci-spec` (through the registry client's parser) before it is sent.
+
+use crate::error::{Error, Result};
+use lazyblk_format::{
+    ImageId, Manifest, PrefetchList, PrefetchPack, MAX_MANIFEST_BYTES, PACK_FILE, PREFETCH_FILE,
+};
+use lazyblk_registry::{BlobSource, Client, PushOutcome, Reference};
+use lazyblk_remote::registry::{
+    lazyblk_files, ARTIFACT_TYPE, IMAGE_ID, MEDIA_BLOB, MEDIA_CONFIG, MEDIA_MANIFEST, MEDIA_PACK,
+    MEDIA_PACK_BLOB, MEDIA_PREFETCH, TITLE,
+};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+/// Media type of the OCI manifest lazyblk pushes.
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+
+/// One file of a published image.
+#[derive(Clone, Debug)]
+pub struct File {
+    /// Its name (the layer's title).
+    pub name: String,
+    /// Its media type.
+    pub media_type: &'static str,
+    /// `sha256:<hex>` of its bytes.
+    pub digest: String,
+    /// Its size.
+    pub size: u64,
+    /// Where its bytes are (empty: already in the registry, published with the image).
+    pub path: PathBuf,
+}
+
+/// What a push did.
+#[derive(Clone, Debug)]
+pub struct PushSummary {
+    /// The lazyblk image id.
+    pub image: ImageId,
+    /// Digest of the OCI manifest pushed.
+    pub digest: String,
+    /// Each file and what the registry needed.
+    pub files: Vec<(File, PushOutcome)>,
+}
+
+fn sha256_file(path: &Path) -> Result<(String, u64)> {
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0u64;
+    loop {
+        let k = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
+        if k == 0 {
+            break;
+        }
+        h.update(&buf[..k]);
+        n += k as u64;
+    }
+    Ok((format!("sha256:{}", hex::encode(h.finalize())), n))
+}
+
+fn file(dir: &Path, name: &str, media_type: &'static str) -> Result<File> {
+    file_at(dir.join(name), name, media_type)
+}
+
+/// The file at `path`, published as `name`.
+fn file_at(path: PathBuf, name: &str, media_type: &'static str) -> Result<File> {
+    let (digest, size) = sha256_file(&path)?;
+    Ok(File {
+        name: name.to_string(),
+        media_type,
+        digest,
+        size,
+        path,
+    })
+}
+
+/// The files of the build directory `dir` to publish: the manifest and its blob, and the
+/// prefetch list and prefetch pack (with its blob) when they are there and belong to the image.
+pub fn build_dir_files(dir: &Path) -> Result<(ImageId, Manifest, Vec<File>)> {
+    let mpath = dir.join(crate::MANIFEST_FILE);
+    let bytes = std::fs::read(&mpath).map_err(|e| Error::io(&mpath, e))?;
+    let id = ImageId::of(&bytes);
+    let m = Manifest::decode(&bytes)?;
+    let mut files = vec![
+        file(dir, crate::MANIFEST_FILE, MEDIA_MANIFEST)?,
+        file(dir, &m.blob_name, MEDIA_BLOB)?,
+    ];
+    if let Ok(b) = std::fs::read(dir.join(PREFETCH_FILE)) {
+        PrefetchList::decode(&b, &id, m.chunk_count())
+            .map_err(|e| Error::Invalid(format!("{}: {e}", dir.join(PREFETCH_FILE).display())))?;
+        files.push(file(dir, PREFETCH_FILE, MEDIA_PREFETCH)?);
+    }
+    if dir.join(PACK_FILE).exists() {
+        files.extend(pack_files(&dir.join(PACK_FILE), &id, &m)?);
+    }
+    Ok((id, m, files))
+}
+
+/// The prefetch pack at `ppath` and its blob (next to it, under the name the pack gives),
+/// checked against the image `id`, published as `prefetch.pack` and that name.
+fn pack_files(ppath: &Path, id: &ImageId, m: &Manifest) -> Result<Vec<File>> {
+    let b = std::fs::read(ppath).map_err(|e| Error::io(ppath, e))?;
+    let p = PrefetchPack::decode(&b, id, m.image_size)
+        .map_err(|e| Error::Invalid(format!("{}: {e}", ppath.display())))?;
+    let dir = ppath.parent().unwrap_or(Path::new("."));
+    Ok(vec![
+        file_at(ppath.to_path_buf(), PACK_FILE, MEDIA_PACK)?,
+        file(dir, &p.blob_name, MEDIA_PACK_BLOB)?,
+    ])
+}
+
+/// The config blob: what the image is, for tools that look (deterministic bytes).
+fn config(id: &ImageId, m: &Manifest) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "image": id.to_string(),
+        "imageSize": m.image_size,
+        "chunkSize": m.chunk_size,
+        "blobSize": m.blob_size,
+        "chunks": m.chunk_count(),
+    }))
+    .expect("json")
+}
+
+/// The OCI manifest of image `id` with `config` and `files` (sorted keys: deterministic).
+pub fn oci_manifest(id: &ImageId, config: &[u8], files: &[File]) -> Vec<u8> {
+    let layers: Vec<_> = files
+        .iter()
+        .map(|f| {
+            json!({
+                "mediaType": f.media_type,
+                "digest": f.digest,
+                "size": f.size,
+                "annotations": { TITLE: f.name, IMAGE_ID: id.to_string() },
+            })
+        })
+        .collect();
+    serde_json::to_vec_pretty(&json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "artifactType": ARTIFACT_TYPE,
+        "config": {
+            "mediaType": MEDIA_CONFIG,
+            "digest": format!("sha256:{}", hex::encode(Sha256::digest(config))),
+            "size": config.len(),
+        },
+        "layers": layers,
+        "annotations": { IMAGE_ID: id.to_string() },
+    }))
+    .expect("json")
+}
+
+fn reg(e: lazyblk_registry::RegistryError) -> Error {
+    Error::Invalid(e.to_string())
+}
+
+/// Push `files` and the manifest of image `id` to `r` (its tag, or its digest when it has
+/// one; none: `latest`): blobs the repository has are skipped, blobs of `mount_from` (another
+/// repository of the same registry) are mounted.
+async fn push_files(
+    client: &Client,
+    r: &Reference,
+    id: ImageId,
+    m: &Manifest,
+    files: Vec<File>,
+    mount_from: Option<&str>,
+    progress: &(dyn Fn(&File, PushOutcome) + Sync),
+) -> Result<PushSummary> {
+    let cfg = config(&id, m);
+    let manifest = oci_manifest(&id, &cfg, &files);
+    // Check what we send decodes as what we read back.
+    lazyblk_files(r, OCI_MANIFEST, &manifest).map_err(Error::Invalid)?;
+    let cfg_digest = format!("sha256:{}", hex::encode(Sha256::digest(&cfg)));
+    client
+        .push_blob(
+            r,
+            &cfg_digest,
+            cfg.len() as u64,
+            BlobSource::Bytes(cfg.into()),
+            None,
+        )
+        .await
+        .map_err(reg)?;
+    let mut out = Vec::new();
+    for f in files {
+        let o = if f.path.as_os_str().is_empty() {
+            // Already published with the image: it must still be there.
+            let size = client.blob_size(r, &f.digest).await.map_err(reg)?;
+            if size != f.size {
+                return Err(Error::Invalid(format!(
+                    "{r}: blob {} ({}) is {size} bytes, its descriptor says {}",
+                    f.digest, f.name, f.size
+                )));
+            }
+            PushOutcome::Exists
+        } else {
+            client
+                .push_blob(
+                    r,
+                    &f.digest,
+                    f.size,
+                    BlobSource::File(f.path.clone()),
+                    mount_from,
+                )
+                .await
+                .map_err(reg)?
+        };
+        progress(&f, o);
+        out.push((f, o));
+    }
+    let tag = r
+        .digest()
+        .map(str::to_string)
+        .unwrap_or_else(|| r.tag().unwrap_or("latest").to_string());
+    let digest = client
+        .push_manifest(r, &tag, OCI_MANIFEST, manifest.into())
+        .await
+        .map_err(reg)?;
+    Ok(PushSummary {
+        image: id,
+        digest,
+        files: out,
+    })
+}
+
+/// `lazyblk push <dir> <ref>`: publish the build directory `dir`.
+pub async fn push(
+    client: &Client,
+    dir: &Path,
+    r: &Reference,
+    mount_from: Option<&str>,
+    progress: &(dyn Fn(&File, PushOutcome) + Sync),
+) -> Result<PushSummary> {
+    let (id, m, files) = build_dir_files(dir)?;
+    push_files(client, r, id, &m, files, mount_from, progress).await
+}
+
+/// `lazyblk trace --pack --push <ref>`: the image `r` names (its manifest and blob, and a
+/// published prefetch list) with the prefetch pack at `pack` (and its blob next to it) in
+/// place of any it had, pushed as a new manifest under `r`'s tag. The image's blobs are
+/// already there and are not sent again.
+pub async fn push_pack(
+    client: &Client,
+    pack: &Path,
+    r: &Reference,
+    progress: &(dyn Fn(&File, PushOutcome) + Sync),
+) -> Result<PushSummary> {
+    let got = client.resolve(r).await.map_err(reg)?;
+    let published = lazyblk_files(r, &got.media_type, &got.bytes).map_err(Error::Invalid)?;
+    let layer = |name: &str| published.files.get(name).cloned();
+    let ml = layer(crate::MANIFEST_FILE).expect("lazyblk_files checks the manifest layer");
+    let mbytes = client
+        .get_blob(r, &ml.digest, MAX_MANIFEST_BYTES)
+        .await
+        .map_err(reg)?;
+    let id = ImageId::of(&mbytes);
+    let m = Manifest::decode(&mbytes)?;
+    // The image's own files as published (not re-uploaded: the registry has them).
+    let mut files = Vec::new();
+    for (name, media_type) in [
+        (crate::MANIFEST_FILE, MEDIA_MANIFEST),
+        (m.blob_name.as_str(), MEDIA_BLOB),
+        (PREFETCH_FILE, MEDIA_PREFETCH),
+    ] {
+        if let Some(l) = layer(name) {
+            files.push(File {
+                name: name.to_string(),
+                media_type,
+                digest: l.digest,
+                size: l.size,
+                path: PathBuf::new(),
+            });
+        }
+    }
+    files.extend(pack_files(pack, &id, &m)?);
+    push_files(client, r, id, &m, files, None, progress).await
+}
