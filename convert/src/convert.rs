@@ -20,9 +20,10 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The name of the source image's OCI config in a converted build directory (published as a
-/// layer of that title, media type `application/vnd.oci.image.config.v1+json`).
-pub const IMAGE_CONFIG_FILE: &str = "image-config.json";
+/// The name of the source image's OCI config in a converted build directory (published by
+/// `lazyblk_builder::push` as a layer of that title, media type
+/// `application/vnd.oci.image.config.v1+json`).
+pub use lazyblk_builder::push::IMAGE_CONFIG_FILE;
 
 /// What to convert and how.
 #[derive(Clone, Debug, Default)]
