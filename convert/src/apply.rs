@@ -5,7 +5,8 @@
 //! * `D/.wh.N` removes `D/N` of the *lower* layers (and everything under it); `D/.wh..wh..opq`
 //!   removes every lower entry in `D`. An entry this layer wrote (or a directory on the way to
 //!   one) is never removed by a whiteout of the same layer, before or after it: "entries of the
-//!   same layer win". Other `.wh..wh.*` names (aufs' bookkeeping) are ignored.
+//!   same layer win". A whiteout under a path that is not a directory (this layer made it a
+//!   file) has nothing to remove. Other `.wh..wh.*` names (aufs' bookkeeping) are ignored.
 //! * An entry whose path exists replaces it, unless both are directories (then the directory is
 //!   kept, with its children, and takes the entry's metadata). So a file becomes a directory
 //!   and back.
@@ -183,9 +184,22 @@ impl Tree {
             }
         };
         let entries = archive.entries().map_err(bad_tar)?;
+        // Where the last entry's data ended: a stream that stops right there (no padding, no
+        // end-of-archive blocks, as `umoci insert` 0.4.7 writes) ends cleanly, as it does for
+        // Go's archive/tar; anything shorter is truncated.
+        let mut last_end = None;
         for e in entries {
-            let mut e = e.map_err(bad_tar)?;
+            let mut e = match e {
+                Ok(e) => e,
+                Err(err) if meter.eof.get() && last_end == Some(meter.bytes.get()) => {
+                    debug!(layer = label, error = %err, "layer ends without end-of-archive blocks");
+                    break;
+                }
+                Err(err) => return Err(bad_tar(err)),
+            };
             let path = String::from_utf8_lossy(&e.path_bytes()).into_owned();
+            last_end = (e.header().entry_type() != EntryType::GNUSparse)
+                .then(|| e.raw_file_position() + e.size());
             if let Err(f) = l.entry(&mut e) {
                 return Err(match f {
                     Fail::Refuse(why) => Error::Refused {
@@ -225,6 +239,12 @@ impl Layer<'_> {
     /// The directory `comps` (the root when empty), walked without following a symlink; made
     /// (0755) when missing and `create`. `None`: it does not exist (and not `create`).
     fn walk(&mut self, comps: &[Name], create: bool) -> R<Option<Dir>> {
+        self.walk_to(comps, create, false)
+    }
+
+    /// [`Self::walk`]; with `file_is_none`, a component that is a file (not a symlink) is `None`
+    /// rather than refused (a whiteout under a path this layer made a file: nothing to remove).
+    fn walk_to(&mut self, comps: &[Name], create: bool, file_is_none: bool) -> R<Option<Dir>> {
         if let Some((c, d)) = &self.cache {
             if c == comps {
                 return d.try_clone().map(Some).map_err(io_err("dup"));
@@ -247,6 +267,7 @@ impl Layer<'_> {
                             os(c.as_bytes())
                         )))
                     }
+                    Some(Kind::Other) if file_is_none => return Ok(None),
                     Some(Kind::Other) => {
                         return Err(Fail::Refuse(format!(
                             "its parent {:?} is not a directory",
@@ -298,6 +319,12 @@ impl Layer<'_> {
                 self.prepare(&dir, name, false)?;
                 let mut f = dir.create_file(name).map_err(io_err("create"))?;
                 let n = self.copy_sparse(e, &mut f)?;
+                if n != e.size() {
+                    return Err(Fail::Io(
+                        format!("its data ends after {n} of {} bytes", e.size()),
+                        io::ErrorKind::UnexpectedEof.into(),
+                    ));
+                }
                 f.set_len(n).map_err(io_err("truncate"))?;
                 drop(f);
                 self.metadata(e, &dir, Some(name), false)?;
@@ -421,7 +448,7 @@ impl Layer<'_> {
     fn whiteout(&mut self, parent: &[Name], rest: &[u8]) -> R<()> {
         if rest == b".wh..opq" {
             self.stats.opaque += 1;
-            let Some(dir) = self.walk(parent, false)? else {
+            let Some(dir) = self.walk_to(parent, false, true)? else {
                 return Ok(());
             };
             for child in dir.names().map_err(io_err("readdir"))? {
@@ -440,7 +467,7 @@ impl Layer<'_> {
             )));
         };
         self.stats.whiteouts += 1;
-        let Some(dir) = self.walk(parent, false)? else {
+        let Some(dir) = self.walk_to(parent, false, true)? else {
             return Ok(());
         };
         self.remove_lower(&dir, parent, &target)

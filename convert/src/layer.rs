@@ -60,6 +60,8 @@ pub struct Meter {
     pub bytes: Cell<u64>,
     /// Set when the limit was hit (the read failed because of it).
     pub over: Cell<bool>,
+    /// Set when the stream ended.
+    pub eof: Cell<bool>,
 }
 
 /// A reader that counts what passes, fails once more than `limit` bytes passed, and hashes it.
@@ -92,6 +94,9 @@ impl<R: Read> Counted<R> {
 impl<R: Read> Read for Counted<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
+        if n == 0 && !buf.is_empty() {
+            self.meter.eof.set(true);
+        }
         let total = self.meter.bytes.get() + n as u64;
         self.meter.bytes.set(total);
         if total > self.limit {

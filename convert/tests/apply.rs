@@ -472,7 +472,14 @@ fn a_file_becomes_a_directory_and_back_and_links_span_layers() {
     assert_eq!(fs::read(f.p("f/inner")).unwrap(), b"i");
     assert_eq!(meta(&f.p("again")).ino(), meta(&f.p("base")).ino());
     assert_eq!(meta(&f.p("base")).nlink(), 2);
-    f.apply(&L::new().file("f", b"file again").bytes()).unwrap();
+    // As umoci writes it: the file, then whiteouts of the directory's old children.
+    f.apply(
+        &L::new()
+            .file("f", b"file again")
+            .file("f/.wh.inner", b"")
+            .bytes(),
+    )
+    .unwrap();
     assert!(meta(&f.p("f")).is_file());
     assert_eq!(fs::read(f.p("f")).unwrap(), b"file again");
     // A directory over a directory keeps its children and takes the new metadata.
@@ -740,4 +747,19 @@ fn the_root_entry_sets_the_root_and_cannot_be_a_file() {
         "root",
     );
     fs::set_permissions(f.root(), fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+#[test]
+fn a_stream_ending_right_after_the_last_data_is_accepted_a_shorter_one_is_not() {
+    // What `umoci insert` 0.4.7 writes: no padding and no end-of-archive blocks.
+    let mut l = L::new().file("a", b"first").file("b", b"last").bytes();
+    let end = 512 * 3 + 4;
+    l.truncate(end);
+    let f = Fixture::new();
+    f.apply(&l).unwrap();
+    assert_eq!(fs::read(f.p("b")).unwrap(), b"last");
+    // Cut inside the data: refused.
+    let f = Fixture::new();
+    let e = f.apply(&l[..end - 2]).unwrap_err();
+    assert!(e.to_string().contains("\"b\""), "{e}");
 }
