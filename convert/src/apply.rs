@@ -31,7 +31,7 @@
 //! line.
 
 use crate::at::{os, Dir, Kind, Name};
-use crate::error::{Error, Result};
+use crate::error::{one_line, Error, Result};
 use crate::layer::{Counted, Meter};
 use std::collections::HashSet;
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -179,7 +179,7 @@ impl Tree {
             } else {
                 Error::Layer {
                     layer: label.to_string(),
-                    why: format!("not a valid tar stream: {e}"),
+                    why: one_line(&format!("not a valid tar stream: {e}")),
                 }
             }
         };
@@ -197,7 +197,10 @@ impl Tree {
                 }
                 Err(err) => return Err(bad_tar(err)),
             };
-            let path = String::from_utf8_lossy(&e.path_bytes()).into_owned();
+            let path: String = String::from_utf8_lossy(&e.path_bytes())
+                .chars()
+                .take(300)
+                .collect();
             last_end = (e.header().entry_type() != EntryType::GNUSparse)
                 .then(|| e.raw_file_position() + e.size());
             if let Err(f) = l.entry(&mut e) {
@@ -210,7 +213,7 @@ impl Tree {
                     Fail::Io(..) if meter.over.get() => over(),
                     Fail::Io(what, err) => Error::Layer {
                         layer: label.to_string(),
-                        why: format!("{path:?}: {what}: {err}"),
+                        why: one_line(&format!("{path:?}: {what}: {err}")),
                     },
                     Fail::Limit(what, limit, flag) => limit_err(what, limit, flag),
                 });
@@ -219,7 +222,7 @@ impl Tree {
         l.finish().map_err(|f| match f {
             Fail::Io(what, err) => Error::Layer {
                 layer: label.to_string(),
-                why: format!("{what}: {err}"),
+                why: one_line(&format!("{what}: {err}")),
             },
             Fail::Refuse(why) => Error::Layer {
                 layer: label.to_string(),

@@ -79,5 +79,23 @@ impl Error {
     }
 }
 
+/// `s` on one line and of bounded length: control characters escaped (messages of the tar
+/// reader quote a hostile layer's bytes), cut after 300 characters.
+pub(crate) fn one_line(s: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i == 300 {
+            out.push_str("...");
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Result alias for this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -706,6 +706,14 @@ fn garbage_is_an_error_not_a_panic() {
     let e = f.apply(&l).unwrap_err();
     assert!(e.to_string().contains("not a valid tar"), "{e}");
     assert!(f.apply(&[0x41; 3000]).is_err());
+    // The tar reader quotes bad fields: still one line.
+    let mut l = L::new().file("a", b"abc").bytes();
+    l[148..156].copy_from_slice(b"\n\r\x1b\n\n\n\n\n");
+    let e = f.apply(&l).unwrap_err().to_string();
+    assert!(
+        !e.contains('\n') && !e.contains('\r') && !e.contains('\x1b'),
+        "{e:?}"
+    );
     // Unknown entry types are refused.
     let e = f
         .apply(
