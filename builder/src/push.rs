@@ -24,6 +24,12 @@ use std::path::{Path, PathBuf};
 /// Media type of the OCI manifest lazyblk pushes.
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
+/// A converted image's source config (`lazyblk convert`), published beside the image so
+/// runtimes find its entrypoint, env, cmd, user and working directory.
+pub const IMAGE_CONFIG_FILE: &str = "image-config.json";
+/// Its media type (the OCI image config's).
+pub const MEDIA_IMAGE_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+
 /// One file of a published image.
 #[derive(Clone, Debug)]
 pub struct File {
@@ -83,7 +89,8 @@ fn file_at(path: PathBuf, name: &str, media_type: &'static str) -> Result<File> 
 }
 
 /// The files of the build directory `dir` to publish: the manifest and its blob, and the
-/// prefetch list and prefetch pack (with its blob) when they are there and belong to the image.
+/// prefetch list and prefetch pack (with its blob) when they are there and belong to the image,
+/// and a converted image's source config ([`IMAGE_CONFIG_FILE`]).
 pub fn build_dir_files(dir: &Path) -> Result<(ImageId, Manifest, Vec<File>)> {
     let mpath = dir.join(crate::MANIFEST_FILE);
     let bytes = std::fs::read(&mpath).map_err(|e| Error::io(&mpath, e))?;
@@ -100,6 +107,9 @@ pub fn build_dir_files(dir: &Path) -> Result<(ImageId, Manifest, Vec<File>)> {
     }
     if dir.join(PACK_FILE).exists() {
         files.extend(pack_files(&dir.join(PACK_FILE), &id, &m)?);
+    }
+    if dir.join(IMAGE_CONFIG_FILE).exists() {
+        files.push(file(dir, IMAGE_CONFIG_FILE, MEDIA_IMAGE_CONFIG)?);
     }
     Ok((id, m, files))
 }
@@ -243,7 +253,7 @@ pub async fn push(
 }
 
 /// `lazyblk trace --pack --push <ref>`: the image `r` names (its manifest and blob, and a
-/// published prefetch list) with the prefetch pack at `pack` (and its blob next to it) in
+/// published prefetch list and source config) with the prefetch pack at `pack` (and its blob next to it) in
 /// place of any it had, pushed as a new manifest under `r`'s tag. The image's blobs are
 /// already there and are not sent again.
 pub async fn push_pack(
@@ -268,6 +278,7 @@ pub async fn push_pack(
         (crate::MANIFEST_FILE, MEDIA_MANIFEST),
         (m.blob_name.as_str(), MEDIA_BLOB),
         (PREFETCH_FILE, MEDIA_PREFETCH),
+        (IMAGE_CONFIG_FILE, MEDIA_IMAGE_CONFIG),
     ] {
         if let Some(l) = layer(name) {
             files.push(File {

@@ -84,7 +84,9 @@ pub fn generate(root: &Path, seed: u64, scale: u64) -> Result<()> {
     Ok(())
 }
 
-/// One line per entry: path, type, mode, size, sha256 or link target, xattrs, hardlink group.
+/// One line per entry: path, type, mode, owner, size, sha256 and link count or link target or
+/// device number, xattrs (`security.capability` included, other `security.*` left out), hardlink
+/// group.
 pub fn digest(root: &Path) -> Result<String> {
     let mut lines = BTreeMap::new();
     let mut inodes: BTreeMap<(u64, u64), Vec<String>> = BTreeMap::new();
@@ -124,8 +126,9 @@ fn walk(
             .map(|l| {
                 l.filter_map(|n| {
                     let n = n.to_string_lossy().to_string();
-                    // security.selinux and friends depend on the host, not the image.
-                    if n.starts_with("security.") {
+                    // security.selinux and friends depend on the host, not the image;
+                    // file capabilities belong to the image.
+                    if n.starts_with("security.") && n != "security.capability" {
                         return None;
                     }
                     let v = xattr::get(&p, &n).ok().flatten().unwrap_or_default();
@@ -148,12 +151,13 @@ fn walk(
                     .push(rel.clone());
             }
             format!(
-                "file size={} sha256={}",
+                "file size={} sha256={} nlink={}",
                 md.len(),
-                hex::encode(Sha256::digest(&data))
+                hex::encode(Sha256::digest(&data)),
+                md.nlink()
             )
         } else {
-            format!("special {:o}", md.mode())
+            format!("special {:o} rdev={:x}", md.mode(), md.rdev())
         };
         let mode_s = if ft.is_symlink() {
             String::new()

@@ -2,6 +2,7 @@
 //! definitions only; each command runs in its module, see `main.rs`).
 
 use crate::cmd::add;
+use crate::cmd::convert;
 use crate::cmd::vhost;
 use crate::registry_args::RegistryArgs;
 use crate::store_args::StoreArgs;
@@ -75,6 +76,9 @@ pub enum Cmd {
         #[command(flatten)]
         registry: RegistryArgs,
     },
+    /// Convert a container image (registry, `oci:DIR`, `docker-archive:FILE`) into one erofs
+    /// image of its flattened layers and push it as a lazyblk image, with the source config.
+    Convert(convert::ConvertArgs),
     /// Read an image through the chunk store (no kernel device needed).
     Cat {
         /// Manifest path or URL.

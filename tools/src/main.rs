@@ -80,6 +80,7 @@ fn run(cli: Cli) -> Result<()> {
             output,
         } => cmd::cat::run(&manifest, &store, offset, length, output),
         Cmd::Add(a) => cmd::add::run(state, a),
+        Cmd::Convert(a) => cmd::convert::run(a),
         Cmd::List => cmd::manage::list(&state),
         Cmd::Trace {
             id,

@@ -4,6 +4,7 @@
 pub mod add;
 pub mod build;
 pub mod cat;
+pub mod convert;
 pub mod export;
 pub mod gc;
 pub mod handover;

@@ -1,0 +1,276 @@
+//! The orchestration: open the source, apply its layers in order onto `work/rootfs`, make one
+//! erofs image of the tree (`mkfs.erofs`), chunk it into `work/out` with the builder, and keep
+//! the source image's config beside it as [`IMAGE_CONFIG_FILE`].
+//!
+//! The work directory holds everything written: `layers/` (downloaded or extracted layers),
+//! `rootfs/` (the tree), `image.erofs`, `out/` (the build directory to push). The seam for
+//! shared per-layer data regions is [`Converted::layers`] (each layer's digest, `diff_id` and
+//! stats) and [`Converted::manifest`] (the source manifest, for a `subject` link).
+
+use crate::apply::{ApplyOptions, LayerStats, Tree};
+use crate::error::{Error, Result};
+use crate::layer;
+use crate::source::{Image, LayerDesc, ManifestDesc, SourceRef};
+use crate::Platform;
+use lazyblk_builder::{build_image, BuildOptions, BuildSummary};
+use lazyblk_registry::Client;
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The name of the source image's OCI config in a converted build directory (published by
+/// `lazyblk_builder::push` as a layer of that title, media type
+/// `application/vnd.oci.image.config.v1+json`).
+pub use lazyblk_builder::push::IMAGE_CONFIG_FILE;
+
+/// What to convert and how.
+#[derive(Clone, Debug, Default)]
+pub struct ConvertOptions {
+    /// The platform to pick from an index.
+    pub platform: Platform,
+    /// Limits for applying layers.
+    pub apply: ApplyOptions,
+    /// How to chunk the erofs image.
+    pub build: BuildOptions,
+}
+
+/// Progress reports, in order.
+#[derive(Debug)]
+pub enum Progress<'a> {
+    /// The source is open: its layers and their stored size in all.
+    Opened {
+        /// The layers.
+        layers: &'a [LayerDesc],
+    },
+    /// Layer `index` (0-based): fetched or checked this many stored bytes.
+    Fetch {
+        /// The layer.
+        index: usize,
+        /// Bytes so far.
+        done: u64,
+    },
+    /// Layer `index`: applied this many stored bytes.
+    Apply {
+        /// The layer.
+        index: usize,
+        /// Bytes so far.
+        done: u64,
+    },
+    /// Layer `index` is applied.
+    Applied {
+        /// The layer.
+        index: usize,
+        /// What it did.
+        stats: &'a LayerStats,
+    },
+    /// Running `mkfs.erofs` on the tree.
+    Mkfs,
+    /// Chunking the erofs image: bytes done of `total`.
+    Build {
+        /// Bytes done.
+        done: u64,
+        /// The image size.
+        total: u64,
+    },
+}
+
+/// The flattened tree, counted.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TreeStats {
+    /// Regular files (each inode once).
+    pub files: u64,
+    /// Directories (the root included).
+    pub dirs: u64,
+    /// Symlinks.
+    pub symlinks: u64,
+    /// Names beyond the first of a hardlinked inode.
+    pub hardlinks: u64,
+    /// Devices, fifos, sockets.
+    pub nodes: u64,
+    /// Bytes of regular files (each inode once).
+    pub bytes: u64,
+}
+
+/// What a conversion made.
+#[derive(Debug)]
+pub struct Converted {
+    /// The source manifest used.
+    pub manifest: ManifestDesc,
+    /// The source layers, and what applying each did.
+    pub layers: Vec<(LayerDesc, LayerStats)>,
+    /// The source image's config (also at `out_dir/image-config.json`).
+    pub config: Vec<u8>,
+    /// The flattened tree.
+    pub tree: TreeStats,
+    /// The erofs image.
+    pub image: PathBuf,
+    /// The build directory (`manifest`, `blob`, `image-config.json`).
+    pub out_dir: PathBuf,
+    /// What the builder did.
+    pub build: BuildSummary,
+}
+
+/// Counts bytes read and reports them.
+struct Reporting<'a, R> {
+    inner: R,
+    done: u64,
+    report: &'a mut dyn FnMut(u64),
+}
+
+impl<R: Read> Read for Reporting<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.done += n as u64;
+        (self.report)(self.done);
+        Ok(n)
+    }
+}
+
+/// Convert `src` (`client` for a registry source) in the work directory `work` (created if
+/// missing; `rootfs/` and `out/` in it must not exist yet).
+pub async fn convert(
+    src: &SourceRef,
+    client: Option<&Client>,
+    work: &Path,
+    opts: &ConvertOptions,
+    progress: &mut (dyn FnMut(Progress) + Send),
+) -> Result<Converted> {
+    std::fs::create_dir_all(work).map_err(|e| Error::io(work, e))?;
+    let rootfs = work.join("rootfs");
+    let out_dir = work.join("out");
+    for p in [&rootfs, &out_dir] {
+        if p.exists() {
+            return Err(Error::Source(format!(
+                "{} already exists: give an empty work directory",
+                p.display()
+            )));
+        }
+    }
+    let img = Image::open(src, client, &opts.platform, work).await?;
+    if !img.diff_ids.is_empty() && img.diff_ids.len() != img.layers.len() {
+        return Err(Error::Source(format!(
+            "{src}: the config lists {} diff_ids for {} layers",
+            img.diff_ids.len(),
+            img.layers.len()
+        )));
+    }
+    progress(Progress::Opened {
+        layers: &img.layers,
+    });
+    std::fs::create_dir(&rootfs).map_err(|e| Error::io(&rootfs, e))?;
+    let tree = Tree::open(&rootfs, opts.apply.clone())?;
+    let mut layers = Vec::new();
+    for (i, l) in img.layers.iter().enumerate() {
+        let label = format!("{}/{} ({})", i + 1, img.layers.len(), l.digest);
+        let path = img
+            .fetch_layer(i, work, &mut |done| {
+                progress(Progress::Fetch { index: i, done })
+            })
+            .await?;
+        let declared = layer::from_media_type(&l.media_type).map_err(|why| Error::Layer {
+            layer: label.clone(),
+            why,
+        })?;
+        let f = File::open(&path).map_err(|e| Error::io(&path, e))?;
+        let mut report = |done| progress(Progress::Apply { index: i, done });
+        let r = Reporting {
+            inner: f,
+            done: 0,
+            report: &mut report,
+        };
+        let tar = layer::decompress(r, declared).map_err(|why| Error::Layer {
+            layer: label.clone(),
+            why,
+        })?;
+        let stats = tree.apply_layer(&label, tar)?;
+        if let Some(want) = img.diff_ids.get(i) {
+            if *want != stats.diff_id {
+                return Err(Error::Digest {
+                    what: format!("layer {label}: uncompressed (diff_id)"),
+                    expected: want.clone(),
+                    actual: stats.diff_id.clone(),
+                });
+            }
+        }
+        progress(Progress::Applied {
+            index: i,
+            stats: &stats,
+        });
+        layers.push((l.clone(), stats));
+    }
+    let tree_stats = count_tree(&rootfs)?;
+    progress(Progress::Mkfs);
+    let image = work.join("image.erofs");
+    mkfs_erofs(&rootfs, &image)?;
+    let total = std::fs::metadata(&image)
+        .map_err(|e| Error::io(&image, e))?
+        .len();
+    let build = build_image(&image, &out_dir, &opts.build, |done| {
+        progress(Progress::Build { done, total })
+    })?;
+    lazyblk_builder::write_atomic(&out_dir.join(IMAGE_CONFIG_FILE), &img.config)?;
+    Ok(Converted {
+        manifest: img.manifest.clone(),
+        layers,
+        config: img.config.clone(),
+        tree: tree_stats,
+        image,
+        out_dir,
+        build,
+    })
+}
+
+/// `mkfs.erofs` (erofs-utils) of `tree` at `image`: owners, modes, xattrs, hardlinks, devices
+/// and mtimes are kept as they are in the tree.
+pub fn mkfs_erofs(tree: &Path, image: &Path) -> Result<()> {
+    let out = Command::new("mkfs.erofs")
+        .arg("--quiet")
+        .arg(image)
+        .arg(tree)
+        .output()
+        .map_err(|e| Error::io("mkfs.erofs (install erofs-utils)", e))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        return Err(Error::Source(format!(
+            "mkfs.erofs failed on {}: {}",
+            tree.display(),
+            err.lines().last().unwrap_or("").trim()
+        )));
+    }
+    Ok(())
+}
+
+/// Count the tree under `root` (symlinks not followed).
+pub fn count_tree(root: &Path) -> Result<TreeStats> {
+    let mut s = TreeStats {
+        dirs: 1,
+        ..TreeStats::default()
+    };
+    let mut seen = std::collections::HashSet::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))? {
+            let e = e.map_err(|e| Error::io(&dir, e))?;
+            let md = e.metadata().map_err(|err| Error::io(e.path(), err))?;
+            let ft = md.file_type();
+            if ft.is_dir() {
+                s.dirs += 1;
+                stack.push(e.path());
+            } else if ft.is_symlink() {
+                s.symlinks += 1;
+            } else if ft.is_file() {
+                if md.nlink() > 1 && !seen.insert(md.ino()) {
+                    s.hardlinks += 1;
+                } else {
+                    s.files += 1;
+                    s.bytes += md.len();
+                }
+            } else {
+                s.nodes += 1;
+            }
+        }
+    }
+    Ok(s)
+}

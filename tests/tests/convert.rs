@@ -1,0 +1,444 @@
+//! `lazyblk convert` with real tools: a multi-layer image made with Debian's `umoci` (deletions,
+//! an opaque directory, a file turned into a directory and back, hardlinks across layers, modes,
+//! owners, xattrs and file capabilities, devices, fifos, sparse files), copied with `skopeo` into
+//! a real `docker-registry` as OCI (gzip), Docker schema 2 and OCI with zstd layers; converted
+//! from each, from the `oci:` layout and from a `docker save`-style archive; pushed, read back
+//! through the chunk store by reference, checked with `fsck.erofs`, mounted (erofs over loop),
+//! and compared with `umoci unpack` of the source (content, modes, owners, xattrs, link targets,
+//! hardlink counts, device numbers). Needs root, umoci, skopeo, erofs-utils, docker-registry
+//! (`scripts/setup`); it fails, never skips, when they are missing.
+
+use lazyblk_chunkstore::{ChunkStore, Location, StoreOptions};
+use lazyblk_convert::{ConvertOptions, Error, SourceRef};
+use lazyblk_registry::{Client, ClientOptions, CredentialSource, Manifest, Reference};
+use lazyblk_tests::registry::{Registry, RegistryAuth};
+use lazyblk_tests::tree;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Run `cmd`, failing the test with its output when it fails.
+fn run(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?} (scripts/setup installs it): {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The source image: layout `w/L`, tag `img`, four layers; `w/REF/rootfs` is `umoci unpack` of it.
+const MAKE_IMAGE: &str = r#"
+set -eux
+cd "$W"
+umoci init --layout L
+umoci new --image L:img
+umoci unpack --image L:img B
+R=B/rootfs
+# Layer 1: a bit of everything.
+mkdir -p $R/etc $R/usr/bin $R/tmp $R/gone/sub $R/opq/keepdir $R/a $R/dev
+echo root > $R/etc/passwd
+setfattr -n user.k -v hello $R/etc/passwd
+printf tool > $R/usr/bin/tool; chmod 0755 $R/usr/bin/tool; chown 1000:1000 $R/usr/bin/tool
+printf su > $R/usr/bin/su; chmod 04755 $R/usr/bin/su
+printf ping > $R/usr/bin/ping; setcap cap_net_raw=+ep $R/usr/bin/ping
+chmod 01777 $R/tmp
+head -c 3000000 /dev/urandom > $R/big
+truncate -s 10M $R/sparse; printf data | dd of=$R/sparse bs=1 seek=5000000 conv=notrunc status=none
+ln -s ../etc/passwd $R/a/rel; ln -s /nowhere/at/all $R/a/abs
+echo h > $R/a/h1; ln $R/a/h1 $R/a/h2
+mkfifo $R/a/fifo; mknod $R/dev/null2 c 1 3; mknod $R/dev/loop77 b 7 77
+echo f > $R/turn
+echo x > $R/gone/sub/f
+echo 1 > $R/opq/old1; echo 2 > $R/opq/keepdir/old2
+umoci repack --refresh-bundle --image L:img B
+# Layer 2: deletions, a file turned into a directory, a hardlink to a lower file, metadata.
+rm -r $R/gone; rm $R/etc/passwd
+rm $R/turn; mkdir $R/turn; echo in > $R/turn/inner
+ln $R/usr/bin/tool $R/usr/bin/tool-link
+chmod 0640 $R/usr/bin/su
+chown -h 2000:3000 $R/a/rel
+setfattr -n user.k2 -v v2 $R/usr/bin/tool
+echo changed > $R/a/h2
+umoci repack --refresh-bundle --image L:img B
+# Layer 3: an opaque directory.
+mkdir -p opqsrc; echo new > opqsrc/new
+umoci insert --image L:img --opaque opqsrc /opq
+# Layer 4 (a fresh bundle): the directory back into a file, one name of a hardlink removed.
+umoci unpack --image L:img B2
+R=B2/rootfs
+rm -r $R/turn; echo file-again > $R/turn
+rm $R/a/h1
+umoci repack --image L:img B2
+umoci config --image L:img --config.entrypoint /usr/bin/tool --config.cmd arg \
+    --config.env FOO=bar --config.workingdir /etc --config.user 1000:1000
+umoci unpack --image L:img REF
+"#;
+
+fn make_image(w: &Path) {
+    run(Command::new("bash").arg("-c").arg(MAKE_IMAGE).env("W", w));
+}
+
+/// `docker save`'s layout of the image: `manifest.json`, the config, `<n>/layer.tar`.
+fn docker_archive(w: &Path) -> PathBuf {
+    let l = w.join("L");
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(l.join("index.json")).unwrap()).unwrap();
+    let mdigest = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == "img")
+        .unwrap()["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let blob = |d: &str| {
+        l.join("blobs/sha256")
+            .join(d.strip_prefix("sha256:").unwrap())
+    };
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(blob(&mdigest)).unwrap()).unwrap();
+    let a = w.join("archive");
+    std::fs::create_dir(&a).unwrap();
+    std::fs::copy(
+        blob(m["config"]["digest"].as_str().unwrap()),
+        a.join("cfg.json"),
+    )
+    .unwrap();
+    let mut layers = Vec::new();
+    for (i, layer) in m["layers"].as_array().unwrap().iter().enumerate() {
+        std::fs::create_dir(a.join(i.to_string())).unwrap();
+        let out = std::fs::File::create(a.join(format!("{i}/layer.tar"))).unwrap();
+        let st = Command::new("gzip")
+            .arg("-dc")
+            .arg(blob(layer["digest"].as_str().unwrap()))
+            .stdout(out)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        layers.push(format!("{i}/layer.tar"));
+    }
+    let manifest =
+        serde_json::json!([{"Config": "cfg.json", "RepoTags": ["img:latest"], "Layers": layers}]);
+    std::fs::write(a.join("manifest.json"), manifest.to_string()).unwrap();
+    let tarball = w.join("saved.tar");
+    run(Command::new("tar")
+        .arg("-C")
+        .arg(&a)
+        .arg("-cf")
+        .arg(&tarball)
+        .arg("."));
+    tarball
+}
+
+fn skopeo(from: &str, to: &str, extra: &[&str]) {
+    run(Command::new("skopeo")
+        .args(["copy", "--insecure-policy", "--dest-tls-verify=false", "-q"])
+        .args(extra)
+        .arg(from)
+        .arg(to));
+}
+
+/// Unmounts on drop.
+struct Mount(PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// Convert `src` in `work`, push it to `dst`, read it back by reference through the chunk
+/// store, `fsck.erofs` it, mount it and return its tree digest.
+fn convert_and_read_back(client: &Client, src: &SourceRef, work: &Path, dst: &str) -> String {
+    let mut layers_seen = 0;
+    let c = rt()
+        .block_on(lazyblk_convert::convert(
+            src,
+            Some(client),
+            work,
+            &ConvertOptions::default(),
+            &mut |p| {
+                if let lazyblk_convert::Progress::Applied { .. } = p {
+                    layers_seen += 1;
+                }
+            },
+        ))
+        .unwrap_or_else(|e| panic!("converting {src}: {e}"));
+    assert_eq!(layers_seen, 4, "{src}");
+    assert_eq!(c.layers.len(), 4);
+    assert!(c.tree.hardlinks >= 1 && c.tree.nodes >= 3, "{:?}", c.tree);
+    let r = Reference::parse(dst).unwrap();
+    let pushed = rt()
+        .block_on(lazyblk_builder::push(
+            client,
+            &c.out_dir,
+            &r,
+            None,
+            &|_, _| {},
+        ))
+        .unwrap();
+    // The source config rides along as a layer runtimes can find.
+    let got = rt().block_on(client.resolve(&r)).unwrap();
+    let Manifest::Image(m) = lazyblk_registry::parse_manifest(&got.media_type, &got.bytes).unwrap()
+    else {
+        panic!("an image manifest")
+    };
+    let cfg_layer = m
+        .layers()
+        .iter()
+        .find(|l| {
+            l.annotations()
+                .as_ref()
+                .and_then(|a| a.get("org.opencontainers.image.title"))
+                == Some(&"image-config.json".to_string())
+        })
+        .expect("an image-config.json layer");
+    assert_eq!(
+        cfg_layer.media_type().to_string(),
+        "application/vnd.oci.image.config.v1+json"
+    );
+    let cfg = rt()
+        .block_on(client.get_blob(&r, cfg_layer.digest().as_ref(), 1 << 20))
+        .unwrap();
+    let cfg: serde_json::Value = serde_json::from_slice(&cfg).unwrap();
+    assert_eq!(cfg["config"]["Entrypoint"][0], "/usr/bin/tool", "{cfg}");
+    assert_eq!(cfg["config"]["WorkingDir"], "/etc");
+    assert_eq!(cfg["config"]["User"], "1000:1000");
+    assert!(cfg["config"]["Env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e == "FOO=bar"));
+
+    let cache = work.join("cache");
+    let mut o = StoreOptions {
+        cache_root: cache.clone(),
+        readahead_bytes: 0,
+        ..Default::default()
+    };
+    o.registry.credentials = CredentialSource::Anonymous;
+    o.registry.hosts_dir = Some(cache.join("no-hosts.d"));
+    let s = ChunkStore::open(&Location::parse(dst), o).unwrap();
+    assert_eq!(s.id(), pushed.image);
+    let raw = work.join("read-back.erofs");
+    s.export(&raw).unwrap();
+    drop(s);
+    assert_eq!(
+        std::fs::read(&raw).unwrap(),
+        std::fs::read(&c.image).unwrap(),
+        "read back through the registry, the image is the one built"
+    );
+    run(Command::new("fsck.erofs").arg(&raw));
+    let mnt = work.join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    run(Command::new("mount")
+        .args(["-t", "erofs", "-o", "loop,ro"])
+        .arg(&raw)
+        .arg(&mnt));
+    let _m = Mount(mnt.clone());
+    tree::digest(&mnt).unwrap()
+}
+
+#[test]
+fn umoci_images_convert_to_the_tree_umoci_unpacks() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = dir.path().join("src");
+    std::fs::create_dir(&w).unwrap();
+    make_image(&w);
+    let want = tree::digest(&w.join("REF/rootfs")).unwrap();
+    // The source really has what the test claims.
+    for needle in [
+        "a/h2: file size=8",
+        "nlink=1",
+        "usr/bin/tool-link: file size=4",
+        "nlink=2",
+        "security.capability=",
+        "user.k2=7632",
+        "usr/bin/su: file size=2 sha256=",
+        "mode=640",
+        "a/rel: link -> ../etc/passwd uid=2000 gid=3000",
+        "dev/loop77: special 60644 rdev=74d",
+        "opq/new: file",
+        "turn: file size=11",
+        "tmp: dir mode=1777",
+    ] {
+        assert!(
+            want.contains(needle),
+            "{needle:?} not in the source tree:\n{want}"
+        );
+    }
+    for gone in [
+        "etc/passwd",
+        "gone",
+        "opq/old1",
+        "opq/keepdir",
+        "turn/inner",
+        "a/h1",
+    ] {
+        assert!(
+            !want.contains(&format!("\n{gone}:")),
+            "{gone} still in:\n{want}"
+        );
+    }
+
+    let reg = Registry::start(&dir.path().join("reg"), &RegistryAuth::None);
+    let host = reg.host();
+    let layout = format!("oci:{}:img", w.join("L").display());
+    skopeo(&layout, &format!("docker://{host}/src/oci:v1"), &[]);
+    skopeo(
+        &layout,
+        &format!("docker://{host}/src/v2s2:v1"),
+        &["--format", "v2s2"],
+    );
+    // This skopeo (1.9) recompresses only into `dir:` and `oci:`, and only uncompressed
+    // layers: decompressed into `dir:`, zstd into a second layout, then copied as is.
+    let plain = format!("dir:{}", w.join("plain").display());
+    let zstd = format!("oci:{}:img", w.join("Z").display());
+    skopeo(&layout, &plain, &["--dest-decompress"]);
+    skopeo(
+        &plain,
+        &zstd,
+        &[
+            "--format",
+            "oci",
+            "--dest-compress",
+            "--dest-compress-format",
+            "zstd",
+        ],
+    );
+    // A registry of its own: skopeo's blob cache would reuse the gzip layers of the same
+    // content already pushed to the first one.
+    let reg2 = Registry::start(&dir.path().join("reg2"), &RegistryAuth::None);
+    let host2 = reg2.host();
+    skopeo(
+        &zstd,
+        &format!("docker://{host2}/src/zstd:v1"),
+        &["--dest-compress-format", "zstd"],
+    );
+    let client = Client::new(ClientOptions::default()).unwrap();
+    // Each copy is what its name says.
+    for (name, want_mt, want_layer) in [
+        (
+            format!("{host}/src/oci:v1"),
+            "application/vnd.oci.image.manifest.v1+json",
+            "tar+gzip",
+        ),
+        (
+            format!("{host}/src/v2s2:v1"),
+            "application/vnd.docker.distribution.manifest.v2+json",
+            "diff.tar.gzip",
+        ),
+        (
+            format!("{host2}/src/zstd:v1"),
+            "application/vnd.oci.image.manifest.v1+json",
+            "tar+zstd",
+        ),
+    ] {
+        let r = Reference::parse(&name).unwrap();
+        let got = rt().block_on(client.resolve(&r)).unwrap();
+        assert_eq!(got.media_type, want_mt, "{name}");
+        let text = String::from_utf8_lossy(&got.bytes);
+        assert!(text.contains(want_layer), "{name}: {text}");
+    }
+
+    let archive = docker_archive(&w);
+    let sources = [
+        ("layout", SourceRef::parse(&layout).unwrap()),
+        (
+            "oci",
+            SourceRef::parse(&format!("{host}/src/oci:v1")).unwrap(),
+        ),
+        (
+            "v2s2",
+            SourceRef::parse(&format!("{host}/src/v2s2:v1")).unwrap(),
+        ),
+        (
+            "zstd",
+            SourceRef::parse(&format!("{host2}/src/zstd:v1")).unwrap(),
+        ),
+        ("archive", SourceRef::DockerArchive(archive)),
+    ];
+    for (name, src) in sources {
+        let work = dir.path().join(format!("work-{name}"));
+        let got = convert_and_read_back(&client, &src, &work, &format!("{host}/lazy/{name}:v1"));
+        if got != want {
+            std::fs::write(w.join("want.txt"), &want).unwrap();
+            std::fs::write(work.join("got.txt"), &got).unwrap();
+            let diff = run(Command::new("sh").arg("-c").arg(format!(
+                "diff {} {} || true",
+                w.join("want.txt").display(),
+                work.join("got.txt").display()
+            )));
+            panic!("{name}: the converted tree differs from umoci unpack:\n{diff}");
+        }
+    }
+}
+
+#[test]
+fn a_layer_that_does_not_match_its_digest_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = dir.path().join("src");
+    std::fs::create_dir(&w).unwrap();
+    run(Command::new("bash")
+        .arg("-c")
+        .arg(
+            "set -eu; cd \"$W\"; umoci init --layout L; umoci new --image L:img; \
+         umoci unpack --image L:img B; echo hello > B/rootfs/f; umoci repack --image L:img B",
+        )
+        .env("W", &w));
+    let reg = Registry::start(&dir.path().join("reg"), &RegistryAuth::None);
+    let layout = format!("oci:{}:img", w.join("L").display());
+    skopeo(&layout, &format!("docker://{}/src/bad:v1", reg.host()), &[]);
+    // Corrupt the (only, gzip) layer in the layout and in the registry's storage.
+    let gz = std::fs::read_dir(w.join("L/blobs/sha256"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| std::fs::read(p).unwrap().starts_with(&[0x1f, 0x8b]))
+        .unwrap();
+    let hex = gz.file_name().unwrap().to_str().unwrap().to_string();
+    let flip = |p: &Path| {
+        let mut b = std::fs::read(p).unwrap();
+        let n = b.len();
+        b[n - 9] ^= 0x55;
+        std::fs::write(p, b).unwrap();
+    };
+    flip(&gz);
+    flip(&Registry::blob_path(&reg.storage, &hex));
+    let client = Client::new(ClientOptions::default()).unwrap();
+    for src in [layout, format!("{}/src/bad:v1", reg.host())] {
+        let src = SourceRef::parse(&src).unwrap();
+        let work = dir.path().join("work");
+        let _ = std::fs::remove_dir_all(&work);
+        let e = rt()
+            .block_on(lazyblk_convert::convert(
+                &src,
+                Some(&client),
+                &work,
+                &ConvertOptions::default(),
+                &mut |_| {},
+            ))
+            .unwrap_err();
+        assert!(matches!(e, Error::Digest { .. }), "{src}: {e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("digest mismatch") && !msg.contains('\n'),
+            "{msg}"
+        );
+        assert!(
+            !work.join("rootfs/f").exists(),
+            "nothing applied from a bad layer"
+        );
+    }
+}
