@@ -18,50 +18,35 @@ impl Client {
     /// The size of blob `digest` in `r`'s repository (HEAD).
     pub async fn blob_size(&self, r: &Reference, digest: &str) -> Result<u64> {
         validate_digest(digest)?;
-        let mut last = None;
-        for ep in self.ordered(r, |c| c.pull)? {
+        self.first_ok(self.ordered(r, |c| c.pull)?, r, |ep| async move {
             let ctx = Ctx::new(&ep, r.repository(), "blob", digest);
-            let res = async {
-                let url = join(&ep, &format!("{}/blobs/{digest}", r.repository()), &ctx)?;
-                let resp = self
-                    .send_following(
-                        &ep,
-                        &pull_scope(r.repository()),
-                        &ctx,
-                        Method::HEAD,
-                        url,
-                        HeaderMap::new(),
-                        None,
+            let url = join(&ep, &format!("{}/blobs/{digest}", r.repository()), &ctx)?;
+            let resp = self
+                .send_following(
+                    &ep,
+                    &pull_scope(r.repository()),
+                    &ctx,
+                    Method::HEAD,
+                    url,
+                    HeaderMap::new(),
+                    None,
+                )
+                .await?;
+            if !resp.status().is_success() {
+                return Err(status_error(resp, &ctx).await);
+            }
+            resp.headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+                .ok_or_else(|| {
+                    ctx.err(
+                        ErrorKind::Protocol,
+                        format!("blob {digest}: HEAD without Content-Length"),
                     )
-                    .await?;
-                if !resp.status().is_success() {
-                    return Err(status_error(resp, &ctx).await);
-                }
-                resp.headers()
-                    .get(header::CONTENT_LENGTH)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .ok_or_else(|| {
-                        ctx.err(
-                            ErrorKind::Protocol,
-                            format!("blob {digest}: HEAD without Content-Length"),
-                        )
-                    })
-            }
-            .await;
-            match res {
-                Ok(n) => {
-                    self.mark_up(&ep);
-                    return Ok(n);
-                }
-                Err(e) if !ep.origin => {
-                    self.mark_down(&ep, &e);
-                    last = Some(e);
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Err(last.unwrap_or_else(|| RegistryError::invalid("no endpoint")))
+                })
+        })
+        .await
     }
 
     /// Stream bytes `offset .. offset + len` of blob `digest` into `sink` as they arrive. A
@@ -226,48 +211,33 @@ impl Client {
     /// content is marked down and the next host tried).
     pub async fn get_blob(&self, r: &Reference, digest: &str, max: u64) -> Result<Bytes> {
         validate_digest(digest)?;
-        let mut last = None;
-        for ep in self.ordered(r, |c| c.pull)? {
+        self.first_ok(self.ordered(r, |c| c.pull)?, r, |ep| async move {
             let ctx = Ctx::new(&ep, r.repository(), "blob", digest);
-            let res = async {
-                let url = join(&ep, &format!("{}/blobs/{digest}", r.repository()), &ctx)?;
-                let remember = Some((r.repository().to_string(), digest.to_string()));
-                let resp = self
-                    .send_following(
-                        &ep,
-                        &pull_scope(r.repository()),
-                        &ctx,
-                        Method::GET,
-                        url,
-                        HeaderMap::new(),
-                        remember,
-                    )
-                    .await?;
-                if !resp.status().is_success() {
-                    return Err(status_error(resp, &ctx).await);
-                }
-                let b = read_limited(resp, max, &ctx).await?;
-                if let Some(actual) = digest_matches(digest, &b) {
-                    return Err(ctx.err(
-                        ErrorKind::DigestMismatch,
-                        format!("blob {digest}: content hashes to {actual}"),
-                    ));
-                }
-                Ok(b)
+            let url = join(&ep, &format!("{}/blobs/{digest}", r.repository()), &ctx)?;
+            let remember = Some((r.repository().to_string(), digest.to_string()));
+            let resp = self
+                .send_following(
+                    &ep,
+                    &pull_scope(r.repository()),
+                    &ctx,
+                    Method::GET,
+                    url,
+                    HeaderMap::new(),
+                    remember,
+                )
+                .await?;
+            if !resp.status().is_success() {
+                return Err(status_error(resp, &ctx).await);
             }
-            .await;
-            match res {
-                Ok(b) => {
-                    self.mark_up(&ep);
-                    return Ok(b);
-                }
-                Err(e) if !ep.origin => {
-                    self.mark_down(&ep, &e);
-                    last = Some(e);
-                }
-                Err(e) => return Err(e),
+            let b = read_limited(resp, max, &ctx).await?;
+            if let Some(actual) = digest_matches(digest, &b) {
+                return Err(ctx.err(
+                    ErrorKind::DigestMismatch,
+                    format!("blob {digest}: content hashes to {actual}"),
+                ));
             }
-        }
-        Err(last.unwrap_or_else(|| RegistryError::invalid("no endpoint")))
+            Ok(b)
+        })
+        .await
     }
 }

@@ -162,6 +162,36 @@ impl Client {
                 .is_none_or(|t| Instant::now() >= t)
     }
 
+    /// Run `op` at each endpoint of `eps` in order until one succeeds: a mirror that fails is
+    /// marked down and the next host tried; the origin's error is final (the origin is always
+    /// the last endpoint listed).
+    pub(crate) async fn first_ok<T, F, Fut>(
+        &self,
+        eps: Vec<Endpoint>,
+        what: &(dyn std::fmt::Display + Sync),
+        mut op: F,
+    ) -> Result<T>
+    where
+        F: FnMut(Endpoint) -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let mut last = None;
+        for ep in eps {
+            match op(ep.clone()).await {
+                Ok(x) => {
+                    self.mark_up(&ep);
+                    return Ok(x);
+                }
+                Err(e) if !ep.origin => {
+                    self.mark_down(&ep, &e);
+                    last = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| RegistryError::invalid(format!("no endpoint for {what}"))))
+    }
+
     pub(crate) fn mark_down(&self, ep: &Endpoint, why: &RegistryError) {
         if ep.origin {
             return;

@@ -8,7 +8,7 @@ use tracing::debug;
 use crate::auth::pull_scope;
 use crate::client::Client;
 use crate::endpoints::{join, Endpoint};
-use crate::error::{ErrorKind, RegistryError, Result};
+use crate::error::{ErrorKind, Result};
 use crate::manifest::{bare_media_type, digest_matches, ACCEPTED};
 use crate::reference::{validate_digest, Reference};
 use crate::transport::{read_limited, status_error, Ctx};
@@ -31,21 +31,9 @@ impl Client {
     /// (digests) are tried first.
     pub async fn resolve(&self, r: &Reference) -> Result<Resolved> {
         let by_tag = r.digest().is_none();
-        let mut last = None;
-        for ep in self.ordered(r, if by_tag { |c| c.resolve } else { |c| c.pull })? {
-            match self.resolve_at(&ep, r).await {
-                Ok(x) => {
-                    self.mark_up(&ep);
-                    return Ok(x);
-                }
-                Err(e) if !ep.origin => {
-                    self.mark_down(&ep, &e);
-                    last = Some(e);
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Err(last.unwrap_or_else(|| RegistryError::invalid(format!("no endpoint for {r}"))))
+        let eps = self.ordered(r, if by_tag { |c| c.resolve } else { |c| c.pull })?;
+        self.first_ok(eps, r, |ep| async move { self.resolve_at(&ep, r).await })
+            .await
     }
 
     async fn resolve_at(&self, ep: &Endpoint, r: &Reference) -> Result<Resolved> {
