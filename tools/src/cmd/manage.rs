@@ -159,9 +159,13 @@ fn present_pct(state: &Path, id: u32, rec: &daemon::Record) -> Option<f64> {
         return Some(100.0 * s.present_chunks as f64 / s.total_chunks.max(1) as f64);
     }
     let hex = rec.image.strip_prefix("sha256:")?;
-    let b = std::fs::read(rec.cache_root.join(hex).join("bitmap")).ok()?;
-    let bits: u64 = b.get(64..)?.iter().map(|x| u64::from(x.count_ones())).sum();
     let m = std::fs::read(rec.cache_root.join(hex).join("manifest")).ok()?;
     let n = lazyblk_format::Manifest::decode(&m).ok()?.chunk_count();
-    Some(100.0 * bits as f64 / n.max(1) as f64)
+    // The chunks' bits only: pack frames' bits follow them.
+    let b = std::fs::read(rec.cache_root.join(hex).join("bitmap")).ok()?;
+    let bits = b.get(lazyblk_chunkstore::bitmap::HEADER_LEN..)?;
+    let present = (0..n as usize)
+        .filter(|&i| bits.get(i / 8).is_some_and(|x| x >> (i % 8) & 1 == 1))
+        .count();
+    Some(100.0 * present as f64 / n.max(1) as f64)
 }
