@@ -2,7 +2,7 @@
 # Host driver of the guest test suites: builds release binaries and test images, then boots the
 # qemu guest (qemu/run-guest.sh) once per suite. Usage: tests/guest/run.sh [suite...]
 # Suites (default: all): e2e, hostile, policies, registry (a token-auth docker-registry in the
-# guest), handover (dm + loop), reliability (one main boot, then RELIABILITY_RESETS boots that reset
+# guest), containerd (containerd + runc + lazyblk's snapshotter), handover (dm + loop), reliability (one main boot, then RELIABILITY_RESETS boots that reset
 # the guest mid-fetch with the cache on a persistent ext4 disk, and a last boot that checks it).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -82,11 +82,29 @@ reliability() {
         --timeout 300 --log "$logs/reliability-check-$stamp.log"
 }
 
+# The containerd suite: a python image built and converted on the host (tests/guest/python-image.sh)
+# into a registry storage directory that the guest's docker-registry serves; containerd, its shim,
+# ctr and runc from Debian.
+containerd_suite() {
+    local t
+    for t in containerd containerd-shim-runc-v2 ctr runc docker-registry; do
+        command -v $t > /dev/null || { echo "run.sh: $t is missing (scripts/setup installs it)"; return 1; }
+    done
+    bash "$here/python-image.sh" "$bin/lazyblk" "$work/pyimg" "$work/pyreg" 127.0.0.1:5123 || return 1
+    rm -rf "$work/pyimg/L" "$work/pyimg/B" "$work/pyimg/P"
+    boot containerd.sh --mem 3072 --timeout 1200 \
+        --bin "$(command -v containerd)" --bin "$(command -v containerd-shim-runc-v2)" \
+        --bin "$(command -v ctr)" --bin "$(command -v runc)" --bin "$(command -v docker-registry)" \
+        --dir "$work/pyimg:/pyimg" --dir "$work/pyreg:/pyreg"
+}
+
 rc=0
 for s in "${suites[@]}"; do
     echo "### guest suite: $s"
     if [[ $s == reliability ]]; then
         reliability && st=0 || st=$?
+    elif [[ $s == containerd ]]; then
+        containerd_suite && st=0 || st=$?
     elif [[ $s == registry ]]; then
         command -v docker-registry >/dev/null || { echo "run.sh: docker-registry is missing (scripts/setup installs it)"; exit 1; }
         boot registry.sh --bin "$(command -v docker-registry)" --timeout 900 && st=0 || st=$?

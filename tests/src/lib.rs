@@ -2,6 +2,7 @@
 //! fault-injecting HTTP/1.1 range server, a real Docker registry with the servers its client's tests
 //! need, and deterministic test data.
 
+pub mod cri;
 pub mod fault;
 pub mod nginx;
 pub mod registry;

@@ -1,6 +1,7 @@
 //! Test helper binary: `gen-tree <dir> [--seed N] [--scale N]`, `digest-tree <dir>`,
 //! `par-read`, `serve` (a fault-injecting HTTP server) and `token-registry` (a Docker registry
-//! with token auth and its issuer, for the guest suites).
+//! with token auth and its issuer, for the guest suites) and `cri-pull` (a CRI `PullImage` call
+//! to containerd: crictl is not in Debian).
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -55,6 +56,18 @@ enum Cmd {
         /// Write the chosen port here once listening.
         #[arg(long)]
         port_file: PathBuf,
+    },
+    /// Pull an image through containerd's CRI plugin (`runtime.v1.ImageService/PullImage`), as
+    /// the kubelet does; prints the image id.
+    CriPull {
+        /// The image reference.
+        image: String,
+        /// containerd's socket.
+        #[arg(long, default_value = "/run/containerd/containerd.sock")]
+        socket: PathBuf,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
     },
     /// Run a Docker registry (`docker-registry`) with `auth: token` and its token issuer until
     /// killed; writes `host:port` of the registry to `--host-file` once it answers. The
@@ -133,6 +146,19 @@ fn main() -> Result<()> {
             loop {
                 std::thread::sleep(std::time::Duration::from_secs(3600));
             }
+        }
+        Cmd::CriPull {
+            image,
+            socket,
+            timeout,
+        } => {
+            let id = lazyblk_tests::cri::pull_image(
+                &socket,
+                &image,
+                std::time::Duration::from_secs(timeout),
+            )?;
+            println!("{id}");
+            Ok(())
         }
         Cmd::TokenRegistry {
             dir,
