@@ -88,6 +88,11 @@ umoci unpack --image L:py P
 echo 'print("lazyblk-plain-ok", flush=True)' > P/rootfs/app/main.py
 umoci repack --image L:plain P
 skopeo copy --quiet --dest-tls-verify=false oci:L:plain "docker://$addr/python:plain"
+# The source image's layer digests (none may be downloaded by a lazy pull).
+skopeo inspect --raw --tls-verify=false "docker://$addr/python:3.11" |
+    python3 -c 'import json, sys; [print(l["digest"]) for l in json.load(sys.stdin)["layers"]]' > layers.txt
+skopeo inspect --raw --tls-verify=false "docker://$addr/python:plain" |
+    python3 -c 'import json, sys; [print(l["digest"]) for l in json.load(sys.stdin)["layers"]]' > plain-layers.txt
 echo "decoder-sha256 $(sha256sum /usr/lib/python3.11/json/decoder.py | cut -d' ' -f1)" > expected.txt
 # The lazy version of python:3.11, pushed beside it (the convert links it to its source).
 "$lazyblk" convert "$addr/python:3.11" "$addr/python:3.11-lazyblk" > convert.log 2>&1 ||

@@ -1,0 +1,154 @@
+#!/usr/bin/env bash
+# Container start through containerd (issue 16): the time from a CRI pull of the python image
+# (tests/guest/python-image.sh: Debian's python3.11, three gzip layers, 25 MiB compressed) to the
+# first line its container prints, with containerd's overlayfs snapshotter and a normal pull
+# against lazyblk's snapshotter, side by side in ONE qemu guest (TCG), the registry on the
+# guest's loopback shaped by netem (BENCH_NETEM, default 10 ms each way = 20 ms RTT, 100 Mbit/s).
+# Every round starts from nothing: a fresh containerd root, snapshotter root and lazyblk cache.
+#
+# usage: bash bench/containerd.sh   (as root; BENCH_ROUNDS=3 by default, BENCH_NO_DOC=1 to leave
+#        docs/BENCHMARKS.md alone, LAZYBLK_BIN to use a built binary)
+# Prints the table and writes it between the CONTAINERD markers of docs/BENCHMARKS.md.
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+top=$(cd "$here/.." && pwd)
+rounds=${BENCH_ROUNDS:-3}
+netem=${BENCH_NETEM:-delay 10ms rate 100mbit}
+work=$top/target/bench-containerd
+mkdir -p "$work"
+if [[ -z ${LAZYBLK_BIN:-} ]]; then
+    (cd "$top" && cargo build --release --locked -p lazyblk-tools -p lazyblk-tests --bins)
+    LAZYBLK_BIN=$top/target/release/lazyblk
+fi
+bindir=$(dirname "$LAZYBLK_BIN")
+for b in lazyblk lazyblk-testkit; do strip --strip-debug -o "$work/$b" "$bindir/$b"; done
+bash "$top/tests/guest/python-image.sh" "$LAZYBLK_BIN" "$work/pyimg" "$work/pyreg" 127.0.0.1:5123
+rm -rf "$work/pyimg/L" "$work/pyimg/B" "$work/pyimg/P"
+
+cat > "$work/guest.sh" << 'GUEST'
+. /guest/lib.sh
+REG=127.0.0.1:5123
+mkdir -p /sys/fs/cgroup && mount -t cgroup2 none /sys/fs/cgroup
+mkdir -p /etc/containerd "/etc/containerd/certs.d/$REG" /run/lazyblk /dev/mqueue
+mount -t mqueue mqueue /dev/mqueue 2> /dev/null || true
+echo 'nameserver 127.0.0.1' > /etc/resolv.conf
+sed "s#rootdirectory: .*#rootdirectory: /pyreg#; s#level: warn#level: error#" /pyimg/registry.yml > /etc/registry.yml
+docker-registry serve /etc/registry.yml > /tmp/registry.log 2>&1 &
+printf 'server = "http://%s"\n[host."http://%s"]\n  capabilities = ["pull", "resolve"]\n' $REG $REG \
+    > "/etc/containerd/certs.d/$REG/hosts.toml"
+wait_for 30 "the registry" wget -q -O /dev/null "http://$REG/v2/"
+tc qdisc add dev lo root netem $(echo "$BENCH_NETEM" | tr _ " ")
+pids_of() { for d in /proc/[0-9]*; do case "$(tr '\0' ' ' < "$d/cmdline" 2> /dev/null)" in "$1"*) echo "${d#/proc/}" ;; esac; done; }
+stop_all() {
+    for p in $(pids_of "lazyblk snapshotter") $(pids_of "containerd --config"); do kill "$p" 2> /dev/null; done
+    sleep 1
+    lazyblk del --all > /dev/null 2>&1
+    for m in $(awk '$2 ~ /^\/var\/lib\/(containerd|lzsnap)/ { print $2 }' /proc/mounts | sort -r); do umount -l "$m"; done
+    rm -rf /var/lib/containerd /var/lib/lzsnap /var/cache/lazyblk /run/containerd
+}
+# one SYSTEM ROUND: pull + run, the first line's time
+one() {
+    sys=$1
+    stop_all
+    mkdir -p /var/lib/containerd /var/lib/lzsnap /run/containerd
+    mount -t tmpfs tmpfs /var/lib/containerd
+    mount -t tmpfs tmpfs /var/lib/lzsnap
+    snap=overlayfs
+    [ "$sys" = lazyblk ] && snap=lazyblk
+    cat > /etc/containerd/config.toml << EOF
+version = 2
+[proxy_plugins.lazyblk]
+  type = "snapshot"
+  address = "/run/lazyblk/snapshotter.sock"
+[plugins."io.containerd.grpc.v1.cri".containerd]
+  snapshotter = "$snap"
+  disable_snapshot_annotations = false
+[plugins."io.containerd.grpc.v1.cri".registry]
+  config_path = "/etc/containerd/certs.d"
+EOF
+    if [ "$sys" = lazyblk ]; then
+        LAZYBLK_CACHE_DIR=/var/cache/lazyblk lazyblk snapshotter --address /run/lazyblk/snapshotter.sock \
+            --root /var/lib/lzsnap --log-file /tmp/daemons.log > /tmp/snapshotter.log 2>&1 &
+        wait_for 30 "the snapshotter" test -S /run/lazyblk/snapshotter.sock
+    fi
+    containerd --config /etc/containerd/config.toml > /tmp/containerd.log 2>&1 &
+    wait_for 60 "containerd" ctr version
+    t0=$(now_ms)
+    lazyblk-testkit cri-pull --timeout 600 "$REG/python:3.11" > /dev/null 2> /tmp/pull.err || { cat /tmp/pull.err; echo "BENCHCTR sys=$sys failed=pull"; return; }
+    t1=$(now_ms)
+    ctr -n k8s.io run --rm --no-pivot --snapshotter $snap "$REG/python:3.11" r$$ 2>&1 |
+        { read -r line; now_ms > /tmp/first; echo "$line" > /tmp/line; cat > /dev/null; }
+    t2=$(cat /tmp/first)
+    grep -q lazyblk-python-ok /tmp/line || { cat /tmp/line; echo "BENCHCTR sys=$sys failed=run"; return; }
+    if [ "$sys" = lazyblk ]; then
+        id=$(lazyblk list | awk '/ublkb/ { print $1; exit }')
+        fetched=$(lazyblk status "$id" --json | tr ',' '\n' | awk -F: '/"bytes_fetched"/ { print $2; exit }')
+    else
+        fetched=$(ctr -n k8s.io content ls | awk 'NR > 1 { s += $2 } END { print s }')
+    fi
+    echo "BENCHCTR sys=$sys pull_ms=$((t1 - t0)) first_line_ms=$((t2 - t0)) fetched=$fetched"
+}
+for r in $(seq "$BENCH_ROUNDS"); do
+    for s in overlayfs lazyblk; do one $s; done
+done
+stop_all
+GUEST
+
+log=$work/guest.log
+bash "$top/qemu/run-guest.sh" --script "$work/guest.sh" --mem 3072 --timeout 2400 --log "$log" \
+    --append "BENCH_ROUNDS=$rounds BENCH_NETEM=$(echo "$netem" | tr ' ' '_')" \
+    --bin "$work/lazyblk" --bin "$work/lazyblk-testkit" --file "$top/tests/guest/lib.sh:/guest/lib.sh" \
+    --bin "$(command -v containerd)" --bin "$(command -v containerd-shim-runc-v2)" \
+    --bin "$(command -v ctr)" --bin "$(command -v runc)" --bin "$(command -v docker-registry)" \
+    --dir "$work/pyimg:/pyimg" --dir "$work/pyreg:/pyreg" > /dev/null || true
+tr -d '\r' < "$log" | grep '^BENCHCTR' > "$work/results.txt" || true
+python3 - "$work/results.txt" "$rounds" "$netem" "$top/docs/BENCHMARKS.md" "${BENCH_NO_DOC:-}" << 'PY'
+import re, statistics, sys, subprocess, platform
+res, rounds, netem, doc, nodoc = sys.argv[1:6]
+rows = {}
+failed = []
+for l in open(res):
+    kv = dict(x.split("=", 1) for x in l.split()[1:])
+    if "failed" in kv:
+        failed.append(f"{kv['sys']}: {kv['failed']}")
+        continue
+    rows.setdefault(kv["sys"], []).append(kv)
+def med(sys_, k):
+    v = [float(r[k]) for r in rows.get(sys_, []) if r[k] not in ("", "-")]
+    return statistics.median(v) if v else None
+lines = ["| system | rounds | pull (median ms) | pull to first line (median ms) | ratio to overlayfs | bytes fetched (median) |",
+         "|---|---|---|---|---|---|"]
+base = med("overlayfs", "first_line_ms")
+for s in ("overlayfs", "lazyblk"):
+    if s not in rows:
+        continue
+    f = med(s, "first_line_ms")
+    ratio = f"{f / base:.2f}x" if base and f else "-"
+    lines.append(f"| {s} | {len(rows[s])} | {med(s, 'pull_ms'):.0f} | {f:.0f} | {ratio} | {med(s, 'fetched'):.0f} |")
+for f in failed:
+    lines.append(f"| failed | | {f} | | | |")
+table = "\n".join(lines)
+print(table)
+lazy = med("lazyblk", "first_line_ms")
+verdict = f"lazyblk / overlayfs, pull to first line: {lazy / base:.2f}x (target at most 0.2x: {'met' if lazy / base <= 0.2 else 'MISSED'})" if base and lazy else "no comparison (a system failed)"
+print(verdict)
+if nodoc == "1":
+    sys.exit(0)
+rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+section = f"""<!-- BEGIN CONTAINERD (bench/containerd.sh) -->
+Run: `bash bench/containerd.sh` (BENCH_ROUNDS={rounds}), lazyblk {rev}, host {platform.node()} ({cpu}, 2 cores),
+one qemu TCG guest (Debian 6.12 cloud kernel, 3 GiB), netem `{netem}` on the guest's loopback, containerd 1.6.20 + runc 1.1.5,
+Debian's docker-registry. Each round starts from empty containerd, snapshotter and cache directories.
+
+{table}
+
+{verdict}
+<!-- END CONTAINERD -->"""
+text = open(doc).read()
+if "<!-- BEGIN CONTAINERD" in text:
+    text = re.sub(r"<!-- BEGIN CONTAINERD.*?<!-- END CONTAINERD -->", section, text, flags=re.S)
+else:
+    text += "\n## containerd: pull to the first line of a python container\n\n" + section + "\n"
+open(doc, "w").write(text)
+PY
