@@ -283,18 +283,21 @@ fn parse_one(s: &str) -> Result<Vec<Selector>, String> {
     }
 }
 
-fn quote(f: &mut fmt::Formatter<'_>, s: &str) -> fmt::Result {
-    f.write_str("\"")?;
+/// `s` as a quoted string the parser reads back as `s` (for a field or a value).
+pub fn quote(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
     for c in s.chars() {
         match c {
-            '"' => f.write_str("\\\"")?,
-            '\\' => f.write_str("\\\\")?,
-            '\n' => f.write_str("\\n")?,
-            c if c.is_control() => write!(f, "\\U{:08x}", c as u32)?,
-            c => write!(f, "{c}")?,
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            c if c.is_control() => out.push_str(&format!("\\U{:08x}", c as u32)),
+            c => out.push(c),
         }
     }
-    f.write_str("\"")
+    out.push('"');
+    out
 }
 
 /// Prints the alternatives one per line, every field and value quoted: each line parses back
@@ -313,7 +316,7 @@ impl fmt::Display for Filter {
                     if k > 0 {
                         f.write_str(".")?;
                     }
-                    quote(f, p)?;
+                    f.write_str(&quote(p))?;
                 }
                 let op = match s.op {
                     Op::Present => continue,
@@ -322,7 +325,7 @@ impl fmt::Display for Filter {
                     Op::Contains => "@=",
                 };
                 f.write_str(op)?;
-                quote(f, &s.value)?;
+                f.write_str(&quote(&s.value))?;
             }
         }
         Ok(())

@@ -73,6 +73,8 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 pub mod filter;
+#[cfg(test)]
+mod grpc_tests;
 pub mod meta;
 mod mounts;
 mod server;

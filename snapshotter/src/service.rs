@@ -153,12 +153,14 @@ impl Inner {
                     out.push(Lower::Image(r.image.clone()));
                     return Ok(out);
                 }
-                Some(r) => return Err(Error::FailedPrecondition(format!(
+                Some(r) => {
+                    return Err(Error::FailedPrecondition(format!(
                     "snapshot {of:?} needs layer {cur:?}, a placeholder inside the lazy image {} \
                          (only the image's top layer has a tree): pull that image's top or unpack \
                          this image without the lazy snapshotter",
                     r.image.reference
-                ))),
+                )))
+                }
                 None => out.push(Lower::Dir(self.fs_dir(s.id))),
             }
             if out.len() > 4096 {
