@@ -3,6 +3,7 @@
 
 use crate::cmd::add;
 use crate::cmd::convert;
+use crate::cmd::snapshotter;
 use crate::cmd::vhost;
 use crate::registry_args::RegistryArgs;
 use crate::store_args::StoreArgs;
@@ -208,4 +209,8 @@ pub enum Cmd {
     Vhost(vhost::VhostArgs),
     /// Write a writable disk's current contents (the image under its COW layer) to a raw file.
     ExportCow(vhost::ExportArgs),
+    /// containerd's remote snapshotter (a `proxy_plugins` entry of type `snapshot`): a CRI pull
+    /// of an image with a lazy version (`lazyblk convert`) attaches that instead of unpacking
+    /// layers; other images get ordinary overlay snapshots. Runs until SIGTERM.
+    Snapshotter(snapshotter::SnapshotterArgs),
 }

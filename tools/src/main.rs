@@ -23,6 +23,7 @@ fn main() {
     let foreground_daemon = match &cli.cmd {
         Cmd::Add(a) => a.foreground,
         Cmd::Recover { foreground, .. } => *foreground,
+        Cmd::Snapshotter(_) => true,
         _ => false,
     };
     let default = if foreground_daemon { "info" } else { "warn" };
@@ -112,5 +113,6 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::VerifyCache { dir } => cmd::verify::verify_cache(&dir),
         Cmd::Vhost(a) => cmd::vhost::run(a),
         Cmd::ExportCow(a) => cmd::vhost::export(a),
+        Cmd::Snapshotter(a) => cmd::snapshotter::run(state, a),
     }
 }

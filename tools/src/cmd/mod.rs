@@ -11,6 +11,7 @@ pub mod handover;
 pub mod lifecycle;
 pub mod manage;
 pub mod push;
+pub mod snapshotter;
 pub mod trace;
 pub mod verify;
 pub mod vhost;
