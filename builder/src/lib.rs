@@ -26,4 +26,4 @@ pub use error::{Error, Result};
 pub use image::{build_image, BuildOptions, BuildSummary, PackBlocks, MANIFEST_FILE};
 pub use pack::{build_prefetch_pack, PackSummary};
 pub use publish::write_atomic;
-pub use push::{push, push_pack, PushSummary};
+pub use push::{push, push_linked, push_pack, LinkedPush, PushSummary, SourceLink, Subject};

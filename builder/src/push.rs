@@ -11,7 +11,8 @@ use crate::error::{Error, Result};
 use lazyblk_format::{
     ImageId, Manifest, PrefetchList, PrefetchPack, MAX_MANIFEST_BYTES, PACK_FILE, PREFETCH_FILE,
 };
-use lazyblk_registry::{BlobSource, Client, PushOutcome, Reference};
+use lazyblk_registry::link::{CREATED, SOURCE_INDEX, SOURCE_MANIFEST, SOURCE_REPOSITORY};
+use lazyblk_registry::{BlobSource, Client, PushOutcome, Reference, ReferrerPush};
 use lazyblk_remote::registry::{
     lazyblk_files, ARTIFACT_TYPE, IMAGE_ID, MEDIA_BLOB, MEDIA_CONFIG, MEDIA_MANIFEST, MEDIA_PACK,
     MEDIA_PACK_BLOB, MEDIA_PREFETCH, TITLE,
@@ -139,8 +140,70 @@ fn config(id: &ImageId, m: &Manifest) -> Vec<u8> {
     .expect("json")
 }
 
+/// A manifest another one refers to (an OCI descriptor's three fields).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Subject {
+    /// Its media type.
+    pub media_type: String,
+    /// `sha256:<hex>`.
+    pub digest: String,
+    /// Its size.
+    pub size: u64,
+}
+
+/// What a converted image links to (`docs/FORMAT.md`, "Links to the source"): the image it
+/// was made from, in the source's repository.
+#[derive(Clone, Debug)]
+pub struct SourceLink {
+    /// The source's repository (the registry it is in, where the link is pushed; the
+    /// manifests name only its repository path, never the host).
+    pub repository: Reference,
+    /// The platform manifest converted: the `subject`.
+    pub manifest: Subject,
+    /// The index it was picked from: a second referrer, of the index, is pushed.
+    pub index: Option<Subject>,
+    /// When the image was made (RFC 3339 UTC, [`rfc3339_utc`]): the newest link wins.
+    pub created: String,
+}
+
+/// `t` as RFC 3339 in UTC to the second (`2025-01-02T03:04:05Z`).
+pub fn rfc3339_utc(t: std::time::SystemTime) -> String {
+    let secs = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
 /// The OCI manifest of image `id` with `config` and `files` (sorted keys: deterministic).
 pub fn oci_manifest(id: &ImageId, config: &[u8], files: &[File]) -> Vec<u8> {
+    oci_manifest_linked(id, config, files, None)
+}
+
+/// [`oci_manifest`], and when `link` is given, its `subject` (the source's platform manifest,
+/// or its index) and the source annotations ([`SOURCE_REPOSITORY`], [`SOURCE_MANIFEST`],
+/// [`SOURCE_INDEX`], [`CREATED`]).
+pub fn oci_manifest_linked(
+    id: &ImageId,
+    config: &[u8],
+    files: &[File],
+    link: Option<(&SourceLink, &Subject)>,
+) -> Vec<u8> {
     let layers: Vec<_> = files
         .iter()
         .map(|f| {
@@ -152,7 +215,7 @@ pub fn oci_manifest(id: &ImageId, config: &[u8], files: &[File]) -> Vec<u8> {
             })
         })
         .collect();
-    serde_json::to_vec_pretty(&json!({
+    let mut m = json!({
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,
         "artifactType": ARTIFACT_TYPE,
@@ -163,17 +226,43 @@ pub fn oci_manifest(id: &ImageId, config: &[u8], files: &[File]) -> Vec<u8> {
         },
         "layers": layers,
         "annotations": { IMAGE_ID: id.to_string() },
-    }))
-    .expect("json")
+    });
+    if let Some((l, subject)) = link {
+        m["subject"] = json!({
+            "mediaType": subject.media_type,
+            "digest": subject.digest,
+            "size": subject.size,
+        });
+        let a = &mut m["annotations"];
+        a[CREATED] = json!(l.created);
+        a[SOURCE_REPOSITORY] = json!(l.repository.repository());
+        a[SOURCE_MANIFEST] = json!(l.manifest.digest);
+        if let Some(i) = &l.index {
+            a[SOURCE_INDEX] = json!(i.digest);
+        }
+    }
+    serde_json::to_vec_pretty(&m).expect("json")
 }
 
 fn reg(e: lazyblk_registry::RegistryError) -> Error {
     Error::Invalid(e.to_string())
 }
 
+/// How [`push_files`] pushes the manifest.
+#[derive(Clone, Copy)]
+enum As<'a> {
+    /// Under `r`'s tag (or digest), without a link.
+    Plain,
+    /// Under `r`'s tag (or digest), with the link's `subject`.
+    Linked(&'a SourceLink, &'a Subject),
+    /// By digest, as a referrer of the subject ([`Client::push_referrer`]).
+    Referrer(&'a SourceLink, &'a Subject),
+}
+
 /// Push `files` and the manifest of image `id` to `r` (its tag, or its digest when it has
 /// one; none: `latest`): blobs the repository has are skipped, blobs of `mount_from` (another
 /// repository of the same registry) are mounted.
+#[allow(clippy::too_many_arguments)]
 async fn push_files(
     client: &Client,
     r: &Reference,
@@ -181,10 +270,19 @@ async fn push_files(
     m: &Manifest,
     files: Vec<File>,
     mount_from: Option<&str>,
+    how: As<'_>,
     progress: &(dyn Fn(&File, PushOutcome) + Sync),
-) -> Result<PushSummary> {
+) -> Result<(PushSummary, Option<ReferrerPush>)> {
     let cfg = config(&id, m);
-    let manifest = oci_manifest(&id, &cfg, &files);
+    let manifest = oci_manifest_linked(
+        &id,
+        &cfg,
+        &files,
+        match how {
+            As::Plain => None,
+            As::Linked(l, s) | As::Referrer(l, s) => Some((l, s)),
+        },
+    );
     // Check what we send decodes as what we read back.
     lazyblk_files(r, OCI_MANIFEST, &manifest).map_err(Error::Invalid)?;
     let cfg_digest = format!("sha256:{}", hex::encode(Sha256::digest(&cfg)));
@@ -225,19 +323,31 @@ async fn push_files(
         progress(&f, o);
         out.push((f, o));
     }
-    let tag = r
-        .digest()
-        .map(str::to_string)
-        .unwrap_or_else(|| r.tag().unwrap_or("latest").to_string());
-    let digest = client
-        .push_manifest(r, &tag, OCI_MANIFEST, manifest.into())
-        .await
-        .map_err(reg)?;
-    Ok(PushSummary {
-        image: id,
-        digest,
-        files: out,
-    })
+    let (digest, referrer) = if let As::Referrer(..) = how {
+        let p = client
+            .push_referrer(r, OCI_MANIFEST, manifest.into())
+            .await
+            .map_err(reg)?;
+        (p.digest.clone(), Some(p))
+    } else {
+        let tag = r
+            .digest()
+            .map(str::to_string)
+            .unwrap_or_else(|| r.tag().unwrap_or("latest").to_string());
+        let d = client
+            .push_manifest(r, &tag, OCI_MANIFEST, manifest.into())
+            .await
+            .map_err(reg)?;
+        (d, None)
+    };
+    Ok((
+        PushSummary {
+            image: id,
+            digest,
+            files: out,
+        },
+        referrer,
+    ))
 }
 
 /// `lazyblk push <dir> <ref>`: publish the build directory `dir`.
@@ -249,7 +359,71 @@ pub async fn push(
     progress: &(dyn Fn(&File, PushOutcome) + Sync),
 ) -> Result<PushSummary> {
     let (id, m, files) = build_dir_files(dir)?;
-    push_files(client, r, id, &m, files, mount_from, progress).await
+    Ok(
+        push_files(client, r, id, &m, files, mount_from, As::Plain, progress)
+            .await?
+            .0,
+    )
+}
+
+/// What [`push_linked`] did.
+#[derive(Clone, Debug)]
+pub struct LinkedPush {
+    /// The push to the destination (its manifest has the source's platform manifest as its
+    /// `subject`).
+    pub pushed: PushSummary,
+    /// The referrers made in the source's repository: of the platform manifest (the same
+    /// manifest as `pushed`'s, by digest), and of the index when the source was one (a second
+    /// manifest over the same blobs, whose `subject` is the index).
+    pub links: Vec<ReferrerPush>,
+}
+
+/// `lazyblk convert`'s push: publish the build directory `dir` to `r` as [`push`] does, with
+/// an OCI 1.1 `subject` naming the source's platform manifest and annotations naming the
+/// source (`link`), and make the source's referrers list it: the same manifest is pushed by
+/// digest into the source's repository (its blobs mounted from `r` when it is another
+/// repository of the same registry, else uploaded; nothing when it is the same repository),
+/// and the referrers tag schema index there updated when the registry has no referrers API.
+/// When the source was an index, a second manifest with the index as its `subject` goes there
+/// too, so both digests lead to the lazy image.
+pub async fn push_linked(
+    client: &Client,
+    dir: &Path,
+    r: &Reference,
+    link: &SourceLink,
+    progress: &(dyn Fn(&File, PushOutcome) + Sync),
+) -> Result<LinkedPush> {
+    let (id, m, files) = build_dir_files(dir)?;
+    let how = As::Linked(link, &link.manifest);
+    let (pushed, _) = push_files(client, r, id, &m, files.clone(), None, how, progress).await?;
+    let src = &link.repository;
+    let mount = (src.registry() == r.registry() && src.repository() != r.repository())
+        .then(|| r.repository());
+    let quiet = &|_: &File, _: PushOutcome| {};
+    let mut links = Vec::new();
+    let subjects = std::iter::once(&link.manifest).chain(link.index.as_ref());
+    for (i, subject) in subjects.enumerate() {
+        let files = files.clone();
+        let (s, p) = push_files(
+            client,
+            src,
+            id,
+            &m,
+            files,
+            mount,
+            As::Referrer(link, subject),
+            quiet,
+        )
+        .await?;
+        if i == 0 && s.digest != pushed.digest {
+            return Err(Error::Invalid(format!(
+                "{src}: the linked manifest is {}, not {} as pushed to {r}",
+                s.digest, pushed.digest
+            )));
+        }
+        links.push(p.expect("a referrer push reports its link"));
+    }
+    Ok(LinkedPush { pushed, links })
 }
 
 /// `lazyblk trace --pack --push <ref>`: the image `r` names (its manifest and blob, and a
@@ -291,5 +465,24 @@ pub async fn push_pack(
         }
     }
     files.extend(pack_files(pack, &id, &m)?);
-    push_files(client, r, id, &m, files, None, progress).await
+    Ok(
+        push_files(client, r, id, &m, files, None, As::Plain, progress)
+            .await?
+            .0,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rfc3339_utc;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    #[test]
+    fn timestamps() {
+        let at = |s| rfc3339_utc(UNIX_EPOCH + Duration::from_secs(s));
+        assert_eq!(at(0), "1970-01-01T00:00:00Z");
+        assert_eq!(at(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(at(1_700_000_000), "2023-11-14T22:13:20Z");
+        assert_eq!(at(4_107_542_399), "2100-02-28T23:59:59Z");
+    }
 }

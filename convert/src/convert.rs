@@ -5,14 +5,15 @@
 //! The work directory holds everything written: `layers/` (downloaded or extracted layers),
 //! `rootfs/` (the tree), `image.erofs`, `out/` (the build directory to push). The seam for
 //! shared per-layer data regions is [`Converted::layers`] (each layer's digest, `diff_id` and
-//! stats) and [`Converted::manifest`] (the source manifest, for a `subject` link).
+//! stats); [`Converted::source_link`] is what the pushed image links to (the source manifest
+//! as its OCI 1.1 `subject`, and the index it came from).
 
 use crate::apply::{ApplyOptions, LayerStats, Tree};
 use crate::error::{Error, Result};
 use crate::layer;
 use crate::source::{Image, LayerDesc, ManifestDesc, SourceRef};
 use crate::Platform;
-use lazyblk_builder::{build_image, BuildOptions, BuildSummary};
+use lazyblk_builder::{build_image, BuildOptions, BuildSummary, SourceLink, Subject};
 use lazyblk_registry::Client;
 use std::fs::File;
 use std::io::{self, Read};
@@ -98,6 +99,8 @@ pub struct TreeStats {
 pub struct Converted {
     /// The source manifest used.
     pub manifest: ManifestDesc,
+    /// The index it was picked from, when a registry source named one.
+    pub index: Option<ManifestDesc>,
     /// The source layers, and what applying each did.
     pub layers: Vec<(LayerDesc, LayerStats)>,
     /// The source image's config (also at `out_dir/image-config.json`).
@@ -110,6 +113,28 @@ pub struct Converted {
     pub out_dir: PathBuf,
     /// What the builder did.
     pub build: BuildSummary,
+}
+
+impl Converted {
+    /// What the converted image links to when pushed (`lazyblk_builder::push_linked`): the
+    /// source's platform manifest (and index) in its repository, made at `created` (RFC 3339
+    /// UTC). `None` for an `oci:` layout or a `docker save` archive: they are in no registry.
+    pub fn source_link(&self, src: &SourceRef, created: String) -> Option<SourceLink> {
+        let SourceRef::Registry(r) = src else {
+            return None;
+        };
+        let subject = |m: &ManifestDesc| Subject {
+            media_type: m.media_type.clone(),
+            digest: m.digest.clone(),
+            size: m.size,
+        };
+        Some(SourceLink {
+            repository: r.clone(),
+            manifest: subject(&self.manifest),
+            index: self.index.as_ref().map(subject),
+            created,
+        })
+    }
 }
 
 /// Counts bytes read and reports them.
@@ -213,6 +238,7 @@ pub async fn convert(
     lazyblk_builder::write_atomic(&out_dir.join(IMAGE_CONFIG_FILE), &img.config)?;
     Ok(Converted {
         manifest: img.manifest.clone(),
+        index: img.index.clone(),
         layers,
         config: img.config.clone(),
         tree: tree_stats,

@@ -70,56 +70,9 @@ impl std::fmt::Display for SourceRef {
     }
 }
 
-/// The platform to pick from an index: `os/arch[/variant]`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Platform {
-    /// `linux`.
-    pub os: String,
-    /// `amd64`, `arm64`, ... (`x86_64`/`aarch64` accepted).
-    pub arch: String,
-    /// `v8`, `v7`, ...
-    pub variant: Option<String>,
-}
-
-impl Default for Platform {
-    fn default() -> Self {
-        Platform {
-            os: "linux".into(),
-            arch: "amd64".into(),
-            variant: None,
-        }
-    }
-}
-
-impl std::str::FromStr for Platform {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Platform, String> {
-        let p: Vec<&str> = s.split('/').collect();
-        match p[..] {
-            [os, arch] if !os.is_empty() && !arch.is_empty() => Ok(Platform {
-                os: os.into(),
-                arch: arch.into(),
-                variant: None,
-            }),
-            [os, arch, v] if !os.is_empty() && !arch.is_empty() && !v.is_empty() => Ok(Platform {
-                os: os.into(),
-                arch: arch.into(),
-                variant: Some(v.into()),
-            }),
-            _ => Err(format!("{s:?} is not os/arch[/variant]")),
-        }
-    }
-}
-
-impl std::fmt::Display for Platform {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.os, self.arch)?;
-        if let Some(v) = &self.variant {
-            write!(f, "/{v}")?;
-        }
-        Ok(())
-    }
-}
+/// The platform to pick from an index (the registry client's, shared with the finder of lazy
+/// versions).
+pub use lazyblk_registry::Platform;
 
 /// One layer of the source image.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -132,7 +85,7 @@ pub struct LayerDesc {
     pub media_type: String,
 }
 
-/// The image manifest the conversion used (for a later OCI 1.1 `subject` link to it).
+/// The image manifest the conversion used (the OCI 1.1 `subject` of the pushed image's link).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ManifestDesc {
     /// `sha256:<hex>` (empty for a `docker save` archive, which has no manifest blob).
@@ -159,6 +112,8 @@ enum Origin {
 pub struct Image {
     /// The manifest used.
     pub manifest: ManifestDesc,
+    /// The index it was picked from (a registry source that named an index).
+    pub index: Option<ManifestDesc>,
     /// The config blob, as stored.
     pub config: Vec<u8>,
     /// The layers, base first.
@@ -264,7 +219,13 @@ impl Image {
     async fn open_registry(client: Client, r: &Reference, p: &crate::Platform) -> Result<Image> {
         let mut got = client.resolve(r).await?;
         let mut reference = r.clone();
+        let mut index = None;
         if got.media_type == OCI_INDEX || got.media_type == DOCKER_LIST {
+            index = Some(ManifestDesc {
+                digest: got.digest.clone(),
+                media_type: got.media_type.clone(),
+                size: got.bytes.len() as u64,
+            });
             let d = select_platform(
                 &got.media_type,
                 &got.bytes,
@@ -295,6 +256,7 @@ impl Image {
                 media_type: got.media_type.clone(),
                 size: got.bytes.len() as u64,
             },
+            index,
             diff_ids: diff_ids(&config)?,
             config,
             layers,
@@ -382,6 +344,7 @@ impl Image {
                 media_type,
                 size: bytes.len() as u64,
             },
+            index: None,
             diff_ids: diff_ids(&config)?,
             config,
             layers,
@@ -514,6 +477,7 @@ impl Image {
                 media_type: String::new(),
                 size: 0,
             },
+            index: None,
             diff_ids: diff_ids(&config)?,
             config,
             layers,

@@ -1,14 +1,31 @@
-//! `parse_manifest` and `select_platform` on arbitrary bytes. The first byte picks the served
+//! `parse_manifest` and `select_platform` on arbitrary bytes, and `merge_referrer` (the
+//! referrers tag schema index, read-modify-write) on the same bytes as an existing index. The first byte picks the served
 //! media type (OCI manifest, OCI index, Docker manifest, Docker list, or another), the rest is
 //! the document. Never panics; an accepted document re-serializes to one that decodes to the
 //! same value; a selected platform is the one asked for.
 #![no_main]
 
-use lazyblk_registry::manifest::{parse_manifest, select_platform, Manifest, ACCEPTED};
+use lazyblk_registry::link::merge_referrer;
+use lazyblk_registry::manifest::{parse_manifest, select_platform, Manifest, ACCEPTED, OCI_INDEX};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&sel, doc)) = data.split_first() else { return };
+    // Merging a referrer into whatever is there: never panics; what it writes is an index
+    // that lists the entry once, and merging again changes nothing.
+    let entry = serde_json::json!({
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "digest": "sha256:1111111111111111111111111111111111111111111111111111111111111111",
+        "size": 7, "artifactType": "application/vnd.lazyblk.image.v1",
+    });
+    if let Ok(Some(merged)) = merge_referrer(Some(doc), &entry) {
+        let Ok(Manifest::Index(i)) = parse_manifest(OCI_INDEX, &merged) else {
+            panic!("merge_referrer wrote something that is not an index")
+        };
+        let n = i.manifests().iter().filter(|d| d.digest().to_string() == entry["digest"]).count();
+        assert_eq!(n, 1, "the entry is listed once");
+        assert!(merge_referrer(Some(&merged), &entry).unwrap().is_none(), "merging twice");
+    }
     let mt = ACCEPTED.get(usize::from(sel % 5)).copied().unwrap_or("application/json");
     let Ok(m) = parse_manifest(mt, doc) else {
         // Whatever parse_manifest refuses, select_platform refuses too.

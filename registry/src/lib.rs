@@ -9,7 +9,8 @@
 //! that follow redirects to object storage itself (no `Authorization` to another origin, the
 //! final URL remembered per blob and dropped when it fails); mirrors (`--mirror` and containerd's
 //! `hosts.toml`) with per-mirror health and backoff; push (existence check, cross-repository
-//! mount, monolithic and chunked upload, manifests); tag lists and referrers.
+//! mount, monolithic and chunked upload, manifests); tag lists and referrers; links between images
+//! ([`link`]: a manifest pushed as a referrer of its `subject`, found again from the subject).
 //!
 //! **What it must not touch**: it knows nothing of lazyblk's cache, chunk store or manifest
 //! format. It moves bytes and descriptors; the caller verifies blob content (BLAKE3 per chunk)
@@ -48,6 +49,7 @@ pub mod creds;
 mod endpoints;
 pub mod error;
 pub mod hosts;
+pub mod link;
 pub mod manifest;
 mod proxy;
 mod push;
@@ -60,7 +62,8 @@ pub use client::{Client, ClientOptions};
 pub use creds::{CredentialSource, Secret};
 pub use endpoints::EndpointStatus;
 pub use error::{ErrorClass, ErrorKind, RegistryError, Result};
-pub use manifest::{parse_manifest, select_platform, Manifest};
+pub use link::{Link, ReferrerPush};
+pub use manifest::{parse_manifest, select_platform, Manifest, Platform};
 pub use oci_spec::image::Descriptor;
 pub use push::{BlobSource, PushOutcome};
 pub use reference::Reference;

@@ -133,6 +133,79 @@ pub fn select_platform(
         .cloned())
 }
 
+/// The platform to pick from an index: `os/arch[/variant]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Platform {
+    /// `linux`.
+    pub os: String,
+    /// `amd64`, `arm64`, ... (`x86_64`/`aarch64` accepted).
+    pub arch: String,
+    /// `v8`, `v7`, ...
+    pub variant: Option<String>,
+}
+
+impl Default for Platform {
+    fn default() -> Self {
+        Platform {
+            os: "linux".into(),
+            arch: "amd64".into(),
+            variant: None,
+        }
+    }
+}
+
+impl Platform {
+    /// This machine's: `linux` and the architecture this binary was built for (Go's name).
+    pub fn host() -> Platform {
+        Platform {
+            os: "linux".into(),
+            arch: normalize_arch(std::env::consts::ARCH).to_string(),
+            variant: None,
+        }
+    }
+
+    /// Its manifest in the index `index_bytes` of `media_type` ([`select_platform`]).
+    pub fn select(&self, media_type: &str, index_bytes: &[u8]) -> Result<Option<Descriptor>> {
+        select_platform(
+            media_type,
+            index_bytes,
+            &self.os,
+            &self.arch,
+            self.variant.as_deref(),
+        )
+    }
+}
+
+impl std::str::FromStr for Platform {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Platform, String> {
+        let p: Vec<&str> = s.split('/').collect();
+        match p[..] {
+            [os, arch] if !os.is_empty() && !arch.is_empty() => Ok(Platform {
+                os: os.into(),
+                arch: arch.into(),
+                variant: None,
+            }),
+            [os, arch, v] if !os.is_empty() && !arch.is_empty() && !v.is_empty() => Ok(Platform {
+                os: os.into(),
+                arch: arch.into(),
+                variant: Some(v.into()),
+            }),
+            _ => Err(format!("{s:?} is not os/arch[/variant]")),
+        }
+    }
+}
+
+impl std::fmt::Display for Platform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.os, self.arch)?;
+        if let Some(v) = &self.variant {
+            write!(f, "/{v}")?;
+        }
+        Ok(())
+    }
+}
+
 /// `sha256:<hex>` of `bytes`.
 pub fn sha256_digest(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))

@@ -242,6 +242,18 @@ impl Client {
         media_type: &str,
         bytes: Bytes,
     ) -> Result<String> {
+        Ok(self.put_manifest(r, reference, media_type, bytes).await?.0)
+    }
+
+    /// [`Client::push_manifest`], and the `OCI-Subject` header of the answer (a registry with
+    /// the referrers API sends it when the manifest has a `subject`).
+    pub(crate) async fn put_manifest(
+        &self,
+        r: &Reference,
+        reference: &str,
+        media_type: &str,
+        bytes: Bytes,
+    ) -> Result<(String, Option<String>)> {
         let digest = sha256_digest(&bytes);
         if reference.contains(':') {
             validate_digest(reference)?;
@@ -294,7 +306,12 @@ impl Client {
                 ));
             }
         }
-        Ok(digest)
+        let subject = resp
+            .headers()
+            .get("oci-subject")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        Ok((digest, subject))
     }
 
     /// All tags of `r`'s repository (following `Link: <..>; rel="next"` pages).
@@ -405,11 +422,7 @@ impl Client {
             })?
         } else if matches!(status.as_u16(), 200..=299 | 400 | 404 | 405 | 501) {
             // No referrers API: the tag schema.
-            let tag = format!(
-                "{}-{}",
-                digest.split(':').next().unwrap_or("sha256"),
-                digest.split(':').nth(1).unwrap_or("")
-            );
+            let tag = crate::link::referrers_tag(digest)?;
             let tr = r.with_tag(&tag)?;
             match self.resolve(&tr).await {
                 Ok(res) if crate::manifest::is_index(&res.media_type) => {

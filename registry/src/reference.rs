@@ -132,6 +132,16 @@ impl Reference {
         })
     }
 
+    /// The same repository pinned to `digest`, without a tag (`host/repo@sha256:...`).
+    pub fn pinned(&self, digest: &str) -> Result<Reference> {
+        validate_digest(digest)?;
+        Ok(Reference {
+            tag: None,
+            digest: Some(digest.to_string()),
+            ..self.clone()
+        })
+    }
+
     /// The same repository with `tag` and no digest.
     pub fn with_tag(&self, tag: &str) -> Result<Reference> {
         if !valid_tag(tag) {

@@ -9,7 +9,7 @@
 
 use crate::{BlobInfo, BoxFuture, Remote, RemoteError};
 use bytes::Bytes;
-use lazyblk_registry::{Client, Manifest as OciManifest, Reference, RegistryError};
+use lazyblk_registry::{Client, Link, Manifest as OciManifest, Platform, Reference, RegistryError};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -119,6 +119,96 @@ pub fn lazyblk_files(r: &Reference, media_type: &str, bytes: &[u8]) -> Result<Re
         digest: String::new(),
         files,
     })
+}
+
+/// What a manifest is, for `add <ref>`: a lazyblk image, or an ordinary container image or an
+/// index, whose lazy version is found through its referrers ([`find_lazy`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// A lazyblk image: served as is.
+    Lazy,
+    /// Another image manifest (an ordinary container image, another artifact).
+    Image,
+    /// An image index (or Docker manifest list).
+    Index,
+}
+
+/// What the manifest `bytes` (served as `media_type`) is. Bytes that do not decode count as
+/// [`Kind::Image`] (the store then reports what is wrong with them).
+pub fn classify(media_type: &str, bytes: &[u8]) -> Kind {
+    match lazyblk_registry::parse_manifest(media_type, bytes) {
+        Ok(OciManifest::Index(_)) => Kind::Index,
+        Ok(OciManifest::Image(m)) => {
+            let ours = m.artifact_type().as_ref().map(|t| t.to_string()).as_deref()
+                == Some(ARTIFACT_TYPE)
+                || m.config().media_type().to_string() == MEDIA_CONFIG;
+            if ours {
+                Kind::Lazy
+            } else {
+                Kind::Image
+            }
+        }
+        Err(_) => Kind::Image,
+    }
+}
+
+/// The newest lazy version of the image `source` names (a tag or a digest; an index resolved
+/// to its manifest for `platform`): a lazyblk image whose `subject` is that manifest (or the
+/// index), found through the referrers in the source's repository (the referrers API or the
+/// referrers tag schema), as `repo@sha256:...` in that repository. `lazyblk convert` makes
+/// them (`docs/FORMAT.md`, "Links to the source"). `None`: there is none.
+pub async fn find_lazy(
+    client: &Client,
+    source: &Reference,
+    platform: &Platform,
+) -> Result<Option<Link>, RegistryError> {
+    client.find_referrer(source, ARTIFACT_TYPE, platform).await
+}
+
+/// What to serve for a reference ([`lazy_version`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Serve {
+    /// The reference itself: a lazyblk image (or one that did not resolve: the store says why).
+    Itself,
+    /// The lazy version of the ordinary image it names.
+    Lazy(Link),
+}
+
+/// The error for an ordinary image `r` without a lazy version: one line naming it and
+/// `lazyblk convert`.
+pub fn no_lazy_version(r: &Reference) -> RemoteError {
+    RemoteError::permanent(
+        r.to_string(),
+        format!(
+            "not a lazyblk image, and no lazy version refers to it (no referrer of type {ARTIFACT_TYPE}); make one with `lazyblk convert {r} <dst-ref>`"
+        ),
+    )
+}
+
+/// For `add <ref>`: serve `r` itself when it is a lazyblk image, else its lazy version
+/// ([`find_lazy`]); an ordinary image without one is [`no_lazy_version`]. A reference that
+/// does not resolve now is [`Serve::Itself`], so a pinned image in the cache still opens
+/// without the registry (and the store reports any other failure as it always does).
+pub async fn lazy_version(
+    client: &Client,
+    r: &Reference,
+    platform: &Platform,
+) -> Result<Serve, RemoteError> {
+    let got = match client.resolve(r).await {
+        Ok(g) => g,
+        Err(e) => {
+            tracing::debug!("{r}: not resolved ({e}); the store will try");
+            return Ok(Serve::Itself);
+        }
+    };
+    if classify(&got.media_type, &got.bytes) == Kind::Lazy {
+        return Ok(Serve::Itself);
+    }
+    match find_lazy(client, r, platform).await {
+        Ok(Some(l)) => Ok(Serve::Lazy(l)),
+        Ok(None) => Err(no_lazy_version(r)),
+        Err(e) => Err(remote_error(&format!("{r}: looking for a lazy version"), e)),
+    }
 }
 
 /// The connector's registry side: one client, each image resolved once.
@@ -304,5 +394,80 @@ impl Remote for RegistryRemote {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CFG: &str = "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a";
+    const OCI: &str = "application/vnd.oci.image.manifest.v1+json";
+
+    fn manifest(artifact: Option<&str>, config: &str) -> Vec<u8> {
+        let mut v = serde_json::json!({
+            "schemaVersion": 2, "mediaType": OCI,
+            "config": {"mediaType": config, "size": 2, "digest": CFG},
+            "layers": [],
+        });
+        if let Some(a) = artifact {
+            v["artifactType"] = a.into();
+        }
+        serde_json::to_vec(&v).unwrap()
+    }
+
+    #[test]
+    fn what_add_serves_as_is() {
+        // A lazyblk image by its artifact type, or (older pushes) its config.
+        assert_eq!(
+            classify(OCI, &manifest(Some(ARTIFACT_TYPE), MEDIA_CONFIG)),
+            Kind::Lazy
+        );
+        assert_eq!(classify(OCI, &manifest(None, MEDIA_CONFIG)), Kind::Lazy);
+        // An ordinary image, OCI or Docker; another artifact.
+        let image = manifest(None, "application/vnd.oci.image.config.v1+json");
+        assert_eq!(classify(OCI, &image), Kind::Image);
+        let docker = String::from_utf8(manifest(
+            None,
+            "application/vnd.docker.container.image.v1+json",
+        ))
+        .unwrap()
+        .replace(OCI, "application/vnd.docker.distribution.manifest.v2+json");
+        assert_eq!(
+            classify(
+                "application/vnd.docker.distribution.manifest.v2+json",
+                docker.as_bytes()
+            ),
+            Kind::Image
+        );
+        assert_eq!(
+            classify(
+                OCI,
+                &manifest(Some("application/x.sbom"), "application/x.cfg")
+            ),
+            Kind::Image
+        );
+        // An index; bytes that do not decode.
+        let index = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}"#;
+        assert_eq!(
+            classify("application/vnd.oci.image.index.v1+json", index),
+            Kind::Index
+        );
+        assert_eq!(classify(OCI, b"{"), Kind::Image);
+    }
+
+    #[test]
+    fn no_lazy_version_is_one_line_naming_convert() {
+        let r = Reference::parse("127.0.0.1:5000/src/app:v1").unwrap();
+        let e = no_lazy_version(&r).to_string();
+        assert!(!e.contains('\n'), "{e}");
+        assert!(
+            e.starts_with("127.0.0.1:5000/src/app:v1: not a lazyblk image"),
+            "{e}"
+        );
+        assert!(
+            e.contains("`lazyblk convert 127.0.0.1:5000/src/app:v1 <dst-ref>`"),
+            "{e}"
+        );
     }
 }

@@ -442,3 +442,208 @@ fn a_layer_that_does_not_match_its_digest_is_refused() {
         );
     }
 }
+
+#[test]
+fn converted_images_link_to_their_source_and_are_found_from_it() {
+    use lazyblk_registry::link::{referrers_tag, SOURCE_INDEX, SOURCE_MANIFEST, SOURCE_REPOSITORY};
+    use lazyblk_registry::Platform;
+    use lazyblk_remote::registry::{find_lazy, lazy_version, Serve};
+    let dir = tempfile::tempdir().unwrap();
+    let w = dir.path().join("src");
+    std::fs::create_dir(&w).unwrap();
+    run(Command::new("bash")
+        .arg("-c")
+        .arg(
+            "set -eu; cd \"$W\"; umoci init --layout L; umoci new --image L:img; \
+         umoci unpack --image L:img B; echo hello > B/rootfs/f; umoci repack --image L:img B; \
+         umoci new --image L:other; umoci unpack --image L:other C; echo x > C/rootfs/g; \
+         umoci repack --image L:other C",
+        )
+        .env("W", &w));
+    let reg = Registry::start(&dir.path().join("reg"), &RegistryAuth::None);
+    let reg2 = Registry::start(&dir.path().join("reg2"), &RegistryAuth::None);
+    let (host, host2) = (reg.host(), reg2.host());
+    let layout = |t: &str| format!("oci:{}:{t}", w.join("L").display());
+    skopeo(&layout("img"), &format!("docker://{host}/src/app:v1"), &[]);
+    skopeo(
+        &layout("other"),
+        &format!("docker://{host}/src/app:plain"),
+        &[],
+    );
+    let client = Client::new(ClientOptions::default()).unwrap();
+    let v1 = Reference::parse(&format!("{host}/src/app:v1")).unwrap();
+    let got = rt().block_on(client.resolve(&v1)).unwrap();
+    // An index over it (what multi-platform images are).
+    let index = serde_json::json!({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{"mediaType": got.media_type, "digest": got.digest, "size": got.bytes.len(),
+                       "platform": {"architecture": "amd64", "os": "linux"}}],
+    });
+    let idx = rt()
+        .block_on(client.push_manifest(
+            &v1,
+            "multi",
+            "application/vnd.oci.image.index.v1+json",
+            serde_json::to_vec(&index).unwrap().into(),
+        ))
+        .unwrap();
+
+    // Converted from the tag into the same repository, from the index into another one and
+    // (the same build) into another registry: each a newer link.
+    let convert = |src: &str, work: &Path| {
+        let src = SourceRef::parse(src).unwrap();
+        let c = rt()
+            .block_on(lazyblk_convert::convert(
+                &src,
+                Some(&client),
+                work,
+                &ConvertOptions::default(),
+                &mut |_| {},
+            ))
+            .unwrap();
+        (src, c)
+    };
+    let push = |c: &lazyblk_convert::Converted, src: &SourceRef, dst: &str, created: &str| {
+        let link = c
+            .source_link(src, created.into())
+            .expect("a registry source");
+        rt().block_on(lazyblk_builder::push_linked(
+            &client,
+            &c.out_dir,
+            &Reference::parse(dst).unwrap(),
+            &link,
+            &|_, _| {},
+        ))
+        .unwrap()
+    };
+    let (src1, c1) = convert(&format!("{host}/src/app:v1"), &dir.path().join("w1"));
+    assert!(c1.index.is_none());
+    let same = push(
+        &c1,
+        &src1,
+        &format!("{host}/src/app:lazy"),
+        "2025-01-01T00:00:00Z",
+    );
+    assert_eq!(same.links.len(), 1);
+    assert!(
+        same.links[0].fallback,
+        "distribution 2.8 has no referrers API"
+    );
+    assert_eq!(same.links[0].digest, same.pushed.digest);
+    assert_eq!(same.links[0].subject, got.digest);
+
+    // The lazy manifest: subject, artifact type, the source named without its host.
+    let lazy = rt()
+        .block_on(client.resolve(&Reference::parse(&format!("{host}/src/app:lazy")).unwrap()))
+        .unwrap();
+    let m: serde_json::Value = serde_json::from_slice(&lazy.bytes).unwrap();
+    assert_eq!(m["artifactType"], "application/vnd.lazyblk.image.v1");
+    assert_eq!(m["subject"]["digest"], got.digest);
+    assert_eq!(m["subject"]["size"], got.bytes.len());
+    assert_eq!(m["subject"]["mediaType"], got.media_type);
+    assert_eq!(m["annotations"][SOURCE_REPOSITORY], "src/app");
+    assert_eq!(m["annotations"][SOURCE_MANIFEST], got.digest);
+    assert!(
+        !String::from_utf8_lossy(&lazy.bytes).contains(&host),
+        "no host in a link"
+    );
+    let tags = rt().block_on(client.list_tags(&v1)).unwrap();
+    assert!(
+        tags.contains(&referrers_tag(&got.digest).unwrap()),
+        "{tags:?}"
+    );
+
+    let find = |src: &str| {
+        rt().block_on(find_lazy(
+            &client,
+            &Reference::parse(src).unwrap(),
+            &Platform::default(),
+        ))
+        .unwrap()
+    };
+    let found = find(&format!("{host}/src/app:v1")).unwrap();
+    assert_eq!(
+        found.reference.to_string(),
+        format!("{host}/src/app@{}", same.pushed.digest)
+    );
+
+    let (src2, c2) = convert(&format!("{host}/src/app:multi"), &dir.path().join("w2"));
+    assert_eq!(c2.index.as_ref().unwrap().digest, idx);
+    let other = push(
+        &c2,
+        &src2,
+        &format!("{host}/lazy/app:v1"),
+        "2025-02-01T00:00:00Z",
+    );
+    assert_eq!(other.links.len(), 2, "the manifest and the index");
+    assert_eq!(other.links[0].subject, got.digest);
+    assert_eq!(other.links[1].subject, idx);
+    assert_eq!(other.links[0].digest, other.pushed.digest);
+    let far = push(
+        &c2,
+        &src2,
+        &format!("{host2}/elsewhere/app:v1"),
+        "2025-03-01T00:00:00Z",
+    );
+
+    // Found by tag, by digest, through the index (tag or digest): the newest, in the source
+    // repository, and it opens there through the chunk store.
+    for src in [
+        format!("{host}/src/app:v1"),
+        format!("{host}/src/app@{}", got.digest),
+        format!("{host}/src/app:multi"),
+        format!("{host}/src/app@{idx}"),
+    ] {
+        let l = find(&src).unwrap_or_else(|| panic!("{src}: no lazy version"));
+        assert_eq!(
+            l.reference.to_string(),
+            format!("{host}/src/app@{}", far.pushed.digest),
+            "{src}"
+        );
+        assert_eq!(l.created.as_deref(), Some("2025-03-01T00:00:00Z"));
+    }
+    let via_index = rt()
+        .block_on(client.resolve(&v1.pinned(&far.links[1].digest).unwrap()))
+        .unwrap();
+    let vi: serde_json::Value = serde_json::from_slice(&via_index.bytes).unwrap();
+    assert_eq!(vi["subject"]["digest"], idx);
+    assert_eq!(vi["annotations"][SOURCE_INDEX], idx);
+    let l = find(&format!("{host}/src/app:v1")).unwrap();
+    let cache = dir.path().join("cache");
+    let mut o = StoreOptions {
+        cache_root: cache.clone(),
+        readahead_bytes: 0,
+        ..Default::default()
+    };
+    o.registry.credentials = CredentialSource::Anonymous;
+    o.registry.hosts_dir = Some(cache.join("no-hosts.d"));
+    let s = ChunkStore::open(&Location::parse(&l.reference.to_string()), o).unwrap();
+    assert_eq!(s.id(), far.pushed.image);
+    drop(s);
+
+    // `add`'s choice: a lazy image as is, an ordinary one through its link, none: one line.
+    let choose = |src: &str| {
+        rt().block_on(lazy_version(
+            &client,
+            &Reference::parse(src).unwrap(),
+            &Platform::default(),
+        ))
+    };
+    assert_eq!(
+        choose(&format!("{host}/src/app:lazy")).unwrap(),
+        Serve::Itself
+    );
+    assert_eq!(
+        choose(&format!("{host}/src/app:multi")).unwrap(),
+        Serve::Lazy(find(&format!("{host}/src/app:multi")).unwrap())
+    );
+    let e = choose(&format!("{host}/src/app:plain"))
+        .unwrap_err()
+        .to_string();
+    assert!(!e.contains('\n'), "{e}");
+    assert!(
+        e.contains("src/app:plain") && e.contains("lazyblk convert"),
+        "{e}"
+    );
+    assert!(find(&format!("{host}/src/app:plain")).is_none());
+}

@@ -11,11 +11,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use lazyblk_registry::manifest::{sha256_digest, OCI_INDEX, OCI_MANIFEST};
 use lazyblk_registry::{
-    BlobSource, Client, ClientOptions, CredentialSource, ErrorClass, ErrorKind, PushOutcome,
-    Reference, Secret,
+    link, BlobSource, Client, ClientOptions, CredentialSource, ErrorClass, ErrorKind, Platform,
+    PushOutcome, Reference, Secret,
 };
 use lazyblk_tests::registry::{
-    broken_mirror, lying_mirror, Front, ObjectStore, Registry, RegistryAuth, TokenRegistry,
+    broken_mirror, lying_mirror, Front, ObjectStore, ReferrersFront, Registry, RegistryAuth,
+    TokenRegistry,
 };
 use lazyblk_tests::sample_image;
 
@@ -787,4 +788,176 @@ async fn tls_ca_file_and_insecure() {
     let plain = Client::new(options(dir.path(), CredentialSource::Anonymous)).unwrap();
     let e = plain.resolve(&r).await.unwrap_err();
     assert_one_line(&e, &[&reg.host()]);
+}
+
+/// An artifact manifest of `artifact` referring to `subject` (one layer, `layer`), made at
+/// `created`, with `extra` annotations.
+fn referrer(
+    artifact: &str,
+    subject: (&str, usize),
+    layer: (&str, usize),
+    created: &str,
+    extra: &[(&str, &str)],
+) -> Bytes {
+    let mut annotations = serde_json::json!({ link::CREATED: created });
+    for (k, v) in extra {
+        annotations[*k] = (*v).into();
+    }
+    let m = serde_json::json!({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": artifact,
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "size": 2,
+                   "digest": sha256_digest(b"{}")},
+        "layers": [{"mediaType": "application/octet-stream", "digest": layer.0, "size": layer.1}],
+        "subject": {"mediaType": OCI_MANIFEST, "digest": subject.0, "size": subject.1},
+        "annotations": annotations,
+    });
+    Bytes::from(serde_json::to_vec(&m).unwrap())
+}
+
+/// An index of one linux/amd64 manifest, tagged `tag`; returns its digest.
+async fn push_index(c: &Client, r: &Reference, tag: &str, md: &str, size: usize) -> String {
+    let index = serde_json::json!({
+        "schemaVersion": 2, "mediaType": OCI_INDEX,
+        "manifests": [{"mediaType": OCI_MANIFEST, "digest": md, "size": size,
+                       "platform": {"architecture": "amd64", "os": "linux"}}],
+    });
+    c.push_manifest(
+        r,
+        tag,
+        OCI_INDEX,
+        Bytes::from(serde_json::to_vec(&index).unwrap()),
+    )
+    .await
+    .unwrap()
+}
+
+/// Push referrers to `host/repo` and find them: `fallback` says whether the registry there has
+/// no referrers API (the tag schema index is kept) or has one (it is not).
+async fn referrers_case(c: &Client, host: &str, repo: &str, fallback: bool) {
+    const ART: &str = "application/vnd.lazyblk.test";
+    let r = reference(host, repo, "v1");
+    let (md, mbytes, ld) = push_image(c, &r, b"the source layer").await;
+    let layer = (ld.as_str(), b"the source layer".len());
+    c.push_blob(
+        &r,
+        &sha256_digest(b"{}"),
+        2,
+        BlobSource::Bytes(Bytes::from_static(b"{}")),
+        None,
+    )
+    .await
+    .unwrap();
+    let idx = push_index(c, &r, "multi", &md, mbytes.len()).await;
+    let subject = (md.as_str(), mbytes.len());
+    let a = referrer(ART, subject, layer, "2025-01-01T00:00:00Z", &[]);
+    let b = referrer(ART, subject, layer, "2025-02-01T00:00:00Z", &[]);
+    let other = referrer(
+        "application/x.sbom",
+        subject,
+        layer,
+        "2026-01-01T00:00:00Z",
+        &[],
+    );
+    for m in [&a, &b, &other, &a] {
+        let p = c.push_referrer(&r, OCI_MANIFEST, m.clone()).await.unwrap();
+        assert_eq!(p.digest, sha256_digest(m));
+        assert_eq!(p.subject, md);
+        assert_eq!(p.fallback, fallback, "{host}");
+    }
+    let tag = link::referrers_tag(&md).unwrap();
+    let tags = c.list_tags(&r).await.unwrap();
+    assert_eq!(tags.contains(&tag), fallback, "{tags:?}");
+    // Three referrers, each once (a was pushed twice).
+    let all = c.referrers(&r, &md, None).await.unwrap();
+    assert_eq!(all.len(), 3, "{all:?}");
+    // The newest of the artifact type, by tag, by digest and through the index.
+    let want = r.pinned(&sha256_digest(&b)).unwrap();
+    for (src, index) in [
+        (r.clone(), None),
+        (r.pinned(&md).unwrap(), None),
+        (r.with_tag("multi").unwrap(), Some(idx.clone())),
+        (r.pinned(&idx).unwrap(), Some(idx.clone())),
+    ] {
+        let l = c
+            .find_referrer(&src, ART, &Platform::default())
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("{src}: no referrer found"));
+        assert_eq!(l.reference, want, "{src}");
+        assert_eq!(
+            l.reference.to_string(),
+            format!("{host}/{repo}@{}", sha256_digest(&b))
+        );
+        assert_eq!(
+            (l.subject.as_str(), l.manifest.as_str()),
+            (md.as_str(), md.as_str())
+        );
+        assert_eq!(l.index, index);
+        assert_eq!(l.created.as_deref(), Some("2025-02-01T00:00:00Z"));
+    }
+    assert!(c
+        .find_referrer(&r, "application/x.none", &Platform::default())
+        .await
+        .unwrap()
+        .is_none());
+    let arm: Platform = "linux/arm64".parse().unwrap();
+    let e = c
+        .find_referrer(&r.with_tag("multi").unwrap(), ART, &arm)
+        .await
+        .unwrap_err();
+    assert_one_line(&e, &[repo, "multi", "linux/arm64"]);
+
+    // Only the index has a referrer: found through the index when it names the manifest.
+    let r2 = reference(host, repo, "v2");
+    let (md2, m2, _) = push_image(c, &r2, b"another layer").await;
+    let idx2 = push_index(c, &r2, "multi2", &md2, m2.len()).await;
+    let wrong = referrer(
+        ART,
+        (&idx2, 1),
+        layer,
+        "2027-01-01T00:00:00Z",
+        &[(link::SOURCE_MANIFEST, &md)],
+    );
+    let right = referrer(
+        ART,
+        (&idx2, 1),
+        layer,
+        "2025-01-01T00:00:00Z",
+        &[(link::SOURCE_MANIFEST, &md2)],
+    );
+    for m in [&wrong, &right] {
+        c.push_referrer(&r2, OCI_MANIFEST, m.clone()).await.unwrap();
+    }
+    let l = c
+        .find_referrer(&r2.with_tag("multi2").unwrap(), ART, &Platform::default())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(l.reference, r2.pinned(&sha256_digest(&right)).unwrap());
+    assert_eq!(
+        (l.subject, l.manifest, l.index),
+        (idx2.clone(), md2.clone(), Some(idx2))
+    );
+    assert!(c
+        .find_referrer(&r2, ART, &Platform::default())
+        .await
+        .unwrap()
+        .is_none());
+}
+
+#[tokio::test]
+async fn referrers_through_the_tag_schema_and_the_referrers_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = Registry::start(&dir.path().join("reg"), &RegistryAuth::None);
+    let c = Client::new(options(dir.path(), CredentialSource::Anonymous)).unwrap();
+    // distribution 2.8 has no referrers API (404): the tag schema.
+    referrers_case(&c, &reg.host(), "fallback/app", true).await;
+    // The same registry behind a front that implements the API: no tag schema index.
+    let front = ReferrersFront::start(reg.port);
+    referrers_case(&c, &front.host(), "api/app", false).await;
+    assert_eq!(
+        front.referrers.lock().unwrap().len(),
+        2,
+        "one subject per image"
+    );
 }

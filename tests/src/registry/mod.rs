@@ -1,17 +1,20 @@
 //! A real Docker registry (Debian's `docker-registry`, distribution 2.8) on a free loopback port
 //! (plain HTTP or HTTPS with a certificate made here), and the small HTTP servers the registry
 //! client's tests put around it: [`http`] (the server they are built on), [`token`] (a token
-//! issuer and a registry using it), [`store`] (an "object store" serving the registry's blob
+//! issuer and a registry using it), [`referrers`] (the OCI 1.1 referrers API in front of a
+//! registry without it), [`store`] (an "object store" serving the registry's blob
 //! files, a redirecting front, lying and broken mirrors).
 //!
 //! The servers are hand-rolled HTTP/1.1 on std threads, one request per connection
 //! (`Connection: close`), so a test can count and shape every request.
 
 pub mod http;
+pub mod referrers;
 pub mod store;
 pub mod token;
 
 pub use http::{forward, HttpServer, Reply, Request};
+pub use referrers::ReferrersFront;
 pub use store::{broken_mirror, lying_mirror, Front, FrontKnobs, ObjectStore};
 pub use token::{IssuerConfig, Signer, TokenIssuer, TokenRegistry};
 

@@ -8,6 +8,8 @@ use crate::store_args::StoreArgs;
 use crate::{daemon, supervise};
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use lazyblk_remote::registry::{self, Serve};
+use lazyblk_remote::Location;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -15,7 +17,8 @@ use std::process::{Command, Stdio};
 /// `lazyblk add`.
 #[derive(Args)]
 pub struct AddArgs {
-    /// Manifest path or URL.
+    /// Manifest path or URL, or an image reference: a lazyblk image, or an ordinary container
+    /// image whose lazy version (`lazyblk convert`, found through its referrers) is served.
     manifest: String,
     #[command(flatten)]
     pub store: StoreArgs,
@@ -55,13 +58,26 @@ pub struct AddArgs {
     supervised_by: Option<u32>,
     #[command(flatten)]
     cow: CowArgs,
+    /// For an ordinary container image (not a lazyblk one): the platform whose manifest's lazy
+    /// version to serve when the reference names an index (`os/arch[/variant]`; default: this
+    /// machine's).
+    #[arg(long)]
+    platform: Option<lazyblk_registry::Platform>,
+    /// Internal: the lazy version of `manifest` found by the parent, pinned.
+    #[arg(long, hide = true)]
+    lazy: Option<String>,
 }
 
 /// Run `lazyblk add` with the state directory `state`: as the supervisor of a daemon
 /// (`--foreground --supervise`), as the daemon (`--foreground`), or by starting a detached daemon.
-pub fn run(state: PathBuf, a: AddArgs) -> Result<()> {
+pub fn run(state: PathBuf, mut a: AddArgs) -> Result<()> {
+    // Once, in the first process: the daemon, the supervisor's daemons and `recover` serve the
+    // pinned lazy image it found.
+    if a.recover_id.is_none() && a.lazy.is_none() {
+        a.lazy = lazy_version(&a)?;
+    }
     if a.foreground && a.supervise {
-        run_supervisor(&state)
+        run_supervisor(&state, &a)
     } else if a.foreground {
         run_daemon(state, a)
     } else {
@@ -69,12 +85,53 @@ pub fn run(state: PathBuf, a: AddArgs) -> Result<()> {
     }
 }
 
+/// `add <ref>` of an ordinary container image: its lazy version, pinned, said on stderr
+/// (`lazyblk_remote::registry::lazy_version`). `None`: serve `manifest` as it is (a path, a
+/// URL, a lazyblk image).
+fn lazy_version(a: &AddArgs) -> Result<Option<String>> {
+    let Location::Registry(loc) = Location::parse(&a.manifest) else {
+        return Ok(None);
+    };
+    if loc.name != lazyblk_remote::registry::MANIFEST_FILE {
+        return Ok(None);
+    }
+    let client = lazyblk_registry::Client::new(a.store.options()?.registry)?;
+    let platform = a
+        .platform
+        .clone()
+        .unwrap_or_else(lazyblk_registry::Platform::host);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    match rt.block_on(registry::lazy_version(&client, &loc.reference, &platform))? {
+        Serve::Itself => Ok(None),
+        Serve::Lazy(link) => {
+            eprintln!(
+                "lazyblk: {} has a lazy version {}, using it",
+                a.manifest, link.reference
+            );
+            Ok(Some(link.reference.to_string()))
+        }
+    }
+}
+
+/// `args` with `--lazy <pinned>` when the lazy version was found here.
+fn with_lazy(mut args: Vec<String>, a: &AddArgs) -> Vec<String> {
+    if let Some(l) = &a.lazy {
+        if !args.iter().any(|x| x == "--lazy") {
+            args.extend(["--lazy".into(), l.clone()]);
+        }
+    }
+    args
+}
+
 /// The supervisor: the same command line without --supervise is its daemon.
-fn run_supervisor(state: &Path) -> Result<()> {
-    let mut args: Vec<String> = std::env::args()
+fn run_supervisor(state: &Path, a: &AddArgs) -> Result<()> {
+    let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| a != "--supervise")
         .collect();
+    let mut args = with_lazy(args, a);
     args.extend(["--supervised-by".into(), std::process::id().to_string()]);
     supervise::run(state, &args, stdout_file()?)
 }
@@ -84,7 +141,7 @@ fn run_daemon(state: PathBuf, a: AddArgs) -> Result<()> {
     let ublk = ublk_options(&a);
     let ready = Some(stdout_file()?);
     daemon::run(daemon::DaemonArgs {
-        manifest: a.manifest,
+        manifest: a.lazy.unwrap_or(a.manifest),
         store: a.store.options()?,
         store_args: a.store.to_args(),
         ublk,
@@ -113,7 +170,7 @@ fn ublk_options(a: &AddArgs) -> lazyblk_ublk::Options {
 /// it is live.
 fn start_detached(a: &AddArgs) -> Result<()> {
     lazyblk_ublk::check_kernel()?;
-    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args = with_lazy(std::env::args().skip(1).collect(), a);
     args.push("--foreground".into());
     let (id, bdev) = spawn_daemon(&args, &a.log_file)?;
     if a.recover_id.is_some() {

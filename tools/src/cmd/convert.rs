@@ -1,6 +1,8 @@
 //! `lazyblk convert <src> <dst-ref>`: flatten a container image (registry reference, `oci:DIR`,
 //! `docker-archive:FILE`) into one erofs tree with `lazyblk-convert`, then push the build
-//! directory (with the source config as `image-config.json`) like `lazyblk push`.
+//! directory (with the source config as `image-config.json`) like `lazyblk push`. A registry
+//! source is linked: the lazy image's `subject` is the source's platform manifest, and the
+//! source's referrers list it (`lazyblk_builder::push_linked`), so `add <src>` finds it.
 
 use crate::registry_args::RegistryArgs;
 use anyhow::{Context, Result};
@@ -196,7 +198,11 @@ pub fn run(a: ConvertArgs) -> Result<()> {
             ))
             .with_context(|| format!("converting {src}"))?;
         summary(&a.src, &c, a.chunk_kib);
-        crate::cmd::push::push_dir(&c.out_dir, &a.dst, None, &a.registry)
+        let created = lazyblk_builder::push::rfc3339_utc(std::time::SystemTime::now());
+        match c.source_link(&src, created) {
+            Some(link) => crate::cmd::push::push_linked_dir(&c.out_dir, &a.dst, &link, &a.registry),
+            None => crate::cmd::push::push_dir(&c.out_dir, &a.dst, None, &a.registry),
+        }
     })();
     if temp {
         let _ = std::fs::remove_dir_all(&work);

@@ -45,6 +45,34 @@ pub fn push_dir(dir: &Path, to: &str, mount_from: Option<&str>, reg: &RegistryAr
     Ok(())
 }
 
+/// `lazyblk convert`'s push: publish the build directory `dir` to `to`, linked to its source
+/// (`subject`, and referrers in the source's repository: `lazyblk_builder::push_linked`).
+pub fn push_linked_dir(
+    dir: &Path,
+    to: &str,
+    link: &lazyblk_builder::SourceLink,
+    reg: &RegistryArgs,
+) -> Result<()> {
+    let r = reference(to)?;
+    let client = reg.client()?;
+    let s = runtime()?
+        .block_on(lazyblk_builder::push_linked(
+            &client, dir, &r, link, &report,
+        ))
+        .with_context(|| format!("pushing {} to {r}", dir.display()))?;
+    let src = link.repository.repository();
+    for l in &s.links {
+        let how = if l.fallback {
+            "referrers tag schema"
+        } else {
+            "referrers API"
+        };
+        eprintln!("linked {src}@{} -> {src}@{} ({how})", l.subject, l.digest);
+    }
+    finish(&r, s.pushed);
+    Ok(())
+}
+
 /// `trace --pack --push <ref>`: publish the prefetch pack at `pack` over the image `to` names.
 pub fn push_pack(pack: &Path, to: &str, reg: &RegistryArgs) -> Result<()> {
     let r = reference(to)?;
