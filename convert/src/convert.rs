@@ -173,58 +173,18 @@ pub async fn convert(
             )));
         }
     }
-    let img = Image::open(src, client, &opts.platform, work).await?;
-    if !img.diff_ids.is_empty() && img.diff_ids.len() != img.layers.len() {
-        return Err(Error::Source(format!(
-            "{src}: the config lists {} diff_ids for {} layers",
-            img.diff_ids.len(),
-            img.layers.len()
-        )));
-    }
-    progress(Progress::Opened {
-        layers: &img.layers,
-    });
     std::fs::create_dir(&rootfs).map_err(|e| Error::io(&rootfs, e))?;
-    let tree = Tree::open(&rootfs, opts.apply.clone())?;
-    let mut layers = Vec::new();
-    for (i, l) in img.layers.iter().enumerate() {
-        let label = format!("{}/{} ({})", i + 1, img.layers.len(), l.digest);
-        let path = img
-            .fetch_layer(i, work, &mut |done| {
-                progress(Progress::Fetch { index: i, done })
-            })
-            .await?;
-        let declared = layer::from_media_type(&l.media_type).map_err(|why| Error::Layer {
-            layer: label.clone(),
-            why,
-        })?;
-        let f = File::open(&path).map_err(|e| Error::io(&path, e))?;
-        let mut report = |done| progress(Progress::Apply { index: i, done });
-        let r = Reporting {
-            inner: f,
-            done: 0,
-            report: &mut report,
-        };
-        let tar = layer::decompress(r, declared).map_err(|why| Error::Layer {
-            layer: label.clone(),
-            why,
-        })?;
-        let stats = tree.apply_layer(&label, tar)?;
-        if let Some(want) = img.diff_ids.get(i) {
-            if *want != stats.diff_id {
-                return Err(Error::Digest {
-                    what: format!("layer {label}: uncompressed (diff_id)"),
-                    expected: want.clone(),
-                    actual: stats.diff_id.clone(),
-                });
-            }
-        }
-        progress(Progress::Applied {
-            index: i,
-            stats: &stats,
-        });
-        layers.push((l.clone(), stats));
-    }
+    let (img, layers) = unpack(
+        src,
+        client,
+        &opts.platform,
+        None,
+        &rootfs,
+        work,
+        &opts.apply,
+        progress,
+    )
+    .await?;
     let tree_stats = count_tree(&rootfs)?;
     progress(Progress::Mkfs);
     let image = work.join("image.erofs");
@@ -299,4 +259,84 @@ pub fn count_tree(root: &Path) -> Result<TreeStats> {
         }
     }
     Ok(s)
+}
+
+/// Apply the layers of `src` (`client` for a registry source; an index resolved for
+/// `platform`), base first, onto the existing directory `rootfs` with OCI semantics, each
+/// checked against its digest and its `diff_id`: all of them, or with `upto` (a layer digest)
+/// the base up to that layer. Layers are downloaded into `work/layers/`. The image opened, and
+/// each layer applied with its statistics.
+#[allow(clippy::too_many_arguments)]
+pub async fn unpack(
+    src: &SourceRef,
+    client: Option<&Client>,
+    platform: &Platform,
+    upto: Option<&str>,
+    rootfs: &Path,
+    work: &Path,
+    apply: &ApplyOptions,
+    progress: &mut (dyn FnMut(Progress) + Send),
+) -> Result<(Image, Vec<(LayerDesc, LayerStats)>)> {
+    let img = Image::open(src, client, platform, work).await?;
+    if !img.diff_ids.is_empty() && img.diff_ids.len() != img.layers.len() {
+        return Err(Error::Source(format!(
+            "{src}: the config lists {} diff_ids for {} layers",
+            img.diff_ids.len(),
+            img.layers.len()
+        )));
+    }
+    progress(Progress::Opened {
+        layers: &img.layers,
+    });
+    let count = match upto {
+        None => img.layers.len(),
+        Some(d) => {
+            1 + img
+                .layers
+                .iter()
+                .position(|l| l.digest == d)
+                .ok_or_else(|| Error::Source(format!("{src}: no layer {d}")))?
+        }
+    };
+    let tree = Tree::open(rootfs, apply.clone())?;
+    let mut layers = Vec::new();
+    for (i, l) in img.layers.iter().enumerate().take(count) {
+        let label = format!("{}/{} ({})", i + 1, img.layers.len(), l.digest);
+        let path = img
+            .fetch_layer(i, work, &mut |done| {
+                progress(Progress::Fetch { index: i, done })
+            })
+            .await?;
+        let declared = layer::from_media_type(&l.media_type).map_err(|why| Error::Layer {
+            layer: label.clone(),
+            why,
+        })?;
+        let f = File::open(&path).map_err(|e| Error::io(&path, e))?;
+        let mut report = |done| progress(Progress::Apply { index: i, done });
+        let r = Reporting {
+            inner: f,
+            done: 0,
+            report: &mut report,
+        };
+        let tar = layer::decompress(r, declared).map_err(|why| Error::Layer {
+            layer: label.clone(),
+            why,
+        })?;
+        let stats = tree.apply_layer(&label, tar)?;
+        if let Some(want) = img.diff_ids.get(i) {
+            if *want != stats.diff_id {
+                return Err(Error::Digest {
+                    what: format!("layer {label}: uncompressed (diff_id)"),
+                    expected: want.clone(),
+                    actual: stats.diff_id.clone(),
+                });
+            }
+        }
+        progress(Progress::Applied {
+            index: i,
+            stats: &stats,
+        });
+        layers.push((l.clone(), stats));
+    }
+    Ok((img, layers))
 }

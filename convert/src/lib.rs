@@ -25,6 +25,8 @@ pub mod layer;
 pub mod source;
 
 pub use apply::{ApplyOptions, LayerStats, Tree};
-pub use convert::{convert, ConvertOptions, Converted, Progress, TreeStats, IMAGE_CONFIG_FILE};
+pub use convert::{
+    convert, unpack, ConvertOptions, Converted, Progress, TreeStats, IMAGE_CONFIG_FILE,
+};
 pub use error::{Error, Result};
 pub use source::{Platform, SourceRef};

@@ -44,9 +44,12 @@
 //! remote ancestor: when that is an image's top, the image's mountpoint is the last (lowest)
 //! lower dir and the ancestors below it are not used (they are inside it). When the nearest
 //! remote ancestor is a placeholder (another image whose top is that chain id was pulled after
-//! the lazy one, and containerd skipped the layer because it already existed), there is no tree
-//! to mount: Prepare, View and Mounts fail with FAILED_PRECONDITION naming the snapshot and the
-//! image. A later step may materialize such a layer (e.g. by extracting it from the image).
+//! the lazy one, and containerd skipped the layer because it already existed), that layer is
+//! *materialized* first, once: [`LazyImages::materialize`] unpacks the image's layers from the
+//! base up to it (flattened, with OCI semantics) into the placeholder's own `fs` directory
+//! (`fs.partial` until done, then renamed and marked in the metadata), which is then the lowest
+//! lower dir. When that fails (the registry is down), Prepare, View and Mounts fail with
+//! UNAVAILABLE naming the snapshot and the image, and nothing is created.
 //!
 //! With no lower dir: a `bind` mount of the snapshot's own `fs` (`rbind`, `rw`; `ro` for a
 //! View). Active with lowers: `overlay` with `workdir=`, `upperdir=`, `lowerdir=` (and
@@ -140,6 +143,16 @@ pub trait LazyImages: Send + Sync + 'static {
     fn attach(&self, image: &LazyImage, mountpoint: &Path) -> Result<(), String>;
     /// Undo [`LazyImages::attach`]: the last snapshot of the image was removed.
     fn release(&self, image: &LazyImage, mountpoint: &Path) -> Result<(), String>;
+    /// Unpack into `dir` (an existing empty directory) the flattened tree of an intermediate
+    /// layer of a lazy image: the layers of the image its `labels` name (the placeholder's
+    /// Prepare labels: [`LABEL_IMAGE_REF`], [`LABEL_MANIFEST_DIGEST`], [`LABEL_LAYER_DIGEST`])
+    /// from the base up to that layer. Called when another image's snapshot stands on that
+    /// layer (its chain id is that image's top, so containerd never unpacked it). The default
+    /// cannot.
+    fn materialize(&self, labels: &HashMap<String, String>, dir: &Path) -> Result<(), String> {
+        let _ = (labels, dir);
+        Err("this provider cannot unpack layers".into())
+    }
 }
 
 /// The crate's error. Each kind maps to the gRPC code containerd's `errdefs` expects.

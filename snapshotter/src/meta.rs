@@ -56,6 +56,10 @@ pub struct Remote {
     /// Whether this layer is the image's top layer (its tree is the whole image); the layers
     /// below it are placeholders.
     pub top: bool,
+    /// A placeholder whose flattened tree (its image's layers up to this one) was since
+    /// unpacked into its own `fs` directory, because another image's snapshot needed it.
+    #[serde(default)]
+    pub materialized: bool,
 }
 
 /// One snapshot.
@@ -351,6 +355,27 @@ impl MetaStore {
         Ok(old)
     }
 
+    /// Mark the remote placeholder `name` as materialized (its `fs` directory holds its tree).
+    pub fn set_materialized(&mut self, name: &str) -> Result<(), Error> {
+        let s = self
+            .snapshots
+            .get_mut(name)
+            .ok_or_else(|| Error::NotFound(format!("snapshot {name:?}")))?;
+        let Some(r) = s.remote.as_mut() else {
+            return Err(Error::FailedPrecondition(format!(
+                "snapshot {name:?} is not remote"
+            )));
+        };
+        r.materialized = true;
+        if let Err(e) = self.persist() {
+            if let Some(r) = self.snapshots.get_mut(name).and_then(|s| s.remote.as_mut()) {
+                r.materialized = false;
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
     /// Update the labels of `name` (containerd's `UpdateInfo`): no field paths = replace the
     /// labels whole; `labels` = the same; `labels.<key>` = set that label from `labels`, or
     /// delete it when `labels` lacks it. Any other path is InvalidArgument.
@@ -581,6 +606,7 @@ mod tests {
                 name: "00".into(),
             },
             top: true,
+            materialized: false,
         };
         m.create("c", "", Kind::Committed, labels(&[]), Some(remote.clone()))
             .unwrap();

@@ -34,6 +34,8 @@ pub(crate) struct Inner {
     lazy: Lazy,
     meta: Mutex<MetaStore>,
     images: Mutex<HashMap<String, Arc<Mutex<ImageState>>>>,
+    /// One placeholder unpacked at a time.
+    materializing: Mutex<()>,
     index_off: bool,
     root_dev: u64,
     _lock: File,
@@ -94,6 +96,8 @@ fn is_top(labels: &HashMap<String, String>) -> bool {
 enum Lower {
     Dir(PathBuf),
     Image(LazyImage),
+    /// A placeholder not yet materialized (its name): see [`Inner::materialize`].
+    Placeholder(String),
 }
 
 impl Inner {
@@ -153,13 +157,13 @@ impl Inner {
                     out.push(Lower::Image(r.image.clone()));
                     return Ok(out);
                 }
-                Some(r) => {
-                    return Err(Error::FailedPrecondition(format!(
-                    "snapshot {of:?} needs layer {cur:?}, a placeholder inside the lazy image {} \
-                         (only the image's top layer has a tree): pull that image's top or unpack \
-                         this image without the lazy snapshotter",
-                    r.image.reference
-                )))
+                Some(r) if r.materialized => {
+                    out.push(Lower::Dir(self.fs_dir(s.id)));
+                    return Ok(out);
+                }
+                Some(_) => {
+                    out.push(Lower::Placeholder(cur.clone()));
+                    return Ok(out);
                 }
                 None => out.push(Lower::Dir(self.fs_dir(s.id))),
             }
@@ -183,8 +187,53 @@ impl Inner {
                     self.ensure_attached(&img)?;
                     Ok(self.mountpoint(&img))
                 }
+                Lower::Placeholder(name) => self.materialize(&name),
             })
             .collect()
+    }
+
+    /// The tree of the placeholder `name`, unpacked once into its `fs` directory
+    /// ([`crate::LazyImages::materialize`]: its image's layers up to it, flattened), then
+    /// marked in the metadata. Until that mark is durable, an `fs.partial` directory is all
+    /// there is, removed and remade by the next attempt.
+    fn materialize(&self, name: &str) -> Result<PathBuf, Error> {
+        let _one = lock(&self.materializing);
+        let (id, labels, image, done) = {
+            let meta = lock(&self.meta);
+            let s = meta.get(name)?;
+            let r = s.remote.as_ref().ok_or_else(|| {
+                Error::Internal(format!("snapshot {name:?} is not a placeholder"))
+            })?;
+            (
+                s.id,
+                to_hash(&s.labels),
+                r.image.reference.clone(),
+                r.materialized,
+            )
+        };
+        let fs = self.fs_dir(id);
+        if done {
+            return Ok(fs);
+        }
+        let dir = self.root.join("snapshots").join(id.to_string());
+        let partial = dir.join("fs.partial");
+        let _ = std::fs::remove_dir_all(&partial);
+        let _ = std::fs::remove_dir_all(&fs);
+        mkdir(&dir, 0o700)?;
+        mkdir(&partial, 0o755)?;
+        info!(snapshot = name, image = %image, "unpacking a lazy image's intermediate layer for another image");
+        self.lazy.materialize(&labels, &partial).map_err(|e| {
+            let _ = std::fs::remove_dir_all(&partial);
+            Error::Unavailable(format!(
+                "snapshot {name:?} (a layer inside the lazy image {image}) could not be unpacked: {e}"
+            ))
+        })?;
+        std::fs::rename(&partial, &fs).map_err(|e| Error::Io {
+            context: format!("renaming {} to {}", partial.display(), fs.display()),
+            source: e,
+        })?;
+        lock(&self.meta).set_materialized(name)?;
+        Ok(fs)
     }
 
     fn build_mounts(&self, kind: Kind, id: u64, lowers: &[PathBuf]) -> Vec<Mount> {
@@ -233,6 +282,7 @@ impl Inner {
             lazy,
             meta: Mutex::new(meta),
             images: Mutex::new(HashMap::new()),
+            materializing: Mutex::new(()),
             index_off: Path::new("/sys/module/overlay/parameters/index").exists(),
             root_dev,
             _lock: lock_file,
@@ -391,7 +441,11 @@ impl Inner {
             parent,
             Kind::Committed,
             l,
-            Some(Remote { image, top }),
+            Some(Remote {
+                image,
+                top,
+                materialized: false,
+            }),
         ) {
             Ok(_) => {
                 info!(target, parent, image = %reference, top, "remote snapshot");
@@ -475,7 +529,15 @@ impl Inner {
                     warn!(dir = %dir.display(), error = %e, "left for Cleanup");
                 }
             }
-            Some(r) => self.release_if_unused(&r.image),
+            Some(r) => {
+                if r.materialized {
+                    let dir = self.root.join("snapshots").join(old.id.to_string());
+                    if let Err(e) = self.remove_snapshot_dir(&dir) {
+                        warn!(dir = %dir.display(), error = %e, "left for Cleanup");
+                    }
+                }
+                self.release_if_unused(&r.image)
+            }
         }
         Ok(())
     }

@@ -240,9 +240,11 @@ fn remote_handshake_top_release_and_restart() {
         (v.r#type.as_str(), PathBuf::from(&v.source)),
         ("bind", mnt.clone())
     );
-    // An intermediate layer has no tree: a clear FailedPrecondition, nothing created.
+    // An intermediate layer has no tree until it is unpacked; when that fails: a clear
+    // error naming the layer and the image, nothing created.
+    fake.materialize_fails.store(true, Ordering::SeqCst);
     match s.inner().prepare("ctr2", &chains[1], labels(&[])) {
-        Err(Error::FailedPrecondition(msg)) => {
+        Err(Error::Unavailable(msg)) => {
             assert!(
                 msg.contains(&chains[1]) && msg.contains(&img().reference),
                 "{msg}"
@@ -251,6 +253,7 @@ fn remote_handshake_top_release_and_restart() {
         other => panic!("{other:?}"),
     }
     assert!(matches!(s.inner().stat("ctr2"), Err(Error::NotFound(_))));
+    fake.materialize_fails.store(false, Ordering::SeqCst);
 
     // Restart: the image is attached again (registry down: find is not needed).
     drop(s);
@@ -341,7 +344,7 @@ fn attach_failing_at_restart_is_not_fatal() {
 }
 
 #[test]
-fn placeholder_reached_through_another_image() {
+fn placeholder_reached_through_another_image_is_unpacked_once() {
     // Image B's layers are a prefix of lazy image A's: A pulled first (remote, B's top chain is
     // A's intermediate placeholder), then B: containerd finds B's top existing and skips it.
     let d = tempfile::tempdir().unwrap();
@@ -349,11 +352,43 @@ fn placeholder_reached_through_another_image() {
     fake.add(REF, img());
     let s = open(d.path(), &fake);
     let (chains, _) = pull(&s, 3, "p");
+    // A provider that cannot unpack: a clear error, nothing created.
+    fake.materialize_fails
+        .store(true, std::sync::atomic::Ordering::SeqCst);
     let err = s
         .inner()
         .prepare("ctr-b", &chains[1], labels(&[]))
         .unwrap_err();
-    assert!(matches!(err, Error::FailedPrecondition(_)), "{err}");
+    assert!(matches!(err, Error::Unavailable(_)), "{err}");
+    assert!(err.to_string().contains(&chains[1]), "{err}");
+    assert!(s.inner().stat("ctr-b").is_err());
+    fake.materialize_fails
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    // Now it unpacks the layers up to that one into the placeholder's own directory, the only
+    // lower dir of B's container (nothing of A's top).
+    let m = only(s.inner().prepare("ctr-b", &chains[1], labels(&[])).unwrap());
+    let lowers = lowerdir(&m);
+    assert_eq!(lowers.len(), 1, "{lowers:?}");
+    let got = std::fs::read_to_string(lowers[0].join(crate::testing::MATERIALIZED)).unwrap();
+    assert_eq!(got, "registry.test/app:1 sha256:m sha256:l1");
+    assert_eq!(fake.count("materialize "), 2);
+    // A second container over it, a restart: never unpacked again.
+    s.inner()
+        .prepare("ctr-b2", &chains[1], labels(&[]))
+        .unwrap();
+    drop(s);
+    let s = open(d.path(), &fake);
+    let m = only(s.inner().mounts("ctr-b").unwrap());
+    assert_eq!(lowerdir(&m), lowers);
+    assert_eq!(fake.count("materialize "), 2);
+    // A's own container still sees A's whole tree.
+    let m = only(s.inner().prepare("ctr-a", &chains[2], labels(&[])).unwrap());
+    assert!(lowerdir(&m)[0].join(crate::testing::MARKER).exists());
+    // Removing B's containers and the materialized layer removes its directory.
+    for k in ["ctr-b", "ctr-b2", "ctr-a", &chains[2], &chains[1]] {
+        s.inner().remove(k).unwrap();
+    }
+    assert!(!lowers[0].exists());
 }
 
 #[test]

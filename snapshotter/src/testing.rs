@@ -6,10 +6,13 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
-use crate::{LazyImage, LazyImages, LABEL_IMAGE_REF};
+use crate::{LazyImage, LazyImages, LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_MANIFEST_DIGEST};
 
 /// The file [`FakeImages::attach`] writes into a mountpoint: the image's reference.
 pub const MARKER: &str = "lazy-image";
+
+/// The file [`FakeImages::materialize`] writes: `<image ref> <manifest> <layer>` of the labels.
+pub const MATERIALIZED: &str = "materialized";
 
 /// A fake lazy-image provider.
 #[derive(Default)]
@@ -19,6 +22,8 @@ pub struct FakeImages {
     pub find_down: AtomicBool,
     /// `attach` fails.
     pub attach_fails: AtomicBool,
+    /// `materialize` fails.
+    pub materialize_fails: AtomicBool,
     calls: Mutex<Vec<String>>,
 }
 
@@ -36,7 +41,8 @@ impl FakeImages {
             .insert(image_ref.to_string(), image);
     }
 
-    /// The calls so far, as `find <ref>`, `attach <name>`, `release <name>`.
+    /// The calls so far, as `find <ref>`, `attach <name>`, `release <name>`,
+    /// `materialize <layer>`.
     pub fn calls(&self) -> Vec<String> {
         self.calls.lock().unwrap().clone()
     }
@@ -73,6 +79,21 @@ impl LazyImages for FakeImages {
         w(mountpoint.join(MARKER), &image.reference)?;
         std::fs::create_dir_all(mountpoint.join("etc")).map_err(|e| e.to_string())?;
         w(mountpoint.join("etc/os-release"), "ID=fake\n")
+    }
+
+    fn materialize(&self, labels: &HashMap<String, String>, dir: &Path) -> Result<(), String> {
+        let get = |k: &str| labels.get(k).cloned().unwrap_or_default();
+        self.log(format!("materialize {}", get(LABEL_LAYER_DIGEST)));
+        if self.materialize_fails.load(Ordering::SeqCst) {
+            return Err("no registry".into());
+        }
+        let what = format!(
+            "{} {} {}",
+            get(LABEL_IMAGE_REF),
+            get(LABEL_MANIFEST_DIGEST),
+            get(LABEL_LAYER_DIGEST)
+        );
+        std::fs::write(dir.join(MATERIALIZED), what).map_err(|e| e.to_string())
     }
 
     fn release(&self, image: &LazyImage, mountpoint: &Path) -> Result<(), String> {

@@ -12,7 +12,9 @@ use anyhow::{Context, Result};
 use clap::Args;
 use lazyblk_registry::reference::Reference;
 use lazyblk_registry::Platform;
-use lazyblk_snapshotter::{LazyImage, LazyImages, LABEL_IMAGE_REF, LABEL_MANIFEST_DIGEST};
+use lazyblk_snapshotter::{
+    LazyImage, LazyImages, LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_MANIFEST_DIGEST,
+};
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -119,9 +121,15 @@ impl Devices {
             if Path::new(&r.bdev).exists() {
                 let served = alive(r.pid) || r.supervisor.is_some_and(alive);
                 if !served {
-                    tracing::warn!("{}: the daemon of {} died; recovering", image.reference, r.bdev);
+                    tracing::warn!(
+                        "{}: the daemon of {} died; recovering",
+                        image.reference,
+                        r.bdev
+                    );
                     self.lazyblk(&["recover".into(), r.id.to_string(), "--supervise".into()])
-                        .map_err(|e| format!("recovering {} for {}: {e}", r.bdev, image.reference))?;
+                        .map_err(|e| {
+                            format!("recovering {} for {}: {e}", r.bdev, image.reference)
+                        })?;
                 }
                 return Ok(r.bdev);
             }
@@ -205,20 +213,27 @@ fn unmount(dir: &Path) -> Result<(), String> {
     Err(format!("unmounting {}: {e}", dir.display()))
 }
 
+/// The source image a layer's Prepare labels name: `cri.image-ref` pinned to
+/// `cri.manifest-digest` (the manifest containerd pulled: a tag may have moved since).
+fn source_of(labels: &HashMap<String, String>) -> Result<Option<Reference>, String> {
+    let Some(image_ref) = labels.get(LABEL_IMAGE_REF) else {
+        return Ok(None);
+    };
+    let r: Reference = image_ref
+        .parse()
+        .map_err(|e| format!("{image_ref}: not an image reference: {e}"))?;
+    Ok(Some(match labels.get(LABEL_MANIFEST_DIGEST) {
+        Some(d) => r
+            .with_digest(d)
+            .map_err(|e| format!("{image_ref}: the manifest digest {d:?}: {e}"))?,
+        None => r,
+    }))
+}
+
 impl LazyImages for Devices {
     fn find(&self, labels: &HashMap<String, String>) -> Result<Option<LazyImage>, String> {
-        let Some(image_ref) = labels.get(LABEL_IMAGE_REF) else {
+        let Some(source) = source_of(labels)? else {
             return Ok(None);
-        };
-        let r: Reference = image_ref
-            .parse()
-            .map_err(|e| format!("{image_ref}: not an image reference: {e}"))?;
-        // The manifest containerd pulled, pinned (a tag may have moved since).
-        let source = match labels.get(LABEL_MANIFEST_DIGEST) {
-            Some(d) => r
-                .with_digest(d)
-                .map_err(|e| format!("{image_ref}: the manifest digest {d:?}: {e}"))?,
-            None => r,
         };
         let key = source.to_string();
         if let Some((t, hit)) = self.found.lock().unwrap().get(&key) {
@@ -228,7 +243,11 @@ impl LazyImages for Devices {
         }
         let link = self
             .rt
-            .block_on(lazyblk_remote::registry::find_lazy(&self.client, &source, &self.platform))
+            .block_on(lazyblk_remote::registry::find_lazy(
+                &self.client,
+                &source,
+                &self.platform,
+            ))
             .map_err(|e| format!("looking for the lazy version of {source}: {e}"))?;
         let hit = link.map(|l| {
             let reference = l.reference.to_string();
@@ -241,7 +260,10 @@ impl LazyImages for Devices {
         if let Some(h) = &hit {
             tracing::info!("{source}: lazy version {}", h.reference);
         }
-        self.found.lock().unwrap().insert(key, (Instant::now(), hit.clone()));
+        self.found
+            .lock()
+            .unwrap()
+            .insert(key, (Instant::now(), hit.clone()));
         Ok(hit)
     }
 
@@ -254,6 +276,31 @@ impl LazyImages for Devices {
         std::fs::create_dir_all(mountpoint)
             .map_err(|e| format!("creating {}: {e}", mountpoint.display()))?;
         mount_erofs(&dev, mountpoint)
+    }
+
+    fn materialize(&self, labels: &HashMap<String, String>, dir: &Path) -> Result<(), String> {
+        let source = source_of(labels)?.ok_or("no image reference in the layer's labels")?;
+        let layer = labels
+            .get(LABEL_LAYER_DIGEST)
+            .ok_or("no layer digest in the layer's labels")?;
+        let work = dir.with_extension("layers");
+        let _ = std::fs::remove_dir_all(&work);
+        let src = lazyblk_convert::SourceRef::Registry(source.clone());
+        let opts = lazyblk_convert::ApplyOptions::default();
+        let got = self.rt.block_on(lazyblk_convert::unpack(
+            &src,
+            Some(&self.client),
+            &self.platform,
+            Some(layer),
+            dir,
+            &work,
+            &opts,
+            &mut |_| {},
+        ));
+        let _ = std::fs::remove_dir_all(&work);
+        let (_, layers) = got.map_err(|e| format!("{source} up to layer {layer}: {e}"))?;
+        tracing::info!("{source}: unpacked {} layers up to {layer}", layers.len());
+        Ok(())
     }
 
     fn release(&self, image: &LazyImage, mountpoint: &Path) -> Result<(), String> {
