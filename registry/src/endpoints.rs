@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tracing::warn;
+use tracing::{debug, warn};
 use url::Url;
 
 use crate::client::{lock, Client, TlsKey};
@@ -181,6 +181,12 @@ impl Client {
                 Ok(x) => {
                     self.mark_up(&ep);
                     return Ok(x);
+                }
+                // A mirror that lacks something (a pull-through cache without the referrers
+                // tag, say) answered: the next host is asked, the mirror stays healthy.
+                Err(e) if !ep.origin && e.kind() == crate::error::ErrorKind::NotFound => {
+                    debug!(mirror = %ep.label, error = %e, "not on this mirror; asking the next host");
+                    last = Some(e);
                 }
                 Err(e) if !ep.origin => {
                     self.mark_down(&ep, &e);

@@ -58,9 +58,11 @@
 //!
 //! # Restart and release
 //!
-//! At start every image the metadata names is attached again (errors are logged, not fatal:
-//! the snapshots stay listed, and Mounts retries the attach). Removing the last snapshot that
-//! references an image calls [`LazyImages::release`] and removes its mountpoint.
+//! At start every image whose top layer the metadata holds is attached again (errors are logged,
+//! not fatal: the snapshots stay listed, and Mounts retries the attach). Only a top layer is
+//! mounted from an image's device, so removing an image's top layer (containerd removes it
+//! before the layers below) calls [`LazyImages::release`] and removes its mountpoint; its
+//! placeholders need the registry, not the device, if they are ever materialized.
 //!
 //! # Usage
 //!
@@ -141,7 +143,7 @@ pub trait LazyImages: Send + Sync + 'static {
     /// device per image and mount its erofs there. Idempotent: also called at start for every
     /// image the metadata names, so it must work while the registry is down.
     fn attach(&self, image: &LazyImage, mountpoint: &Path) -> Result<(), String>;
-    /// Undo [`LazyImages::attach`]: the last snapshot of the image was removed.
+    /// Undo [`LazyImages::attach`]: the image's top layer snapshot was removed.
     fn release(&self, image: &LazyImage, mountpoint: &Path) -> Result<(), String>;
     /// Unpack into `dir` (an existing empty directory) the flattened tree of an intermediate
     /// layer of a lazy image: the layers of the image its `labels` name (the placeholder's

@@ -296,7 +296,7 @@ impl Inner {
         let mut seen = HashSet::new();
         let images: Vec<LazyImage> = lock(&self.meta)
             .iter()
-            .filter_map(|(_, s)| s.remote.as_ref().map(|r| r.image.clone()))
+            .filter_map(|(_, s)| s.remote.as_ref().filter(|r| r.top).map(|r| r.image.clone()))
             .filter(|i| seen.insert(i.name.clone()))
             .collect();
         for image in images {
@@ -542,14 +542,16 @@ impl Inner {
         Ok(())
     }
 
-    /// Release `image` when no snapshot references it any more.
+    /// Release `image` when no snapshot mounts it any more: only an image's top layer is
+    /// mounted from its device (placeholders below it are unpacked from the registry when
+    /// needed, and materialized ones have their own tree).
     fn release_if_unused(&self, image: &LazyImage) {
         let st = self.image_state(&image.name);
         let mut st = lock(&st);
         let used = lock(&self.meta).iter().any(|(_, s)| {
             s.remote
                 .as_ref()
-                .is_some_and(|r| r.image.name == image.name)
+                .is_some_and(|r| r.top && r.image.name == image.name)
         });
         if used {
             return;

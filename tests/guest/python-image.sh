@@ -70,6 +70,7 @@ mkdir -p $R/usr/lib/python3.11
 tar -C /usr/lib/python3.11 --exclude=./test --exclude=./dist-packages --exclude=./site-packages \
     --exclude=./idlelib --exclude=./tkinter --exclude=./turtledemo -cf - . | tar -C $R/usr/lib/python3.11 -xf -
 umoci repack --refresh-bundle --image L:py B
+umoci tag --image L:py base
 # Layer 3: the application (it also deletes a file of layer 1: a whiteout).
 mkdir -p $R/app
 cat > $R/app/main.py << 'EOF'
@@ -83,10 +84,14 @@ umoci repack --refresh-bundle --image L:py B
 umoci config --image L:py --config.cmd python3 --config.cmd /app/main.py \
     --config.env PATH=/usr/bin:/bin --config.workingdir /app
 skopeo copy --quiet --dest-tls-verify=false oci:L:py "docker://$addr/python:3.11"
-# The plain image: the same base, another application, never converted.
-umoci unpack --image L:py P
+# The plain image: the same two base layers, another application, never converted (so its top
+# chain id is an intermediate layer of python:3.11's lazy version: the snapshotter materializes it).
+umoci unpack --image L:base P
+mkdir -p P/rootfs/app
 echo 'print("lazyblk-plain-ok", flush=True)' > P/rootfs/app/main.py
 umoci repack --image L:plain P
+umoci config --image L:plain --config.cmd python3 --config.cmd /app/main.py \
+    --config.env PATH=/usr/bin:/bin --config.workingdir /app
 skopeo copy --quiet --dest-tls-verify=false oci:L:plain "docker://$addr/python:plain"
 # The source image's layer digests (none may be downloaded by a lazy pull).
 skopeo inspect --raw --tls-verify=false "docker://$addr/python:3.11" |

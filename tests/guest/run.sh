@@ -9,7 +9,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 top=$(cd "$here/../.." && pwd)
 work=${LAZYBLK_GUEST_WORK:-$top/target/guest-work}
 suites=("$@")
-[ ${#suites[@]} -gt 0 ] || suites=(e2e hostile policies registry handover reliability)
+[ ${#suites[@]} -gt 0 ] || suites=(e2e hostile policies registry containerd handover reliability)
 
 cd "$top"
 cargo build --release --locked -p lazyblk-tools -p lazyblk-tests --bins

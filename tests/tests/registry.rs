@@ -705,6 +705,30 @@ async fn dead_and_broken_mirrors_fall_back_to_the_origin() {
     );
 }
 
+/// A mirror that lacks the image (an empty registry: 404 "manifest unknown") answers: the
+/// origin serves it, and the mirror is not marked down for it (a pull-through cache misses
+/// things all the time, referrers tags above all).
+#[tokio::test]
+async fn a_mirror_without_the_image_stays_healthy() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = Registry::start(dir.path(), &RegistryAuth::None);
+    let mdir = tempfile::tempdir().unwrap();
+    let empty = Registry::start(mdir.path(), &RegistryAuth::None);
+    let c = Client::new(options(dir.path(), CredentialSource::Anonymous)).unwrap();
+    let r = reference(&reg.host(), "miss/img", "v1");
+    let layer = sample_image(100_000, 4);
+    let (md, _, ld) = push_image(&c, &r, &layer).await;
+    let m = Client::new(ClientOptions {
+        mirrors: vec![format!("http://{}", empty.host())],
+        ..options(dir.path(), CredentialSource::Anonymous)
+    })
+    .unwrap();
+    assert_eq!(m.resolve(&r).await.unwrap().digest, md);
+    let st = m.endpoints(&r).unwrap();
+    assert!(!st[0].down && !st[0].origin, "{st:?}");
+    assert_eq!(read(&m, &r, &ld, 0, 1000).await, &layer[..1000]);
+}
+
 /// A mirror serves bytes that do not verify: the caller reports it and the next read comes from
 /// the origin.
 #[tokio::test]
