@@ -63,6 +63,16 @@ echo 'root:x:0:' > $R/etc/group
 echo 'obsolete' > $R/etc/obsolete.conf
 chmod 1777 $R/tmp
 umoci repack --refresh-bundle --image L:py B
+if [ "${PYIMG_BUILD_DEPS:-}" = 1 ]; then
+    # The official python image sits on buildpack-deps: compilers and headers most containers
+    # never read. With PYIMG_BUILD_DEPS=1 (the benchmark), a layer of them: gcc's libexec and
+    # libraries, /usr/include (about 320 MB uncompressed).
+    for d in /usr/lib/gcc /usr/include /usr/libexec; do
+        mkdir -p "$R$d"
+        tar -C "$d" -cf - . | tar -C "$R$d" -xf -
+    done
+    umoci repack --refresh-bundle --image L:py B
+fi
 # Layer 2: the interpreter and its standard library (bytecode included, no tests).
 cp $py $R/usr/bin/python3.11
 ln -s python3.11 $R/usr/bin/python3
@@ -96,6 +106,8 @@ skopeo copy --quiet --dest-tls-verify=false oci:L:plain "docker://$addr/python:p
 # The source image's layer digests (none may be downloaded by a lazy pull).
 skopeo inspect --raw --tls-verify=false "docker://$addr/python:3.11" |
     python3 -c 'import json, sys; [print(l["digest"]) for l in json.load(sys.stdin)["layers"]]' > layers.txt
+skopeo inspect --raw --tls-verify=false "docker://$addr/python:3.11" |
+    python3 -c 'import json, sys; print(sum(l["size"] for l in json.load(sys.stdin)["layers"]))' > image-bytes
 skopeo inspect --raw --tls-verify=false "docker://$addr/python:plain" |
     python3 -c 'import json, sys; [print(l["digest"]) for l in json.load(sys.stdin)["layers"]]' > plain-layers.txt
 echo "decoder-sha256 $(sha256sum /usr/lib/python3.11/json/decoder.py | cut -d' ' -f1)" > expected.txt
