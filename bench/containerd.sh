@@ -139,7 +139,7 @@ rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=Tru
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
 section = f"""<!-- BEGIN CONTAINERD (bench/containerd.sh) -->
 Run: `bash bench/containerd.sh` (BENCH_ROUNDS={rounds}), lazyblk {rev}, host {platform.node()} ({cpu}, 2 cores),
-one qemu TCG guest (Debian 6.12 cloud kernel, 3 GiB), netem `{netem}` on the guest's loopback, containerd 1.6.20 + runc 1.1.5,
+one qemu TCG guest (Debian 6.12 cloud kernel, 4 GiB), netem `{netem}` on the guest's loopback, containerd 1.6.20 + runc 1.1.5,
 Debian's docker-registry. Each round starts from empty containerd, snapshotter and cache directories.
 
 {table}
