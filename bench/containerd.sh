@@ -28,6 +28,7 @@ rm -rf "$work/pyimg/L" "$work/pyimg/B" "$work/pyimg/P"
 
 cat > "$work/guest.sh" << 'GUEST'
 . /guest/lib.sh
+. /guest/containerd-config.sh
 REG=127.0.0.1:5123
 mkdir -p /sys/fs/cgroup && mount -t cgroup2 none /sys/fs/cgroup
 mkdir -p /etc/containerd "/etc/containerd/certs.d/$REG" /run/lazyblk /dev/mqueue
@@ -35,8 +36,7 @@ mount -t mqueue mqueue /dev/mqueue 2> /dev/null || true
 echo 'nameserver 127.0.0.1' > /etc/resolv.conf
 sed "s#rootdirectory: .*#rootdirectory: /pyreg#; s#level: warn#level: error#" /pyimg/registry.yml > /etc/registry.yml
 docker-registry serve /etc/registry.yml > /tmp/registry.log 2>&1 &
-printf 'server = "http://%s"\n[host."http://%s"]\n  capabilities = ["pull", "resolve"]\n' $REG $REG \
-    > "/etc/containerd/certs.d/$REG/hosts.toml"
+registry_hosts /etc/containerd/certs.d "$REG"
 wait_for 30 "the registry" wget -q -O /dev/null "http://$REG/v2/"
 tc qdisc add dev lo root netem $(echo "$BENCH_NETEM" | tr _ " ")
 pids_of() { for d in /proc/[0-9]*; do case "$(tr '\0' ' ' < "$d/cmdline" 2> /dev/null)" in "$1"*) echo "${d#/proc/}" ;; esac; done; }
@@ -56,17 +56,7 @@ one() {
     mount -t tmpfs tmpfs /var/lib/lzsnap
     snap=overlayfs
     [ "$sys" = lazyblk ] && snap=lazyblk
-    cat > /etc/containerd/config.toml << EOF
-version = 2
-[proxy_plugins.lazyblk]
-  type = "snapshot"
-  address = "/run/lazyblk/snapshotter.sock"
-[plugins."io.containerd.grpc.v1.cri".containerd]
-  snapshotter = "$snap"
-  disable_snapshot_annotations = false
-[plugins."io.containerd.grpc.v1.cri".registry]
-  config_path = "/etc/containerd/certs.d"
-EOF
+    containerd_config $snap /run/lazyblk/snapshotter.sock /etc/containerd/certs.d > /etc/containerd/config.toml
     if [ "$sys" = lazyblk ]; then
         LAZYBLK_CACHE_DIR=/var/cache/lazyblk lazyblk snapshotter --address /run/lazyblk/snapshotter.sock \
             --root /var/lib/lzsnap --log-file /tmp/daemons.log > /tmp/snapshotter.log 2>&1 &
@@ -99,6 +89,7 @@ log=$work/guest.log
 bash "$top/qemu/run-guest.sh" --script "$work/guest.sh" --mem 4096 --timeout 3000 --log "$log" \
     --append "BENCH_ROUNDS=$rounds BENCH_NETEM=$(echo "$netem" | tr ' ' '_')" \
     --bin "$work/lazyblk" --bin "$work/lazyblk-testkit" --file "$top/tests/guest/lib.sh:/guest/lib.sh" \
+    --file "$top/tests/guest/containerd-config.sh:/guest/containerd-config.sh" \
     --bin "$(command -v containerd)" --bin "$(command -v containerd-shim-runc-v2)" \
     --bin "$(command -v ctr)" --bin "$(command -v runc)" --bin "$(command -v docker-registry)" \
     --dir "$work/pyimg:/pyimg" --dir "$work/pyreg:/pyreg" > /dev/null || true

@@ -4,6 +4,9 @@
 # plugin onto the lazyblk snapshotter, then run. Usage: sh demo/containerd.sh PYIMG PYREG
 set -eu
 pyimg=$1 pyreg=$2
+for f in "$(dirname "$0")/../tests/guest/containerd-config.sh" /demo/containerd-config.sh; do
+    if [ -f "$f" ]; then . "$f"; break; fi
+done
 state=${TMPDIR:-/tmp}/lazyblk-demo-ctr
 REG=127.0.0.1:5123
 rm -rf "$state" && mkdir -p "$state/containerd" "$state/snap" "$state/certs.d/$REG" /run/lazyblk
@@ -14,23 +17,9 @@ echo "--- containerd with the lazyblk snapshotter"
 sed "s#rootdirectory: .*#rootdirectory: $pyreg#" "$pyimg/registry.yml" > "$state/registry.yml"
 docker-registry serve "$state/registry.yml" > "$state/registry.log" 2>&1 &
 regpid=$!
-printf 'server = "http://%s"\n[host."http://%s"]\n  capabilities = ["pull", "resolve"]\n' $REG $REG \
-    > "$state/certs.d/$REG/hosts.toml"
-cat > "$state/config.toml" << CONF
-version = 2
-root = "$state/containerd/root"
-state = "$state/containerd/state"
-[grpc]
-  address = "$state/containerd.sock"
-[proxy_plugins.lazyblk]
-  type = "snapshot"
-  address = "$state/snapshotter.sock"
-[plugins."io.containerd.grpc.v1.cri".containerd]
-  snapshotter = "lazyblk"
-  disable_snapshot_annotations = false
-[plugins."io.containerd.grpc.v1.cri".registry]
-  config_path = "$state/certs.d"
-CONF
+registry_hosts "$state/certs.d" $REG
+containerd_config lazyblk "$state/snapshotter.sock" "$state/certs.d" \
+    "$state/containerd/root" "$state/containerd/state" "$state/containerd.sock" > "$state/config.toml"
 echo "\$ lazyblk snapshotter --address $state/snapshotter.sock --root $state/snap"
 lazyblk snapshotter --address "$state/snapshotter.sock" --root "$state/snap" \
     --cache-dir "$state/cache" --log-file "$state/daemons.log" > "$state/snapshotter.log" 2>&1 &

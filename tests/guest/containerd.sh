@@ -5,6 +5,7 @@
 # plugin (`lazyblk-testkit cri-pull`, as the kubelet would), containers run with
 # `ctr -n k8s.io run --no-pivot`.
 . /guest/lib.sh
+. /guest/containerd-config.sh
 REG=127.0.0.1:5123
 SOCK=/run/containerd/containerd.sock
 SNAP_SOCK=/run/lazyblk/snapshotter.sock
@@ -43,26 +44,8 @@ mount -t mqueue mqueue /dev/mqueue 2> /dev/null || true
 echo 'nameserver 127.0.0.1' > /etc/resolv.conf
 sed "s#rootdirectory: .*#rootdirectory: /pyreg#; s#level: warn#level: error#" /pyimg/registry.yml > /etc/registry.yml
 docker-registry serve /etc/registry.yml > /tmp/registry.log 2>&1 &
-mkdir -p "/etc/containerd/certs.d/$REG"
-cat > "/etc/containerd/certs.d/$REG/hosts.toml" << EOF
-server = "http://$REG"
-[host."http://$REG"]
-  capabilities = ["pull", "resolve"]
-EOF
-cat > /etc/containerd/config.toml << EOF
-version = 2
-[proxy_plugins]
-  [proxy_plugins.lazyblk]
-    type = "snapshot"
-    address = "$SNAP_SOCK"
-[plugins."io.containerd.grpc.v1.cri"]
-  disable_cgroup = false
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "lazyblk"
-    disable_snapshot_annotations = false
-  [plugins."io.containerd.grpc.v1.cri".registry]
-    config_path = "/etc/containerd/certs.d"
-EOF
+registry_hosts /etc/containerd/certs.d "$REG"
+containerd_config lazyblk "$SNAP_SOCK" /etc/containerd/certs.d > /etc/containerd/config.toml
 # The snapshotter starts before containerd (as its service would on a node): containerd's proxy
 # dials it once at start and fails RPCs fast while that connection is in backoff.
 start_snapshotter

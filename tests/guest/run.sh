@@ -95,6 +95,7 @@ containerd_suite() {
     boot containerd.sh --mem 3072 --timeout 1200 \
         --bin "$(command -v containerd)" --bin "$(command -v containerd-shim-runc-v2)" \
         --bin "$(command -v ctr)" --bin "$(command -v runc)" --bin "$(command -v docker-registry)" \
+        --file "$here/containerd-config.sh:/guest/containerd-config.sh" \
         --dir "$work/pyimg:/pyimg" --dir "$work/pyreg:/pyreg"
 }
 
