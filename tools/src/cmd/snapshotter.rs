@@ -159,8 +159,8 @@ fn alive(pid: u32) -> bool {
             .any(|l| l.starts_with("State:") && l.contains('Z'))
 }
 
-/// Whether `dir` is a mount point (its device differs from its parent's, or it is in
-/// /proc/self/mountinfo).
+/// Whether `dir` is a mount point: a mount point field of /proc/self/mountinfo (paths without
+/// spaces or escapes, as the snapshotter's own mountpoints are).
 fn is_mounted(dir: &Path) -> bool {
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return false;
