@@ -85,6 +85,12 @@ fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 impl StoreArgs {
+    /// Whether these flags pin one image (`--digest`, `--pack-digest`): meaningless for a
+    /// command that serves many, such as the snapshotter.
+    pub fn pins_one_image(&self) -> bool {
+        self.digest.is_some() || self.pack_digest.is_some()
+    }
+
     /// These settings as `add` flags, for the device record: `recover` and the supervisor start
     /// the next daemon with exactly them. (`--digest` is left out: recovery pins the image.)
     pub fn to_args(&self) -> Vec<String> {

@@ -46,6 +46,11 @@ pub struct SnapshotterArgs {
 
 /// Run the snapshotter until SIGTERM/SIGINT.
 pub fn run(state: PathBuf, a: SnapshotterArgs) -> Result<()> {
+    if a.store.pins_one_image() {
+        anyhow::bail!(
+            "--digest and --pack-digest pin one image; the snapshotter attaches many, each pinned to the manifest containerd pulled"
+        );
+    }
     lazyblk_ublk::check_kernel()?;
     let client = a.store.registry.client()?;
     let devices = Devices {
@@ -311,5 +316,48 @@ impl LazyImages for Devices {
                 .map_err(|e| format!("deleting {} of {}: {e}", r.bdev, image.reference))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn a_digest_pin_is_refused_before_anything_starts() {
+        let cli = crate::cli::Cli::try_parse_from([
+            "lazyblk",
+            "snapshotter",
+            "--digest",
+            "sha256:0000000000000000000000000000000000000000000000000000000000000000",
+        ])
+        .unwrap();
+        let crate::cli::Cmd::Snapshotter(a) = cli.cmd else {
+            panic!("not the snapshotter");
+        };
+        let e = run(PathBuf::from("/nonexistent"), a).unwrap_err();
+        assert!(e.to_string().contains("--digest"), "{e}");
+    }
+
+    #[test]
+    fn the_source_is_pinned_to_the_manifest_containerd_pulled() {
+        let d = format!("sha256:{}", "ab".repeat(32));
+        let labels: HashMap<String, String> = [
+            (
+                LABEL_IMAGE_REF.to_string(),
+                "reg.test:5000/team/py:3.11".to_string(),
+            ),
+            (LABEL_MANIFEST_DIGEST.to_string(), d.clone()),
+        ]
+        .into();
+        let r = source_of(&labels).unwrap().unwrap();
+        assert_eq!(r.registry(), "reg.test:5000");
+        assert_eq!(r.repository(), "team/py");
+        assert_eq!(r.digest(), Some(d.as_str()));
+        assert!(source_of(&HashMap::new()).unwrap().is_none());
+        let bad: HashMap<String, String> =
+            [(LABEL_IMAGE_REF.to_string(), "UPPER/Case:x".to_string())].into();
+        assert!(source_of(&bad).unwrap_err().contains("UPPER/Case:x"));
     }
 }
