@@ -67,6 +67,23 @@ pub fn read_record(state: &Path, id: u32) -> Option<Record> {
     serde_json::from_slice(&std::fs::read(record_path(state, id)).ok()?).ok()
 }
 
+/// Every device record in `state`, by id.
+pub fn records(state: &Path) -> Vec<Record> {
+    let Ok(rd) = std::fs::read_dir(state) else {
+        return Vec::new();
+    };
+    let mut out: Vec<Record> = rd
+        .flatten()
+        .filter_map(|e| {
+            let n = e.file_name().to_string_lossy().to_string();
+            let id = n.strip_suffix(".json")?.parse::<u32>().ok()?;
+            read_record(state, id)
+        })
+        .collect();
+    out.sort_by_key(|r| r.id);
+    out
+}
+
 /// Send one command line to a live daemon and return its one-line answer.
 pub fn control(state: &Path, id: u32, cmd: &str, timeout: Duration) -> Result<String> {
     let mut s = UnixStream::connect(socket_path(state, id))

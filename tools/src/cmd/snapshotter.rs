@@ -7,6 +7,7 @@
 
 use crate::cmd::add::spawn_daemon;
 use crate::daemon::{self, Record};
+use crate::device::pid_alive;
 use crate::store_args::StoreArgs;
 use anyhow::{Context, Result};
 use clap::Args;
@@ -90,18 +91,9 @@ impl Devices {
     /// The record of the device serving `reference`, if any.
     fn record_for(&self, reference: &str) -> Option<Record> {
         let digest = reference.rsplit_once('@').map(|(_, d)| d)?;
-        let rd = std::fs::read_dir(&self.state).ok()?;
-        let mut out: Vec<Record> = rd
-            .flatten()
-            .filter_map(|e| {
-                let n = e.file_name().to_string_lossy().to_string();
-                let id = n.strip_suffix(".json")?.parse::<u32>().ok()?;
-                daemon::read_record(&self.state, id)
-            })
-            .filter(|r| r.manifest == reference || r.manifest.ends_with(&format!("@{digest}")))
-            .collect();
-        out.sort_by_key(|r| r.id);
-        out.pop()
+        daemon::records(&self.state)
+            .into_iter()
+            .rfind(|r| r.manifest == reference || r.manifest.ends_with(&format!("@{digest}")))
     }
 
     /// `lazyblk <args>` of this binary, to completion; its output on failure.
@@ -124,7 +116,7 @@ impl Devices {
     fn device(&self, image: &LazyImage) -> Result<String, String> {
         if let Some(r) = self.record_for(&image.reference) {
             if Path::new(&r.bdev).exists() {
-                let served = alive(r.pid) || r.supervisor.is_some_and(alive);
+                let served = pid_alive(r.pid) || r.supervisor.is_some_and(pid_alive);
                 if !served {
                     tracing::warn!(
                         "{}: the daemon of {} died; recovering",
@@ -154,14 +146,6 @@ impl Devices {
             .map_err(|e| format!("attaching {}: {e:#}", image.reference))?;
         Ok(bdev)
     }
-}
-
-fn alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
-        && !std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .unwrap_or_default()
-            .lines()
-            .any(|l| l.starts_with("State:") && l.contains('Z'))
 }
 
 /// Whether `dir` is a mount point: a mount point field of /proc/self/mountinfo (paths without

@@ -360,20 +360,10 @@ pub fn complete_after_swap(state: &Path, id: u32) -> Result<()> {
 
 /// The records in `state` that have a hand-over.
 pub fn records(state: &Path) -> Vec<Record> {
-    let mut out = Vec::new();
-    if let Ok(rd) = std::fs::read_dir(state) {
-        for e in rd.flatten() {
-            let n = e.file_name().to_string_lossy().to_string();
-            let Some(id) = n.strip_suffix(".json").and_then(|s| s.parse::<u32>().ok()) else {
-                continue;
-            };
-            if let Some(r) = read_record(state, id).filter(|r| r.handover.is_some()) {
-                out.push(r);
-            }
-        }
-    }
-    out.sort_by_key(|r| r.id);
-    out
+    crate::daemon::records(state)
+        .into_iter()
+        .filter(|r| r.handover.is_some())
+        .collect()
 }
 
 /// Records whose ublk device is gone (handed over, or crashed after the swap).
