@@ -429,10 +429,7 @@ impl Inner {
             self.stats
                 .chunks_fetched
                 .fetch_add(chunks.len() as u64 - frames, Ordering::Relaxed);
-            let mut p = self.persist.lock().expect("lock");
-            p.pending.extend_from_slice(chunks);
-            p.queued += 1;
-            self.persist_cv.notify_all();
+            self.persist.queue(&self.handle, chunks);
         }
         let waiters: Vec<Arc<Waiter>> = {
             let mut inflight = self.inflight.lock().expect("lock");

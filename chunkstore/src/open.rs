@@ -106,42 +106,50 @@ impl ChunkStore {
 
         // 6. The running store.
         let bitmap = p.bitmap.take().expect("open_presence returns the bitmap");
-        let inner = Inner::new(id, m, dir, p, remote, opts, runtime.handle(), prefetch_list);
-        ChunkStore::start(inner, bitmap, report, runtime, bytes, lock)
+        let inner = Inner::new(
+            id,
+            m,
+            dir,
+            p,
+            remote,
+            opts,
+            runtime.handle(),
+            prefetch_list,
+            bitmap,
+        )?;
+        ChunkStore::start(inner, report, runtime, bytes, lock)
     }
 
-    /// Start the persister and maintenance threads of a store whose state is `inner`.
+    /// The running store of state `inner`: its eviction thread when it has a cache limit.
+    /// Presence bits are persisted by rounds on the runtime's blocking pool, started when there
+    /// is something to persist ([`crate::persist`]), so an idle store holds no thread but its
+    /// runtime's worker.
     fn start(
         inner: Inner,
-        bitmap: BitmapFile,
         report: OpenReport,
         runtime: tokio::runtime::Runtime,
         manifest_bytes: Vec<u8>,
         lock: File,
     ) -> Result<ChunkStore> {
-        let (inner, bitmap) = (Arc::new(inner), Arc::new(Mutex::new(Some(bitmap))));
-        let persister = {
-            let inner = inner.clone();
-            let bitmap = bitmap.clone();
-            std::thread::Builder::new()
-                .name("lazyblk-persist".into())
-                .spawn(move || persister(&inner, &bitmap))
-                .map_err(|e| Error::io("persister thread", e))?
-        };
-        let maintenance = {
-            let inner = inner.clone();
-            let bitmap = bitmap.clone();
-            std::thread::Builder::new()
-                .name("lazyblk-evict".into())
-                .spawn(move || maintenance(&inner, &bitmap))
-                .map_err(|e| Error::io("maintenance thread", e))?
+        let inner = Arc::new(inner);
+        let bitmap = inner.bitmap.clone();
+        let maintenance = match inner.opts.cache_limit {
+            None => None,
+            Some(_) => {
+                let inner = inner.clone();
+                let bitmap = bitmap.clone();
+                let h = std::thread::Builder::new()
+                    .name("lazyblk-evict".into())
+                    .spawn(move || maintenance(&inner, &bitmap))
+                    .map_err(|e| Error::io("eviction thread", e))?;
+                Some(h)
+            }
         };
         Ok(ChunkStore {
             inner,
             report,
             bitmap,
-            persister: Some(persister),
-            maintenance: Some(maintenance),
+            maintenance,
             runtime: Some(runtime),
             manifest_bytes,
             _lock: lock,
@@ -149,14 +157,19 @@ impl ChunkStore {
     }
 }
 
+/// How long an idle blocking-pool thread of a store's runtime lives (tokio's default is 10 s).
+const BLOCKING_KEEP_ALIVE: Duration = Duration::from_secs(2);
+
 /// The runtime of a store's fetches: `fetch_threads` async workers and a bounded blocking pool
-/// for verification.
+/// for verification and persist rounds, whose threads exit after a short idle time (a host runs
+/// a store per device: idle devices should not hold threads).
 fn fetch_runtime(opts: &StoreOptions) -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(opts.fetch_threads.max(1))
         // Verifying and writing chunks (zstd + BLAKE3 + pwrite) runs on the blocking pool:
         // CPU-bound, so no more threads than a few per core (tokio's default is 512).
         .max_blocking_threads(verify_threads())
+        .thread_keep_alive(BLOCKING_KEEP_ALIVE)
         .thread_name("lazyblk-fetch")
         .enable_all()
         .build()

@@ -31,7 +31,9 @@ pub struct StoreOptions {
     /// How long a read may wait for a missing chunk while the remote fails transiently;
     /// `None` retries forever.
     pub io_deadline: Option<Duration>,
-    /// Fetcher threads.
+    /// Async worker threads of the store's runtime. One is enough: requests are async, and
+    /// decompression, verification and persisting run on its blocking pool, whose threads
+    /// exist only while there is such work.
     pub fetch_threads: usize,
     /// Number of attempts at a chunk whose bytes fail verification before giving up.
     pub corrupt_attempts: u32,
@@ -71,7 +73,7 @@ impl Default for StoreOptions {
             readahead_bytes: 512 << 10,
             readahead_max_bytes: 4 << 20,
             io_deadline: Some(Duration::from_secs(300)),
-            fetch_threads: 2,
+            fetch_threads: 1,
             corrupt_attempts: 3,
             cache_limit: None,
             evict_grace: Duration::from_secs(10),

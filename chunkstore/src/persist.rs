@@ -1,6 +1,11 @@
 //! The persister: group commit of presence bits. `fdatasync(data)`, then the bits that cover it
 //! in the bitmap file, then `fdatasync(bitmap)`: a bit on disk only ever covers durable,
 //! verified data.
+//!
+//! Rounds run on the store's blocking pool, started by the first completion that finds none
+//! running ([`Persister::queue`]); a round takes everything pending, so completions that arrive
+//! during its `fdatasync` share the next one (group commit), and an idle store holds no thread
+//! for it.
 
 use crate::prelude::*;
 
@@ -11,45 +16,114 @@ pub(crate) struct Persist {
     pub(crate) persisted: u64,
     pub(crate) shutdown: bool,
     pub(crate) last_error: Option<String>,
+    /// A persist round is running (or spawned): completions only add to `pending`.
+    pub(crate) running: bool,
 }
 
-pub(crate) fn persister(inner: &Inner, bitmap: &Mutex<Option<BitmapFile>>) {
-    loop {
-        let (batch, upto) = {
-            let mut p = inner.persist.lock().expect("lock");
-            while p.pending.is_empty() && !p.shutdown {
-                p = inner.persist_cv.wait(p).expect("lock");
+/// What persist rounds need, shared with the tasks that run them.
+pub(crate) struct Persister {
+    pub(crate) state: Mutex<Persist>,
+    pub(crate) cv: Condvar,
+    /// The store's data file (another descriptor of it).
+    data: File,
+    data_path: PathBuf,
+    /// The on-disk bitmap (`None` once closed).
+    bitmap: Arc<Mutex<Option<BitmapFile>>>,
+}
+
+impl Persister {
+    pub(crate) fn new(
+        data: File,
+        data_path: PathBuf,
+        bitmap: Arc<Mutex<Option<BitmapFile>>>,
+    ) -> Persister {
+        Persister {
+            state: Mutex::new(Persist::default()),
+            cv: Condvar::new(),
+            data,
+            data_path,
+            bitmap,
+        }
+    }
+
+    /// Queue `units` (just written and verified) for their on-disk bits, and start a persist
+    /// round on `rt`'s blocking pool unless one is running.
+    pub(crate) fn queue(self: &Arc<Self>, rt: &tokio::runtime::Handle, units: &[u64]) {
+        let mut p = self.state.lock().expect("lock");
+        p.pending.extend_from_slice(units);
+        p.queued += 1;
+        if p.running || p.shutdown {
+            return;
+        }
+        p.running = true;
+        drop(p);
+        let me = self.clone();
+        // A runtime that is shutting down drops the task unstarted; the store's `Drop` then
+        // persists what is pending itself (`close`).
+        drop(rt.spawn_blocking(move || me.rounds()));
+    }
+
+    /// Persist rounds until nothing is pending.
+    fn rounds(&self) {
+        loop {
+            let (batch, upto) = {
+                let mut p = self.state.lock().expect("lock");
+                if p.pending.is_empty() {
+                    p.running = false;
+                    self.cv.notify_all();
+                    return;
+                }
+                (std::mem::take(&mut p.pending), p.queued)
+            };
+            let r = self.persist(&batch);
+            let mut p = self.state.lock().expect("lock");
+            if let Err(e) = r {
+                tracing::error!("persisting presence bits failed (chunks will be fetched again after a restart): {e}");
+                p.last_error = Some(e.to_string());
             }
-            if p.pending.is_empty() {
+            p.persisted = p.persisted.max(upto);
+            self.cv.notify_all();
+        }
+    }
+
+    /// Data first, then the bits that cover it.
+    fn persist(&self, batch: &[u64]) -> Result<()> {
+        self.data
+            .sync_data()
+            .map_err(|e| Error::io(&self.data_path, e))?;
+        match self.bitmap.lock().expect("lock").as_mut() {
+            Some(b) => b.update(batch, &[]),
+            None => Ok(()),
+        }
+    }
+
+    /// At close: no new round starts; wait for a running one (it may still be on the blocking
+    /// pool after the runtime's shutdown timed out), then persist what is left on this thread.
+    pub(crate) fn close(&self) {
+        let mut p = self.state.lock().expect("lock");
+        p.shutdown = true;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while p.running {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                tracing::warn!("a persist round did not end at close; the next start re-verifies");
+                p.last_error = Some("a persist round did not end at close".into());
                 return;
             }
-            (std::mem::take(&mut p.pending), p.queued)
-        };
-        // Data first, then the bits that cover it.
-        let r = inner
-            .data
-            .sync_data()
-            .map_err(|e| Error::io(&inner.data_path, e))
-            .and_then(|_| match bitmap.lock().expect("lock").as_mut() {
-                Some(b) => b.update(&batch, &[]),
-                None => Ok(()),
-            });
-        let mut p = inner.persist.lock().expect("lock");
-        if let Err(e) = r {
-            tracing::error!("persisting presence bits failed (chunks will be fetched again after a restart): {e}");
-            p.last_error = Some(e.to_string());
+            p = self.cv.wait_timeout(p, left).expect("lock").0;
         }
-        p.persisted = upto;
-        inner.persist_cv.notify_all();
+        p.running = true;
+        drop(p);
+        self.rounds();
     }
 }
 
 impl Inner {
     pub(crate) fn flush(&self) -> Result<()> {
-        let mut p = self.persist.lock().expect("lock");
+        let mut p = self.persist.state.lock().expect("lock");
         let target = p.queued;
         while p.persisted < target && !p.shutdown {
-            p = self.persist_cv.wait(p).expect("lock");
+            p = self.persist.cv.wait(p).expect("lock");
         }
         match &p.last_error {
             Some(e) => Err(Error::Cache {

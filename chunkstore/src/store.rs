@@ -38,8 +38,10 @@ pub(crate) struct Inner {
     pub(crate) prefetch_slots: Arc<tokio::sync::Semaphore>,
     pub(crate) opts: StoreOptions,
     pub(crate) stats: Stats,
-    pub(crate) persist: Mutex<Persist>,
-    pub(crate) persist_cv: Condvar,
+    /// Group commit of presence bits ([`crate::persist`]).
+    pub(crate) persist: Arc<Persister>,
+    /// The on-disk bitmap (`None` once closed).
+    pub(crate) bitmap: Arc<Mutex<Option<BitmapFile>>>,
     pub(crate) shutdown: AtomicBool,
     /// Set by [`ChunkStore::seal`]: no new fetch or eviction starts (checked under the
     /// `inflight` lock, and under the bitmap lock for evictions).
@@ -78,13 +80,19 @@ impl Inner {
         opts: StoreOptions,
         handle: &tokio::runtime::Handle,
         prefetch_list: Option<Vec<u32>>,
-    ) -> Inner {
+        bitmap: BitmapFile,
+    ) -> Result<Inner> {
         let n = m.chunk_count();
-        Inner {
+        let bitmap = Arc::new(Mutex::new(Some(bitmap)));
+        let data_path = p.data_path;
+        // A second descriptor of the data file for the persister's `fdatasync`.
+        let data_fd = p.data.try_clone().map_err(|e| Error::io(&data_path, e))?;
+        let persist = Arc::new(Persister::new(data_fd, data_path.clone(), bitmap.clone()));
+        Ok(Inner {
             id,
             manifest: m,
             dir,
-            data_path: p.data_path,
+            data_path,
             data: p.data,
             device_size: p.device_size,
             present: p.present,
@@ -95,8 +103,8 @@ impl Inner {
             background: Arc::new(tokio::sync::Semaphore::new(opts_background(&opts))),
             opts,
             stats: Stats::default(),
-            persist: Mutex::new(Persist::default()),
-            persist_cv: Condvar::new(),
+            persist,
+            bitmap,
             shutdown: AtomicBool::new(false),
             sealed: AtomicBool::new(false),
             handle: handle.clone(),
@@ -111,7 +119,7 @@ impl Inner {
             readahead: Mutex::new(Readahead::default()),
             ra_trigger: AtomicBits::new(n),
             touched: AtomicBits::new(p.device_size / u64::from(BLOCK_SIZE)),
-        }
+        })
     }
 }
 
@@ -120,7 +128,6 @@ pub struct ChunkStore {
     pub(crate) inner: Arc<Inner>,
     pub(crate) report: OpenReport,
     pub(crate) bitmap: Arc<Mutex<Option<BitmapFile>>>,
-    pub(crate) persister: Option<std::thread::JoinHandle<()>>,
     pub(crate) maintenance: Option<std::thread::JoinHandle<()>>,
     pub(crate) runtime: Option<tokio::runtime::Runtime>,
     pub(crate) manifest_bytes: Vec<u8>,
@@ -242,6 +249,12 @@ impl ChunkStore {
         Ok(in_flight)
     }
 
+    /// The store's async runtime (one worker thread by default), for a daemon's own small tasks
+    /// (its control socket, signals): a device then needs no thread of its own for them.
+    pub fn runtime(&self) -> tokio::runtime::Handle {
+        self.inner.handle.clone()
+    }
+
     /// Path of the data file (present chunks at their image offsets).
     pub fn data_path(&self) -> &Path {
         &self.inner.data_path
@@ -269,15 +282,16 @@ impl Drop for ChunkStore {
         for w in waiters {
             w.chunk_done(Some(&BlockError::ShuttingDown));
         }
-        {
-            let mut p = inner.persist.lock().expect("lock");
-            p.shutdown = true;
-            inner.persist_cv.notify_all();
-        }
-        if let Some(h) = self.persister.take() {
-            let _ = h.join();
-        }
-        let ok = inner.persist.lock().expect("lock").last_error.is_none();
+        // The last persist round (on the runtime's blocking pool, which outlives a shutdown
+        // that timed out) ends, then whatever is still pending is written here.
+        inner.persist.close();
+        let ok = inner
+            .persist
+            .state
+            .lock()
+            .expect("lock")
+            .last_error
+            .is_none();
         if let Some(b) = self.bitmap.lock().expect("lock").take() {
             if ok && inner.data.sync_data().is_ok() {
                 if let Err(e) = b.close_clean() {

@@ -17,7 +17,8 @@ check() { # check "description" command...
 }
 summary() { echo "$PASS passed, $FAIL failed"; [ "$FAIL" -eq 0 ]; }
 
-# start_nginx ROOT PORT: serve ROOT on 127.0.0.1:PORT, access log /tmp/nginx-PORT/access.log
+# start_nginx ROOT PORT [DIRECTIVES]: serve ROOT on 127.0.0.1:PORT (with nginx DIRECTIVES in its
+# server block, e.g. "limit_rate 64k;"), access log /tmp/nginx-PORT/access.log
 start_nginx() {
     p=/tmp/nginx-$2
     mkdir -p "$p"
@@ -32,7 +33,7 @@ http {
     include /etc/nginx/mime.types;
     access_log $p/access.log;
     keepalive_requests 100000;
-    server { listen 127.0.0.1:$2; root $1; }
+    server { listen 127.0.0.1:$2; root $1; ${3:-} }
 }
 CONF
     nginx -c "$p/nginx.conf" -p "$p/" || die "nginx did not start"

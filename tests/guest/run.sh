@@ -2,14 +2,15 @@
 # Host driver of the guest test suites: builds release binaries and test images, then boots the
 # qemu guest (qemu/run-guest.sh) once per suite. Usage: tests/guest/run.sh [suite...]
 # Suites (default: all): e2e, hostile, policies, registry (a token-auth docker-registry in the
-# guest), containerd (containerd + runc + lazyblk's snapshotter), handover (dm + loop), reliability (one main boot, then RELIABILITY_RESETS boots that reset
+# guest), containerd (containerd + runc + lazyblk's snapshotter), handover (dm + loop), dense (64
+# devices of 64 images at once, DENSE_N), reliability (one main boot, then RELIABILITY_RESETS boots that reset
 # the guest mid-fetch with the cache on a persistent ext4 disk, and a last boot that checks it).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 top=$(cd "$here/../.." && pwd)
 work=${LAZYBLK_GUEST_WORK:-$top/target/guest-work}
 suites=("$@")
-[ ${#suites[@]} -gt 0 ] || suites=(e2e hostile policies registry containerd handover reliability)
+[ ${#suites[@]} -gt 0 ] || suites=(e2e hostile policies registry containerd handover dense reliability)
 
 cd "$top"
 cargo build --release --locked -p lazyblk-tools -p lazyblk-tests --bins
@@ -99,6 +100,12 @@ containerd_suite() {
         --dir "$work/pyimg:/pyimg" --dir "$work/pyreg:/pyreg"
 }
 
+# The dense-node suite: DENSE_N (64) small different images, one supervised daemon each.
+dense_suite() {
+    bash "$here/dense-images.sh" "$bin" "$work/dense" "${DENSE_N:-64}" || return 1
+    boot dense.sh --mem 2048 --timeout 1500 --dir "$work/dense:/dense"
+}
+
 rc=0
 for s in "${suites[@]}"; do
     echo "### guest suite: $s"
@@ -106,6 +113,8 @@ for s in "${suites[@]}"; do
         reliability && st=0 || st=$?
     elif [[ $s == containerd ]]; then
         containerd_suite && st=0 || st=$?
+    elif [[ $s == dense ]]; then
+        dense_suite && st=0 || st=$?
     elif [[ $s == registry ]]; then
         command -v docker-registry >/dev/null || { echo "run.sh: docker-registry is missing (scripts/setup installs it)"; exit 1; }
         boot registry.sh --bin "$(command -v docker-registry)" --timeout 900 && st=0 || st=$?

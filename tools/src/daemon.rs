@@ -11,7 +11,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 /// Everything needed to (re)start the daemon of a device.
@@ -234,7 +234,8 @@ fn run_inner(args: &mut DaemonArgs) -> Result<()> {
 
     let dev_id = Arc::new(AtomicU32::new(u32::MAX));
     let stopping = Arc::new(AtomicBool::new(false));
-    stop_on_signals(dev_id.clone(), stopping.clone())?;
+    let rt = store.runtime();
+    stop_on_signals(&rt, dev_id.clone(), stopping.clone())?;
     let state_dir = args.state_dir.clone();
     let ready = args.ready.take();
     // The control thread holds weak references only: the last strong one, dropped at the end
@@ -279,7 +280,17 @@ fn run_inner(args: &mut DaemonArgs) -> Result<()> {
         {
             tracing::error!("writing {}: {e}", rp.display());
         }
-        spawn_control(&state_dir, live.id, st2, cow2, stop2, gate, io_stats);
+        let control = Control {
+            id: live.id,
+            path: socket_path(&state_dir, live.id),
+            store: st2,
+            cow: cow2,
+            stopping: stop2,
+            gate,
+            io_stats,
+            serial: Mutex::new(()),
+        };
+        spawn_control(&rt, control);
         if handover {
             let ctx = crate::handover::Ctx {
                 state: state_dir.clone(),
@@ -374,10 +385,23 @@ fn pinned_source(arg: &str, store: &ChunkStore) -> String {
 }
 
 /// On SIGTERM or SIGINT, stop the device (`dev_id`, once it is live): `serve` then returns and
-/// `run_inner` cleans up.
-fn stop_on_signals(dev_id: Arc<AtomicU32>, stopping: Arc<AtomicBool>) -> Result<()> {
-    crate::signals::on_termination(move |sig| {
-        tracing::info!("signal {sig}: stopping the device");
+/// `run_inner` cleans up. A task on the store's runtime (no thread of its own).
+fn stop_on_signals(
+    rt: &tokio::runtime::Handle,
+    dev_id: Arc<AtomicU32>,
+    stopping: Arc<AtomicBool>,
+) -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    // Registered now, so a signal that arrives before the task first runs is not lost.
+    let _in_rt = rt.enter();
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    rt.spawn(async move {
+        let sig = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!("{sig}: stopping the device");
         stopping.store(true, Ordering::SeqCst);
         let id = dev_id.load(Ordering::SeqCst);
         if id != u32::MAX {
@@ -385,7 +409,8 @@ fn stop_on_signals(dev_id: Arc<AtomicU32>, stopping: Arc<AtomicBool>) -> Result<
                 tracing::error!("stopping device {id}: {e}");
             }
         }
-    })
+    });
+    Ok(())
 }
 
 /// After `serve` returned: delete the device if we stopped it, remove its socket and record,
@@ -433,117 +458,162 @@ fn close_store(mut store: Arc<ChunkStore>) {
     tracing::warn!("the cache is still in use at exit; the next start re-verifies it");
 }
 
-fn spawn_control(
-    state: &Path,
+/// What the control socket's commands act on. Weak references only: the last strong one,
+/// dropped at the end (`finish`), closes the cache's bitmap cleanly.
+struct Control {
     id: u32,
+    path: PathBuf,
     store: Weak<ChunkStore>,
     cow: Option<Weak<lazyblk_cow::Cow>>,
     stopping: Arc<AtomicBool>,
     gate: Arc<FetchGate>,
     io_stats: Arc<lazyblk_ublk::IoStats>,
-) {
-    let path = socket_path(state, id);
+    /// Commands that change the device run one at a time (queries do not wait for them).
+    serial: Mutex<()>,
+}
+
+/// Serve the control socket from a task on the store's runtime; each connection's command runs
+/// on its blocking pool, so an idle device holds no thread for it.
+fn spawn_control(rt: &tokio::runtime::Handle, control: Control) {
+    let path = control.path.clone();
     let _ = std::fs::remove_file(&path);
-    let listener = match UnixListener::bind(&path) {
+    let listener = match UnixListener::bind(&path).and_then(|l| {
+        l.set_nonblocking(true)?;
+        let _in_rt = rt.enter();
+        tokio::net::UnixListener::from_std(l)
+    }) {
         Ok(l) => l,
         Err(e) => {
             tracing::error!("control socket {}: {e}", path.display());
             return;
         }
     };
-    std::thread::spawn(move || {
-        for conn in listener.incoming().flatten() {
-            let mut line = String::new();
-            let mut r = BufReader::new(&conn);
-            if r.read_line(&mut line).is_err() {
-                continue;
-            }
-            let mut w = &conn;
-            // Gone once the device stopped and the daemon is closing its cache.
-            let (Some(store), cow) = (store.upgrade(), cow.as_ref().and_then(Weak::upgrade)) else {
-                let _ = writeln!(w, "error: the daemon is stopping");
+    let control = Arc::new(control);
+    rt.spawn(async move {
+        loop {
+            let conn = match listener.accept().await {
+                Ok((c, _)) => c,
+                Err(e) => {
+                    tracing::warn!("control socket {}: {e}", path.display());
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let Ok(conn) = conn
+                .into_std()
+                .and_then(|c| c.set_nonblocking(false).map(|()| c))
+            else {
                 continue;
             };
-            match line.trim() {
-                "status" => {
-                    let mut stats = store.stats();
-                    // The frontend sees every read, the store only the misses.
-                    stats.hits = io_stats.reads().saturating_sub(io_stats.read_misses());
-                    let s = serde_json::to_string(&stats).unwrap_or_default();
-                    let _ = writeln!(w, "{s}");
-                }
-                "stop" => {
-                    stopping.store(true, Ordering::SeqCst);
-                    let r = lazyblk_ublk::stop(id);
-                    let _ = writeln!(w, "{}", if r.is_ok() { "ok" } else { "error" });
-                }
-                "detach" => {
-                    // Exit without stopping the device: the kernel parks its IO (user recovery)
-                    // until `recover` starts a new daemon, which gets the unfinished reads again.
-                    // No unwinding: dropping the ublk control would delete the device.
-                    // The guest's acknowledged writes must be in the COW layer's bitmap first.
-                    if let Some(c) = &cow {
-                        if let Err(e) = c.flush() {
-                            tracing::error!("detach: COW layer flush: {e}");
-                        }
-                    }
-                    match prepare_detach(id, &store, &gate) {
-                        Ok(()) => {
-                            let _ = writeln!(w, "ok");
-                        }
-                        Err(e) => {
-                            tracing::warn!("detach: {e:#}; the next daemon re-verifies the cache");
-                            let _ =
-                                writeln!(w, "ok (the next daemon re-verifies the cache: {e:#})");
-                        }
-                    }
-                    let _ = std::fs::remove_file(&path);
-                    tracing::info!(
-                        "detached from device {id}; `lazyblk recover {id}` reattaches it"
-                    );
-                    // SAFETY: _exit ends the process at once; nothing is touched afterwards.
-                    unsafe { libc::_exit(0) };
-                }
-                "handover" => {
-                    drop(store);
-                    let answer = crate::handover::request(Duration::from_secs(120));
-                    let _ = writeln!(w, "{answer}");
-                }
-                "trace" => {
-                    let t = serde_json::to_string(&store.access_trace()).unwrap_or_default();
-                    let _ = writeln!(w, "{t}");
-                }
-                "blocks" => {
-                    let t = serde_json::to_string(&store.block_trace()).unwrap_or_default();
-                    let _ = writeln!(w, "{t}");
-                }
-                "published" => {
-                    let l = store.prefetch_list().unwrap_or_default();
-                    let t = serde_json::to_string(l).unwrap_or_default();
-                    let _ = writeln!(w, "{t}");
-                }
-                cmd if cmd.starts_with("export ") => {
-                    let out = PathBuf::from(&cmd["export ".len()..]);
-                    // A writable device exports what its guest sees (image + COW layer).
-                    let r = match &cow {
-                        Some(c) => crate::cmd::vhost::export_source(&**c, &out),
-                        None => store.export(&out).map_err(anyhow::Error::from),
-                    };
-                    match r {
-                        Ok(()) => {
-                            let _ = writeln!(w, "ok");
-                        }
-                        Err(e) => {
-                            let _ = writeln!(w, "error: {e}");
-                        }
-                    }
-                }
-                other => {
-                    let _ = writeln!(w, "unknown command {other:?}");
-                }
-            }
+            let control = control.clone();
+            drop(tokio::task::spawn_blocking(move || control.serve(&conn)));
         }
     });
+}
+
+impl Control {
+    /// Answer one connection's command line.
+    fn serve(&self, conn: &UnixStream) {
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
+        let mut line = String::new();
+        let mut r = BufReader::new(conn);
+        if r.read_line(&mut line).is_err() {
+            return;
+        }
+        let mut w = conn;
+        // Gone once the device stopped and the daemon is closing its cache.
+        let (Some(store), cow) = (
+            self.store.upgrade(),
+            self.cow.as_ref().and_then(Weak::upgrade),
+        ) else {
+            let _ = writeln!(w, "error: the daemon is stopping");
+            return;
+        };
+        let query = matches!(line.trim(), "status" | "trace" | "blocks" | "published");
+        let _serial = (!query).then(|| self.serial.lock().unwrap_or_else(|e| e.into_inner()));
+        let (id, path, stopping, gate, io_stats) = (
+            self.id,
+            &self.path,
+            &self.stopping,
+            &self.gate,
+            &self.io_stats,
+        );
+        match line.trim() {
+            "status" => {
+                let mut stats = store.stats();
+                // The frontend sees every read, the store only the misses.
+                stats.hits = io_stats.reads().saturating_sub(io_stats.read_misses());
+                let s = serde_json::to_string(&stats).unwrap_or_default();
+                let _ = writeln!(w, "{s}");
+            }
+            "stop" => {
+                stopping.store(true, Ordering::SeqCst);
+                let r = lazyblk_ublk::stop(id);
+                let _ = writeln!(w, "{}", if r.is_ok() { "ok" } else { "error" });
+            }
+            "detach" => {
+                // Exit without stopping the device: the kernel parks its IO (user recovery)
+                // until `recover` starts a new daemon, which gets the unfinished reads again.
+                // No unwinding: dropping the ublk control would delete the device.
+                // The guest's acknowledged writes must be in the COW layer's bitmap first.
+                if let Some(c) = &cow {
+                    if let Err(e) = c.flush() {
+                        tracing::error!("detach: COW layer flush: {e}");
+                    }
+                }
+                match prepare_detach(id, &store, &gate) {
+                    Ok(()) => {
+                        let _ = writeln!(w, "ok");
+                    }
+                    Err(e) => {
+                        tracing::warn!("detach: {e:#}; the next daemon re-verifies the cache");
+                        let _ = writeln!(w, "ok (the next daemon re-verifies the cache: {e:#})");
+                    }
+                }
+                let _ = std::fs::remove_file(&path);
+                tracing::info!("detached from device {id}; `lazyblk recover {id}` reattaches it");
+                // SAFETY: _exit ends the process at once; nothing is touched afterwards.
+                unsafe { libc::_exit(0) };
+            }
+            "handover" => {
+                drop(store);
+                let answer = crate::handover::request(Duration::from_secs(120));
+                let _ = writeln!(w, "{answer}");
+            }
+            "trace" => {
+                let t = serde_json::to_string(&store.access_trace()).unwrap_or_default();
+                let _ = writeln!(w, "{t}");
+            }
+            "blocks" => {
+                let t = serde_json::to_string(&store.block_trace()).unwrap_or_default();
+                let _ = writeln!(w, "{t}");
+            }
+            "published" => {
+                let l = store.prefetch_list().unwrap_or_default();
+                let t = serde_json::to_string(l).unwrap_or_default();
+                let _ = writeln!(w, "{t}");
+            }
+            cmd if cmd.starts_with("export ") => {
+                let out = PathBuf::from(&cmd["export ".len()..]);
+                // A writable device exports what its guest sees (image + COW layer).
+                let r = match &cow {
+                    Some(c) => crate::cmd::vhost::export_source(&**c, &out),
+                    None => store.export(&out).map_err(anyhow::Error::from),
+                };
+                match r {
+                    Ok(()) => {
+                        let _ = writeln!(w, "ok");
+                    }
+                    Err(e) => {
+                        let _ = writeln!(w, "error: {e}");
+                    }
+                }
+            }
+            other => {
+                let _ = writeln!(w, "unknown command {other:?}");
+            }
+        }
+    }
 }
 
 /// Parse `sha256:...` when given.
