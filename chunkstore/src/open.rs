@@ -120,6 +120,8 @@ impl ChunkStore {
         lock: File,
     ) -> Result<ChunkStore> {
         let (inner, bitmap) = (Arc::new(inner), Arc::new(Mutex::new(Some(bitmap))));
+        // In the background: attach is not slowed by reading the other caches' manifests.
+        inner.start_index_build();
         let persister = {
             let inner = inner.clone();
             let bitmap = bitmap.clone();

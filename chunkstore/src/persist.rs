@@ -31,7 +31,7 @@ pub(crate) fn persister(inner: &Inner, bitmap: &Mutex<Option<BitmapFile>>) {
             .sync_data()
             .map_err(|e| Error::io(&inner.data_path, e))
             .and_then(|_| match bitmap.lock().expect("lock").as_mut() {
-                Some(b) => b.update(&batch, &[]),
+                Some(b) => b.update(&still_present(inner, batch), &[]),
                 None => Ok(()),
             });
         let mut p = inner.persist.lock().expect("lock");
@@ -42,6 +42,15 @@ pub(crate) fn persister(inner: &Inner, bitmap: &Mutex<Option<BitmapFile>>) {
         p.persisted = upto;
         inner.persist_cv.notify_all();
     }
+}
+
+/// The units of `batch` still present in memory, checked under the bitmap lock: eviction
+/// clears a unit's in-memory bit and then its on-disk bit under that lock, so a batch queued
+/// before an eviction must not set the on-disk bit again afterwards (it would then outlive
+/// the punched bytes, and a clean close would make it trusted).
+pub(crate) fn still_present(inner: &Inner, mut batch: Vec<u64>) -> Vec<u64> {
+    batch.retain(|&u| inner.present.get(u));
+    batch
 }
 
 impl Inner {

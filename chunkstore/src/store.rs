@@ -63,6 +63,8 @@ pub(crate) struct Inner {
     pub(crate) ra_trigger: AtomicBits,
     /// The 4 KiB blocks read since open (for `lazyblk trace --blocks`).
     pub(crate) touched: AtomicBits,
+    /// Copies of this image's chunks in the other caches of the cache root (`None`: off).
+    pub(crate) host_index: Option<HostIndex>,
 }
 
 impl Inner {
@@ -80,6 +82,7 @@ impl Inner {
         prefetch_list: Option<Vec<u32>>,
     ) -> Inner {
         let n = m.chunk_count();
+        let host_index = opts.host_index.then(|| HostIndex::new(&dir));
         Inner {
             id,
             manifest: m,
@@ -111,6 +114,7 @@ impl Inner {
             readahead: Mutex::new(Readahead::default()),
             ra_trigger: AtomicBits::new(n),
             touched: AtomicBits::new(p.device_size / u64::from(BLOCK_SIZE)),
+            host_index,
         }
     }
 }
