@@ -109,8 +109,7 @@ impl HostIndex {
 
     fn drop_entry(&self, digest: &[u8; 32], e: PeerChunk) {
         let mut s = self.state.lock().expect("lock");
-        if s
-            .entries
+        if s.entries
             .get(digest)
             .is_some_and(|x| x.peer == e.peer && x.chunk == e.chunk)
         {
@@ -170,7 +169,9 @@ impl HostIndex {
             }
             *last = Some(Instant::now());
         }
-        let mtime = std::fs::metadata(&self.root).and_then(|m| m.modified()).ok();
+        let mtime = std::fs::metadata(&self.root)
+            .and_then(|m| m.modified())
+            .ok();
         let s = self.state.lock().expect("lock");
         s.built && (mtime != s.root_mtime || !s.pending.is_empty())
     }
@@ -178,7 +179,9 @@ impl HostIndex {
     /// Index the caches under the root not indexed yet, for the stored chunks of `m`.
     fn build(&self, m: &Manifest, shutdown: &AtomicBool) {
         let t0 = Instant::now();
-        let mtime = std::fs::metadata(&self.root).and_then(|m| m.modified()).ok();
+        let mtime = std::fs::metadata(&self.root)
+            .and_then(|m| m.modified())
+            .ok();
         // The digests this image needs, with their lengths (transient: one entry per chunk).
         let mut wanted: HashMap<[u8; 32], u32> = HashMap::new();
         for c in 0..m.chunk_count() {
@@ -237,7 +240,10 @@ impl HostIndex {
                 if wanted.get(&e.digest) != Some(&len) {
                     continue;
                 }
-                let held = peer.bits.as_ref().is_some_and(|b| b.get(i as usize).is_some_and(|x| *x));
+                let held = peer
+                    .bits
+                    .as_ref()
+                    .is_some_and(|b| b.get(i as usize).is_some_and(|x| *x));
                 let better = match s.entries.get(&e.digest) {
                     None => true,
                     Some(old) => held && !old.held,
@@ -377,7 +383,10 @@ impl Inner {
                 }
             };
             for &c in &missing {
-                if let Err(err) = self.data.write_all_at(&plain, self.manifest.chunk_offset(c)) {
+                if let Err(err) = self
+                    .data
+                    .write_all_at(&plain, self.manifest.chunk_offset(c))
+                {
                     // The network path writes the same file and reports the error.
                     tracing::warn!(
                         "host index: writing chunk {c} to {}: {err}",

@@ -26,7 +26,9 @@ fn two_images(a: Vec<u8>, b: Vec<u8>, build: &BuildOptions) -> Two {
         let raw = root.join(format!("{name}.img"));
         std::fs::write(&raw, img).unwrap();
         build_image(&raw, &www.join(name), build, |_| {}).unwrap();
-        ms.push(Manifest::decode(&std::fs::read(www.join(name).join("manifest")).unwrap()).unwrap());
+        ms.push(
+            Manifest::decode(&std::fs::read(www.join(name).join("manifest")).unwrap()).unwrap(),
+        );
     }
     let ng = Nginx::start(&www, &root.join("nginx"));
     let mb = ms.pop().unwrap();
@@ -142,7 +144,10 @@ fn a_shared_chunk(t: &Two) -> (u64, [u8; 32]) {
 /// `a` read whole (and its bits durable), then `b` opened with the index built.
 fn first_read_then_second(t: &Two, host_index: bool) -> (ChunkStore, ChunkStore) {
     let sa = t.open("a", true);
-    assert!(read_all(&sa, t.a.len()) == t.a, "the first image's bytes differ");
+    assert!(
+        read_all(&sa, t.a.len()) == t.a,
+        "the first image's bytes differ"
+    );
     sa.flush().unwrap();
     let sb = t.open("b", host_index);
     if host_index {
@@ -172,7 +177,10 @@ fn shifted_pair(seed: u64) -> Two {
 
 fn check_second(t: &Two, sb: &ChunkStore, expect_copies: u64) {
     let before = t.blob_bytes("b");
-    assert!(read_all(sb, t.b.len()) == t.b, "the second image's bytes differ");
+    assert!(
+        read_all(sb, t.b.len()) == t.b,
+        "the second image's bytes differ"
+    );
     let s = sb.stats();
     let share = sharing(&t.ma, &t.mb);
     let served = t.blob_bytes("b") - before;
@@ -218,7 +226,10 @@ fn shared_chunks_are_copied_not_fetched_at_other_offsets() {
     let sb = reopen(&t, "b");
     assert_eq!(sb.stats().present_chunks, t.mb.chunk_count());
     let data = std::fs::read(sb.data_path()).unwrap();
-    assert!(data[..t.b.len()] == t.b[..], "the copies in the data file differ");
+    assert!(
+        data[..t.b.len()] == t.b[..],
+        "the copies in the data file differ"
+    );
 }
 
 #[test]
@@ -264,7 +275,10 @@ fn a_peer_chunk_without_its_durable_bit_is_never_copied() {
     let t = shifted_pair(23);
     let share = sharing(&t.ma, &t.mb);
     let sa = t.open("a", true);
-    assert!(read_all(&sa, t.a.len()) == t.a, "the first image's bytes differ");
+    assert!(
+        read_all(&sa, t.a.len()) == t.a,
+        "the first image's bytes differ"
+    );
     let dir = sa.cache_dir().to_path_buf();
     drop(sa);
     // The data file still has the chunk's bytes; its bitmap says absent.
@@ -437,9 +451,12 @@ fn gc_says_what_another_cache_still_holds() {
     let r = report(true, &[idb]);
     assert_eq!(r[0].shared_chunks, share.shared_chunks);
     assert_eq!(r[0].shared_bytes, bytes_of(&t.ma, &t.mb));
-    assert_eq!(r[1].shared_chunks, 0, "a goes, so b shares with no cache that stays");
+    assert_eq!(
+        r[1].shared_chunks, 0,
+        "a goes, so b shares with no cache that stays"
+    );
     // Both kept (a running store holds a, b is pinned): each shares with the other.
-    let held = t.open("a", true);
+    let held = reopen(&t, "a");
     let r = report(false, &[idb]);
     assert!(r[0].in_use && !r[0].removed && !r[1].removed);
     assert_eq!(r[0].shared_chunks, share.shared_chunks);
