@@ -110,6 +110,54 @@ pub fn decode(b: &[u8], id: &ImageId, chunk_count: u64) -> std::result::Result<D
     Ok(Decoded { bits, trust })
 }
 
+/// The durable bits of another cache's bitmap file, as bytes read from it, without binding them
+/// to an image (the host index and `gc` read the bitmaps of caches they do not own; a chunk's
+/// bit is at its index whatever prefetch pack decided the units after the chunks). Checks the
+/// magic, the version and the length the header's unit count gives.
+pub fn peek(b: &[u8]) -> std::result::Result<BitVec<u8, Lsb0>, String> {
+    let units = peek_header(b)?;
+    let want = HEADER_LEN as u64 + units.div_ceil(8);
+    if b.len() as u64 != want {
+        return Err(format!("is {} bytes, expected {want}", b.len()));
+    }
+    let mut bits = BitVec::<u8, Lsb0>::from_slice(&b[HEADER_LEN..]);
+    bits.truncate(units as usize);
+    Ok(bits)
+}
+
+/// The unit count of a bitmap header (magic and version checked).
+fn peek_header(b: &[u8]) -> std::result::Result<u64, String> {
+    if b.len() < HEADER_LEN {
+        return Err(format!("truncated ({} bytes)", b.len()));
+    }
+    if &b[0..8] != MAGIC {
+        return Err("bad magic".into());
+    }
+    let version = u32::from_le_bytes(b[8..12].try_into().expect("4"));
+    if version != VERSION {
+        return Err(format!("unknown version {version}"));
+    }
+    Ok(u64::from_le_bytes(b[16..24].try_into().expect("8")))
+}
+
+/// Whether the durable bit of unit `i` is set in the bitmap file at `path` (another cache's,
+/// read from the file itself: never its owner's memory), reading the header and the one byte.
+/// An error says why the file cannot answer (missing, not a bitmap, `i` past its units).
+pub fn durable_bit(path: &Path, i: u64) -> std::result::Result<bool, String> {
+    let f = File::open(path).map_err(|e| e.to_string())?;
+    let mut h = [0u8; HEADER_LEN];
+    f.read_exact_at(&mut h, 0)
+        .map_err(|e| format!("header: {e}"))?;
+    let units = peek_header(&h)?;
+    if i >= units {
+        return Err(format!("has {units} units, asked for {i}"));
+    }
+    let mut byte = [0u8; 1];
+    f.read_exact_at(&mut byte, HEADER_LEN as u64 + i / 8)
+        .map_err(|e| format!("bits: {e}"))?;
+    Ok(byte[0] & (1 << (i % 8)) != 0)
+}
+
 /// An open bitmap file, holding the durable copy of the bits.
 pub struct BitmapFile {
     path: PathBuf,
@@ -260,5 +308,29 @@ mod tests {
         assert_eq!(trust, Trust::Clean);
         let d = decode(&std::fs::read(&p).unwrap(), &id, 20).unwrap();
         assert_eq!(d.trust, Trust::Verify);
+    }
+
+    #[test]
+    fn peek_and_durable_bit_read_another_cache_s_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("bitmap");
+        let mut b = BitmapFile::create(&p, ImageId([5; 32]), 20).unwrap();
+        b.update(&[0, 9, 19], &[]).unwrap();
+        let bits = peek(&std::fs::read(&p).unwrap()).unwrap();
+        assert_eq!(bits.len(), 20);
+        assert_eq!(bits.iter_ones().collect::<Vec<_>>(), [0, 9, 19]);
+        assert_eq!(durable_bit(&p, 9), Ok(true));
+        assert_eq!(durable_bit(&p, 10), Ok(false));
+        assert!(durable_bit(&p, 20).unwrap_err().contains("20 units"));
+        b.update(&[], &[9]).unwrap();
+        assert_eq!(durable_bit(&p, 9), Ok(false));
+        // Not a bitmap, truncated, missing.
+        let mut bytes = std::fs::read(&p).unwrap();
+        assert!(peek(&bytes[..HEADER_LEN + 1]).is_err());
+        bytes[0] = b'X';
+        std::fs::write(&p, &bytes).unwrap();
+        assert_eq!(peek(&bytes).unwrap_err(), "bad magic");
+        assert_eq!(durable_bit(&p, 0).unwrap_err(), "bad magic");
+        assert!(durable_bit(&dir.path().join("none"), 0).is_err());
     }
 }

@@ -277,20 +277,38 @@ impl Inner {
         runs
     }
 
-    /// Fetch a run with one streamed range request. Each part is verified and stored (on a
-    /// blocking thread, off the async workers) and its chunks completed as soon as its own
-    /// bytes have arrived, so the first chunk of a long run is ready after one round trip plus
-    /// its own transfer. A retry asks only for the parts not yet stored.
+    /// Fetch a run: the parts another cache on this host holds are copied from it
+    /// ([`crate::hostindex`]), the rest fetched from the network, one request slot (the
+    /// `permit`, else an on-demand one) for the run's requests one after the other.
     pub(crate) async fn fetch_run(self: Arc<Self>, run: Run, permit: Option<OwnedSemaphorePermit>) {
-        let run = Arc::new(run);
-        let mut done = vec![false; run.parts.len()];
+        let runs = self.copy_local(run).await;
+        if runs.is_empty() {
+            return;
+        }
         let _permit = match permit {
             Some(p) => p,
             None => match self.requests.clone().acquire_owned().await {
                 Ok(p) => p,
-                Err(_) => return self.fail_rest(&run, &done, Error::ShuttingDown),
+                Err(_) => {
+                    for r in &runs {
+                        self.fail_rest(r, &vec![false; r.parts.len()], Error::ShuttingDown);
+                    }
+                    return;
+                }
             },
         };
+        for r in runs {
+            self.fetch_remote(r).await;
+        }
+    }
+
+    /// Fetch a run with one streamed range request. Each part is verified and stored (on a
+    /// blocking thread, off the async workers) and its chunks completed as soon as its own
+    /// bytes have arrived, so the first chunk of a long run is ready after one round trip plus
+    /// its own transfer. A retry asks only for the parts not yet stored.
+    async fn fetch_remote(self: &Arc<Self>, run: Run) {
+        let run = Arc::new(run);
+        let mut done = vec![false; run.parts.len()];
         let mut attempt = 0u32;
         let mut corrupt = 0u32;
         loop {
@@ -310,7 +328,7 @@ impl Inner {
             let got = {
                 let mut buf = BytesMut::new();
                 let mut next = lo;
-                let (this, parts, skip) = (&self, &run, &done);
+                let (this, parts, skip) = (self, &run, &done);
                 let mut sink = |piece: Bytes| {
                     this.stats
                         .bytes_fetched
@@ -413,6 +431,11 @@ impl Inner {
 
     /// Finish chunks: mark present (on success), queue persistence, wake waiters.
     pub(crate) fn complete(&self, chunks: &[u64], err: Option<&BlockError>) {
+        self.complete_as(chunks, err, true)
+    }
+
+    /// [`Inner::complete`]; `fetched`: count the chunks as fetched (not for local copies).
+    pub(crate) fn complete_as(&self, chunks: &[u64], err: Option<&BlockError>, fetched: bool) {
         if err.is_none() {
             let n = self.manifest.chunk_count();
             let mut bytes = 0u64;
@@ -426,9 +449,11 @@ impl Inner {
                 }
             }
             self.cached_bytes.fetch_add(bytes, Ordering::Relaxed);
-            self.stats
-                .chunks_fetched
-                .fetch_add(chunks.len() as u64 - frames, Ordering::Relaxed);
+            if fetched {
+                self.stats
+                    .chunks_fetched
+                    .fetch_add(chunks.len() as u64 - frames, Ordering::Relaxed);
+            }
             self.persist.queue(&self.handle, chunks);
         }
         let waiters: Vec<Arc<Waiter>> = {

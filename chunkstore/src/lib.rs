@@ -16,6 +16,8 @@
 //! * [`verify`]: decompress, check the digest, write the data file.
 //! * [`policy`]: what to fetch ahead (readahead, prefetch, hydration) and what to evict.
 //! * [`persist`]: the group-commit persister of presence bits.
+//! * [`hostindex`]: the host-wide chunk index: copies of this image's chunks in the other
+//!   caches under the same cache root, copied and verified instead of fetched.
 //! * [`source`]: the [`lazyblk_blocksource::BlockSource`] implementation (the hot path).
 //! * [`stats`], [`options`], [`gc`], [`bitmap`], [`bits`].
 
@@ -25,6 +27,7 @@ pub mod cache;
 pub mod error;
 pub(crate) mod fetch;
 pub mod gc;
+pub(crate) mod hostindex;
 pub mod open;
 pub mod options;
 pub(crate) mod persist;
@@ -41,6 +44,7 @@ mod prelude {
     pub(crate) use crate::cache::*;
     pub(crate) use crate::error::{Error, Result};
     pub(crate) use crate::fetch::*;
+    pub(crate) use crate::hostindex::*;
     pub(crate) use crate::options::*;
     pub(crate) use crate::persist::*;
     pub(crate) use crate::policy::evict::*;

@@ -133,6 +133,8 @@ impl ChunkStore {
     ) -> Result<ChunkStore> {
         let inner = Arc::new(inner);
         let bitmap = inner.bitmap.clone();
+        // In the background: attach is not slowed by reading the other caches' manifests.
+        inner.start_index_build();
         let maintenance = match inner.opts.cache_limit {
             None => None,
             Some(_) => {

@@ -58,6 +58,10 @@ pub struct StoreOptions {
     pub hydrate: bool,
     /// Hydration rate limit in bytes per second (`None`: unlimited).
     pub hydrate_rate: Option<u64>,
+    /// Copy chunks that other caches under `cache_root` hold (verified against this
+    /// manifest) instead of fetching them: the host-wide chunk index
+    /// (`add --no-host-index` turns it off).
+    pub host_index: bool,
 }
 
 impl Default for StoreOptions {
@@ -82,6 +86,7 @@ impl Default for StoreOptions {
             prefetch_pack: true,
             hydrate: false,
             hydrate_rate: None,
+            host_index: true,
         }
     }
 }

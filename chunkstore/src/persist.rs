@@ -29,6 +29,8 @@ pub(crate) struct Persister {
     data_path: PathBuf,
     /// The on-disk bitmap (`None` once closed).
     bitmap: Arc<Mutex<Option<BitmapFile>>>,
+    /// The store's in-memory presence bits.
+    present: Arc<AtomicBits>,
 }
 
 impl Persister {
@@ -36,6 +38,7 @@ impl Persister {
         data: File,
         data_path: PathBuf,
         bitmap: Arc<Mutex<Option<BitmapFile>>>,
+        present: Arc<AtomicBits>,
     ) -> Persister {
         Persister {
             state: Mutex::new(Persist::default()),
@@ -43,6 +46,7 @@ impl Persister {
             data,
             data_path,
             bitmap,
+            present,
         }
     }
 
@@ -86,13 +90,25 @@ impl Persister {
         }
     }
 
+    /// The units of `batch` still present in memory, checked under the bitmap lock: eviction
+    /// clears a unit's in-memory bit and then its on-disk bit under that lock, so a batch queued
+    /// before an eviction must not set the on-disk bit again afterwards (it would then outlive
+    /// the punched bytes, and a clean close would make it trusted).
+    fn still_present(&self, batch: &[u64]) -> Vec<u64> {
+        batch
+            .iter()
+            .copied()
+            .filter(|&u| self.present.get(u))
+            .collect()
+    }
+
     /// Data first, then the bits that cover it.
     fn persist(&self, batch: &[u64]) -> Result<()> {
         self.data
             .sync_data()
             .map_err(|e| Error::io(&self.data_path, e))?;
         match self.bitmap.lock().expect("lock").as_mut() {
-            Some(b) => b.update(batch, &[]),
+            Some(b) => b.update(&self.still_present(batch), &[]),
             None => Ok(()),
         }
     }

@@ -16,6 +16,9 @@ pub(crate) struct Stats {
     pub(crate) fetch_micros_max: AtomicU64,
     pub(crate) evicted: AtomicU64,
     pub(crate) background_chunks: AtomicU64,
+    pub(crate) local_copies: AtomicU64,
+    pub(crate) local_copy_bytes: AtomicU64,
+    pub(crate) local_copy_stale: AtomicU64,
 }
 
 /// A point-in-time copy of the store's counters.
@@ -68,6 +71,18 @@ pub struct StatsSnapshot {
     /// above, in place of the metadata pack's).
     #[serde(default)]
     pub prefetch_pack: Option<String>,
+    /// Chunks copied from another cache on this host (the host-wide chunk index) instead of
+    /// fetched, each verified against this image's manifest.
+    #[serde(default)]
+    pub local_copies: u64,
+    /// Raw bytes of those chunks.
+    #[serde(default)]
+    pub local_copy_bytes: u64,
+    /// Host index entries found stale (the other cache's bytes short or not matching the
+    /// digest, or its files gone) and dropped; those chunks were fetched instead. Not counted
+    /// in `verify_failures`, which is about bytes from the network.
+    #[serde(default)]
+    pub local_copy_stale: u64,
 }
 
 /// What opening found in the cache.
@@ -125,6 +140,9 @@ impl ChunkStore {
                 self.inner.present.count_range(f.start, f.end)
             },
             prefetch_pack: self.report.prefetch_pack.clone(),
+            local_copies: s.local_copies.load(Ordering::Relaxed),
+            local_copy_bytes: s.local_copy_bytes.load(Ordering::Relaxed),
+            local_copy_stale: s.local_copy_stale.load(Ordering::Relaxed),
         }
     }
 }

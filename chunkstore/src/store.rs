@@ -29,7 +29,7 @@ pub(crate) struct Inner {
     pub(crate) data: File,
     pub(crate) device_size: u64,
     /// Presence of units: chunks `0..n`, then the metadata pack's frames `n..n + frames`.
-    pub(crate) present: AtomicBits,
+    pub(crate) present: Arc<AtomicBits>,
     pub(crate) inflight: Mutex<HashMap<u64, Vec<Arc<Waiter>>>>,
     pub(crate) remote: Box<dyn Remote>,
     /// Slots of on-demand requests (misses and their readahead).
@@ -65,6 +65,8 @@ pub(crate) struct Inner {
     pub(crate) ra_trigger: AtomicBits,
     /// The 4 KiB blocks read since open (for `lazyblk trace --blocks`).
     pub(crate) touched: AtomicBits,
+    /// Copies of this image's chunks in the other caches of the cache root (`None`: off).
+    pub(crate) host_index: Option<HostIndex>,
 }
 
 impl Inner {
@@ -83,11 +85,18 @@ impl Inner {
         bitmap: BitmapFile,
     ) -> Result<Inner> {
         let n = m.chunk_count();
+        let host_index = opts.host_index.then(|| HostIndex::new(&dir));
         let bitmap = Arc::new(Mutex::new(Some(bitmap)));
         let data_path = p.data_path;
         // A second descriptor of the data file for the persister's `fdatasync`.
         let data_fd = p.data.try_clone().map_err(|e| Error::io(&data_path, e))?;
-        let persist = Arc::new(Persister::new(data_fd, data_path.clone(), bitmap.clone()));
+        let present = Arc::new(p.present);
+        let persist = Arc::new(Persister::new(
+            data_fd,
+            data_path.clone(),
+            bitmap.clone(),
+            present.clone(),
+        ));
         Ok(Inner {
             id,
             manifest: m,
@@ -95,7 +104,7 @@ impl Inner {
             data_path,
             data: p.data,
             device_size: p.device_size,
-            present: p.present,
+            present,
             inflight: Mutex::new(HashMap::new()),
             remote,
             requests: Arc::new(tokio::sync::Semaphore::new(opts.max_requests.max(1))),
@@ -119,6 +128,7 @@ impl Inner {
             readahead: Mutex::new(Readahead::default()),
             ra_trigger: AtomicBits::new(n),
             touched: AtomicBits::new(p.device_size / u64::from(BLOCK_SIZE)),
+            host_index,
         })
     }
 }

@@ -138,7 +138,9 @@ pub enum Cmd {
         /// Output file.
         output: PathBuf,
     },
-    /// Remove the caches of images that no running daemon uses.
+    /// Remove the caches of images that no running daemon uses; each line also says how many
+    /// of the cache's chunks a cache that stays holds too (an image of a removed cache copies
+    /// those locally, not from the network).
     Gc {
         /// Cache root.
         #[arg(long, env = "LAZYBLK_CACHE_DIR", default_value = "/var/cache/lazyblk")]

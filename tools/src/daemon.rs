@@ -561,7 +561,7 @@ impl Control {
                         tracing::error!("detach: COW layer flush: {e}");
                     }
                 }
-                match prepare_detach(id, &store, &gate) {
+                match prepare_detach(id, &store, gate) {
                     Ok(()) => {
                         let _ = writeln!(w, "ok");
                     }
@@ -570,7 +570,7 @@ impl Control {
                         let _ = writeln!(w, "ok (the next daemon re-verifies the cache: {e:#})");
                     }
                 }
-                let _ = std::fs::remove_file(&path);
+                let _ = std::fs::remove_file(path);
                 tracing::info!("detached from device {id}; `lazyblk recover {id}` reattaches it");
                 // SAFETY: _exit ends the process at once; nothing is touched afterwards.
                 unsafe { libc::_exit(0) };

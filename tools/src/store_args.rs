@@ -58,6 +58,11 @@ pub struct StoreArgs {
     /// fetches the pack frame holding them).
     #[arg(long)]
     no_prefetch: bool,
+    /// Fetch every chunk from the remote, never copying it from another image's cache under
+    /// the same cache root (by default a chunk another cache holds is copied locally and
+    /// verified against this image's manifest).
+    #[arg(long)]
+    no_host_index: bool,
     #[command(flatten)]
     pub registry: RegistryArgs,
 }
@@ -120,6 +125,9 @@ impl StoreArgs {
         if self.no_prefetch {
             a.push("--no-prefetch".into());
         }
+        if self.no_host_index {
+            a.push("--no-host-index".into());
+        }
         if let Some(p) = &self.pack_digest {
             a.extend(["--pack-digest".into(), p.clone()]);
         }
@@ -147,6 +155,7 @@ impl StoreArgs {
             hydrate_rate: self.hydrate_rate,
             use_prefetch_list: !self.no_prefetch,
             prefetch_pack: !self.no_prefetch,
+            host_index: !self.no_host_index,
             ..Default::default()
         })
     }
@@ -190,6 +199,7 @@ mod tests {
             "--io-deadline",
             "0",
             "--no-prefetch",
+            "--no-host-index",
             "--plain-http",
             "--mirror",
             "http://m1:5000",
@@ -213,6 +223,7 @@ mod tests {
         assert_eq!(b.cache_limit, Some(2 << 30));
         assert_eq!(b.hydrate_rate, Some(20 << 20));
         assert!(b.hydrate && !b.use_prefetch_list && b.io_deadline.is_none());
+        assert!(!b.host_index);
         assert_eq!(
             (b.readahead_bytes, b.readahead_max_bytes),
             (1 << 20, 8 << 20)

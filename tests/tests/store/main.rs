@@ -1,6 +1,7 @@
 //! The chunk store against a real nginx and against the fault-injecting server.
 
 mod fetch;
+mod hostindex;
 mod open;
 mod pack;
 mod policy;

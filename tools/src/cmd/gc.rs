@@ -7,6 +7,7 @@ use std::path::Path;
 /// records in `state`.
 pub fn run(state: &Path, cache_dir: &Path, dry_run: bool) -> Result<()> {
     let mut freed = 0;
+    let mut shared = 0;
     // Handed-over caches: a loop device serves them, no daemon holds their lock.
     let keep = crate::cmd::handover::gc_keep(state, cache_dir);
     for e in lazyblk_chunkstore::gc(cache_dir, &keep, dry_run)? {
@@ -25,8 +26,17 @@ pub fn run(state: &Path, cache_dir: &Path, dry_run: bool) -> Result<()> {
         } else {
             "would be removed"
         };
-        println!("{:>12} bytes  {}  {what}", e.bytes, e.dir.display());
+        println!(
+            "{:>12} bytes  {}  {what}; {} chunks ({} bytes) also in a cache that stays",
+            e.bytes,
+            e.dir.display(),
+            e.shared_chunks,
+            e.shared_bytes
+        );
+        if e.removed {
+            shared += e.shared_bytes;
+        }
     }
-    println!("freed {freed} bytes");
+    println!("freed {freed} bytes ({shared} bytes of them another cache still holds: an image of a removed cache copies them locally, not from the network)");
     Ok(())
 }

@@ -89,6 +89,10 @@ pub fn status(state: &Path, id: u32, json: bool) -> Result<()> {
     println!("misses         {}", s.misses);
     println!("bytes fetched  {}", s.bytes_fetched);
     println!("chunks fetched {}", s.chunks_fetched);
+    println!(
+        "local copies   {} chunks, {} bytes ({} stale)",
+        s.local_copies, s.local_copy_bytes, s.local_copy_stale
+    );
     println!("requests       {} ({} retries)", s.requests, s.retries);
     println!(
         "fetch latency  mean {:.1} ms, max {:.1} ms",

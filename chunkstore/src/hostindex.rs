@@ -1,0 +1,511 @@
+//! The host-wide chunk index: copies of this image's chunks held by the *other* caches under
+//! the same cache root, so a chunk any image on this host already has is copied locally
+//! instead of fetched over the network again.
+//!
+//! What is trusted, and what is not:
+//! * A peer's manifest only says where a copy *could* be: a map from this image's digests to a
+//!   peer chunk (peer directory, chunk index, offset, length), kept only for digests this image
+//!   has (at most one entry per distinct digest of this image).
+//! * Whether the peer *holds* it is read, at copy time, from the peer's on-disk bitmap file:
+//!   the durable bit, which that store sets only after the chunk's verified bytes were durable
+//!   in its `data` ([`crate::persist`]). Never the peer's memory or its `meta.json`.
+//! * The bytes read from the peer's `data` are hashed against **this** manifest's digest and
+//!   then stored exactly like fetched bytes (write, in-memory bit, waiters, group commit), so a
+//!   copied chunk is as verified and as crash-safe as a fetched one.
+//! * An entry whose bytes are short or do not hash right, or whose peer files are gone, is
+//!   *stale*: dropped (never tried from that peer again) and the chunk fetched from the network.
+//!   An unset bit is not stale (the peer may fetch it later): that copy is just not taken.
+//!
+//! The index is built on a thread of its own after open (attach is not slowed; until it is
+//! built every miss goes to the network) and refreshed with the cache directories added
+//! since, when a lookup finds nothing and the cache root's mtime changed (checked at most
+//! every [`REFRESH_EVERY`]). Caches already indexed are not read again: a manifest never
+//! changes under its own digest.
+
+use crate::prelude::*;
+use std::collections::HashSet;
+use std::ffi::OsString;
+use std::time::SystemTime;
+
+/// How often a lookup that finds nothing may look at the cache root for new caches.
+pub(crate) const REFRESH_EVERY: Duration = Duration::from_secs(2);
+
+/// Where a copy of one of this image's chunks may be: chunk `chunk` of the cache `peer`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PeerChunk {
+    pub(crate) peer: u32,
+    pub(crate) chunk: u64,
+    pub(crate) offset: u64,
+    pub(crate) len: u32,
+    /// The peer's durable bit was set when indexed (such copies are preferred).
+    held: bool,
+}
+
+#[derive(Default)]
+struct State {
+    /// Cache directories indexed, by position.
+    peers: Vec<PathBuf>,
+    /// Directory names looked at for good (indexed, or not a usable cache).
+    seen: HashSet<OsString>,
+    /// Directory names without a manifest yet (a cache being created): looked at again.
+    pending: HashSet<OsString>,
+    /// Digest of a stored chunk of this image -> a peer's copy.
+    entries: HashMap<[u8; 32], PeerChunk>,
+    /// The cache root's mtime when it was last read.
+    root_mtime: Option<SystemTime>,
+    /// At least one build has finished.
+    built: bool,
+}
+
+/// The index of one store (see the module doc).
+pub(crate) struct HostIndex {
+    root: PathBuf,
+    own: OsString,
+    state: Mutex<State>,
+    building: AtomicBool,
+    last_check: Mutex<Option<Instant>>,
+}
+
+/// Why a peer's copy could not be used.
+pub(crate) enum Miss {
+    /// No usable entry, or the peer does not hold the chunk (yet): fetch it.
+    Absent,
+    /// The entry was stale and is dropped: fetch it.
+    Stale(String),
+}
+
+impl HostIndex {
+    /// The index of the store whose cache is `dir` (its parent is the cache root).
+    pub(crate) fn new(dir: &Path) -> HostIndex {
+        HostIndex {
+            root: dir.parent().unwrap_or(Path::new(".")).to_path_buf(),
+            own: dir.file_name().unwrap_or_default().to_os_string(),
+            state: Mutex::new(State::default()),
+            building: AtomicBool::new(false),
+            last_check: Mutex::new(None),
+        }
+    }
+
+    /// The number of caches indexed, once the first build has finished.
+    pub(crate) fn peers(&self) -> Option<usize> {
+        let s = self.state.lock().expect("lock");
+        s.built.then_some(s.peers.len())
+    }
+
+    /// Whether the index has a copy of `digest` in some peer.
+    pub(crate) fn has(&self, digest: &[u8; 32]) -> bool {
+        self.state
+            .lock()
+            .expect("lock")
+            .entries
+            .contains_key(digest)
+    }
+
+    fn lookup(&self, digest: &[u8; 32]) -> Option<(PeerChunk, PathBuf)> {
+        let s = self.state.lock().expect("lock");
+        let e = *s.entries.get(digest)?;
+        Some((e, s.peers[e.peer as usize].clone()))
+    }
+
+    fn drop_entry(&self, digest: &[u8; 32], e: PeerChunk) {
+        let mut s = self.state.lock().expect("lock");
+        if s.entries
+            .get(digest)
+            .is_some_and(|x| x.peer == e.peer && x.chunk == e.chunk)
+        {
+            s.entries.remove(digest);
+        }
+    }
+
+    /// The bytes of a copy of `digest` (`len` raw bytes) held by a peer, verified against
+    /// `digest`. Runs on a blocking thread.
+    pub(crate) fn read_copy(
+        &self,
+        digest: &[u8; 32],
+        len: usize,
+    ) -> std::result::Result<Vec<u8>, Miss> {
+        let Some((e, dir)) = self.lookup(digest) else {
+            return Err(Miss::Absent);
+        };
+        let stale = |why: String| {
+            self.drop_entry(digest, e);
+            Miss::Stale(format!(
+                "copy of chunk {} in {}: {why}",
+                e.chunk,
+                dir.display()
+            ))
+        };
+        if e.len as usize != len {
+            return Err(stale(format!("{} bytes, expected {len}", e.len)));
+        }
+        match crate::bitmap::durable_bit(&dir.join("bitmap"), e.chunk) {
+            Ok(true) => {}
+            Ok(false) => return Err(Miss::Absent),
+            Err(why) => return Err(stale(format!("bitmap: {why}"))),
+        }
+        let mut buf = vec![0u8; len];
+        let read = File::open(dir.join("data")).and_then(|f| f.read_exact_at(&mut buf, e.offset));
+        if let Err(err) = read {
+            return Err(stale(format!("data: {err}")));
+        }
+        let got = blake3::hash(&buf);
+        if got.as_bytes() != digest {
+            return Err(stale(format!(
+                "digest mismatch: expected blake3:{}, got blake3:{}",
+                hex::encode(digest),
+                got.to_hex()
+            )));
+        }
+        Ok(buf)
+    }
+
+    /// Whether a refresh is due: at most every [`REFRESH_EVERY`], when the cache root's mtime
+    /// changed since the last build or a cache seen then had no manifest yet.
+    fn refresh_due(&self) -> bool {
+        {
+            let mut last = self.last_check.lock().expect("lock");
+            if last.is_some_and(|t| t.elapsed() < REFRESH_EVERY) {
+                return false;
+            }
+            *last = Some(Instant::now());
+        }
+        let mtime = std::fs::metadata(&self.root)
+            .and_then(|m| m.modified())
+            .ok();
+        let s = self.state.lock().expect("lock");
+        s.built && (mtime != s.root_mtime || !s.pending.is_empty())
+    }
+
+    /// Index the caches under the root not indexed yet, for the stored chunks of `m`.
+    fn build(&self, m: &Manifest, shutdown: &AtomicBool) {
+        let t0 = Instant::now();
+        let mtime = std::fs::metadata(&self.root)
+            .and_then(|m| m.modified())
+            .ok();
+        // The digests this image needs, with their lengths (transient: one entry per chunk).
+        let mut wanted: HashMap<[u8; 32], u32> = HashMap::new();
+        for c in 0..m.chunk_count() {
+            if let ChunkRef::Stored(e) = m.chunk(c) {
+                wanted.insert(e.digest, m.chunk_len(c));
+            }
+        }
+        let (seen, pending_before) = {
+            let s = self.state.lock().expect("lock");
+            (s.seen.clone(), s.pending.clone())
+        };
+        let mut names: Vec<OsString> = match std::fs::read_dir(&self.root) {
+            Ok(rd) => rd
+                .flatten()
+                .map(|e| e.file_name())
+                .filter(|n| *n != self.own && !seen.contains(n))
+                .collect(),
+            Err(e) => {
+                tracing::warn!("host index: reading {}: {e}", self.root.display());
+                Vec::new()
+            }
+        };
+        names.sort();
+        let mut pending = HashSet::new();
+        let mut added = 0usize;
+        for name in names {
+            if shutdown.load(Ordering::Relaxed) {
+                return;
+            }
+            let dir = self.root.join(&name);
+            let peer = match read_peer(&dir, &name) {
+                Ok(Some(p)) => p,
+                Ok(None) => {
+                    // Not a cache (a file, another kind of directory), or one being created.
+                    if dir.is_dir() && ImageId::parse(&name.to_string_lossy()).is_ok() {
+                        pending.insert(name);
+                    } else {
+                        self.state.lock().expect("lock").seen.insert(name);
+                    }
+                    continue;
+                }
+                Err(why) => {
+                    tracing::warn!("host index: skipping the cache {}: {why}", dir.display());
+                    self.state.lock().expect("lock").seen.insert(name);
+                    continue;
+                }
+            };
+            let mut s = self.state.lock().expect("lock");
+            let p = s.peers.len() as u32;
+            let mut used = false;
+            for i in 0..peer.manifest.chunk_count() {
+                let ChunkRef::Stored(e) = peer.manifest.chunk(i) else {
+                    continue;
+                };
+                let len = peer.manifest.chunk_len(i);
+                if wanted.get(&e.digest) != Some(&len) {
+                    continue;
+                }
+                let held = peer
+                    .bits
+                    .as_ref()
+                    .is_some_and(|b| b.get(i as usize).is_some_and(|x| *x));
+                let better = match s.entries.get(&e.digest) {
+                    None => true,
+                    Some(old) => held && !old.held,
+                };
+                if better {
+                    s.entries.insert(
+                        e.digest,
+                        PeerChunk {
+                            peer: p,
+                            chunk: i,
+                            offset: peer.manifest.chunk_offset(i),
+                            len,
+                            held,
+                        },
+                    );
+                    used = true;
+                }
+            }
+            if used {
+                s.peers.push(dir);
+                added += 1;
+            }
+            s.seen.insert(name);
+        }
+        let mut s = self.state.lock().expect("lock");
+        // A cache still without a manifest is looked at again; one that was pending and is
+        // now seen or gone is not.
+        s.pending = pending;
+        s.root_mtime = mtime;
+        s.built = true;
+        tracing::debug!(
+            "host index of {}: {added} new caches with copies ({} pending before), {} of {} digests indexed, in {:?}",
+            self.own.to_string_lossy(),
+            pending_before.len(),
+            s.entries.len(),
+            wanted.len(),
+            t0.elapsed()
+        );
+    }
+}
+
+/// A peer cache as read for the index: its manifest, and its durable bits if readable.
+struct Peer {
+    manifest: Manifest,
+    bits: Option<BitVec<u8, Lsb0>>,
+}
+
+/// Read the cache in `dir` (named `name`): `None` when it is not a lazyblk cache (its name is
+/// no image id) or has no manifest yet; an error when its manifest is not its image's or does
+/// not decode.
+fn read_peer(dir: &Path, name: &std::ffi::OsStr) -> std::result::Result<Option<Peer>, String> {
+    let Ok(id) = ImageId::parse(&name.to_string_lossy()) else {
+        return Ok(None);
+    };
+    let path = dir.join("manifest");
+    let bytes = match read_capped(&path, MAX_MANIFEST_BYTES) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("manifest: {e}")),
+    };
+    if ImageId::of(&bytes) != id {
+        return Err(format!("its manifest is not image {id}'s"));
+    }
+    let manifest = Manifest::decode(&bytes).map_err(|e| format!("manifest: {e}"))?;
+    let bits = std::fs::read(dir.join("bitmap"))
+        .ok()
+        .and_then(|b| crate::bitmap::peek(&b).ok());
+    Ok(Some(Peer { manifest, bits }))
+}
+
+fn read_capped(path: &Path, cap: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut v = Vec::new();
+    File::open(path)?.take(cap + 1).read_to_end(&mut v)?;
+    if v.len() as u64 > cap {
+        return Err(std::io::Error::other(format!("larger than {cap} bytes")));
+    }
+    Ok(v)
+}
+
+impl Inner {
+    /// Start a build of the host index on a thread of its own (none when one runs).
+    pub(crate) fn start_index_build(self: &Arc<Self>) {
+        let Some(idx) = &self.host_index else {
+            return;
+        };
+        if idx.building.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let inner = self.clone();
+        // On the store's blocking pool: a thread only while it reads.
+        drop(self.handle.spawn_blocking(move || {
+            let idx = inner.host_index.as_ref().expect("checked");
+            idx.build(&inner.manifest, &inner.shutdown);
+            idx.building.store(false, Ordering::SeqCst);
+        }));
+    }
+
+    /// A lookup found nothing: index the caches added since, if any (not more than every
+    /// [`REFRESH_EVERY`]).
+    pub(crate) fn maybe_refresh_index(self: &Arc<Self>) {
+        if self.host_index.as_ref().is_some_and(|i| i.refresh_due()) {
+            self.start_index_build();
+        }
+    }
+
+    /// Copy the part `(e, units)` of a run from a peer cache, if one holds it: read, verify
+    /// against this manifest, write and complete like fetched bytes. Whether it was stored (the
+    /// units are then complete). Runs on a blocking thread.
+    pub(crate) fn copy_part(&self, e: &Entry, units: &[u64], background: bool) -> bool {
+        let Some(idx) = &self.host_index else {
+            return false;
+        };
+        let n = self.manifest.chunk_count();
+        if units.iter().any(|&u| u >= n) {
+            return false; // pack frames are never copied
+        }
+        let missing: Vec<u64> = units
+            .iter()
+            .copied()
+            .filter(|&c| !self.present.get(c))
+            .collect();
+        if let Some(&first) = missing.first() {
+            let len = self.manifest.chunk_len(first) as usize;
+            let plain = match idx.read_copy(&e.digest, len) {
+                Ok(b) => b,
+                Err(Miss::Absent) => return false,
+                Err(Miss::Stale(why)) => {
+                    self.stats.local_copy_stale.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!("host index: {why}; dropped, fetching the chunk instead");
+                    return false;
+                }
+            };
+            for &c in &missing {
+                if let Err(err) = self
+                    .data
+                    .write_all_at(&plain, self.manifest.chunk_offset(c))
+                {
+                    // The network path writes the same file and reports the error.
+                    tracing::warn!(
+                        "host index: writing chunk {c} to {}: {err}",
+                        self.data_path.display()
+                    );
+                    return false;
+                }
+            }
+            self.stats
+                .local_copies
+                .fetch_add(missing.len() as u64, Ordering::Relaxed);
+            self.stats
+                .local_copy_bytes
+                .fetch_add((len * missing.len()) as u64, Ordering::Relaxed);
+        }
+        if background {
+            self.stats
+                .background_chunks
+                .fetch_add(units.len() as u64, Ordering::Relaxed);
+        }
+        self.complete_as(units, None, false);
+        true
+    }
+
+    /// The parts of `run` that peer caches hold are copied (each on a blocking thread); the
+    /// rest come back as runs of blob-adjacent parts for the network.
+    pub(crate) async fn copy_local(self: &Arc<Self>, run: Run) -> Vec<Run> {
+        let Some(idx) = &self.host_index else {
+            return vec![run];
+        };
+        let n = self.manifest.chunk_count();
+        let candidate: Vec<bool> = run
+            .parts
+            .iter()
+            .map(|(e, units)| units.iter().all(|&u| u < n) && idx.has(&e.digest))
+            .collect();
+        if candidate.iter().any(|c| !c) {
+            self.maybe_refresh_index();
+        }
+        if !candidate.iter().any(|c| *c) {
+            return vec![run];
+        }
+        let mut jobs = Vec::new();
+        for (i, (e, units)) in run.parts.iter().enumerate() {
+            if candidate[i] {
+                let (inner, e, units, bg) = (self.clone(), *e, units.clone(), run.background);
+                jobs.push((
+                    i,
+                    self.handle
+                        .spawn_blocking(move || inner.copy_part(&e, &units, bg)),
+                ));
+            }
+        }
+        let mut copied = vec![false; run.parts.len()];
+        for (i, job) in jobs {
+            copied[i] = job.await.unwrap_or(false);
+        }
+        let (deadline, background) = (run.deadline, run.background);
+        let mut out: Vec<Run> = Vec::new();
+        let mut joined = false;
+        for (part, done) in run.parts.into_iter().zip(copied) {
+            if done {
+                joined = false;
+                continue;
+            }
+            let len = u64::from(part.0.stored_len);
+            match out.last_mut() {
+                Some(r) if joined => {
+                    r.len += len;
+                    r.parts.push(part);
+                }
+                _ => out.push(Run {
+                    blob_offset: part.0.blob_offset,
+                    len,
+                    parts: vec![part],
+                    deadline,
+                    background,
+                }),
+            }
+            joined = true;
+        }
+        out
+    }
+}
+
+impl ChunkStore {
+    /// The number of other caches under the cache root the host index found copies in, once
+    /// its first build (in the background, after open) has finished; `None` before, or with
+    /// the index off ([`StoreOptions::host_index`]).
+    pub fn host_index_peers(&self) -> Option<usize> {
+        self.inner.host_index.as_ref().and_then(|i| i.peers())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_peer_skips_what_is_not_a_cache_of_its_own_image() {
+        let root = tempfile::tempdir().unwrap();
+        let other = root.path().join("not-a-cache");
+        std::fs::create_dir(&other).unwrap();
+        assert!(read_peer(&other, other.file_name().unwrap())
+            .unwrap()
+            .is_none());
+        // A cache being created: an id as name, no manifest yet.
+        let id = ImageId([7; 32]);
+        let dir = root.path().join(id.hex());
+        std::fs::create_dir(&dir).unwrap();
+        assert!(read_peer(&dir, dir.file_name().unwrap()).unwrap().is_none());
+        // A manifest that is not the directory's image.
+        std::fs::write(dir.join("manifest"), b"garbage").unwrap();
+        let err = read_peer(&dir, dir.file_name().unwrap())
+            .err()
+            .expect("refused");
+        assert!(err.contains("not image"), "{err}");
+        // The right name, bytes that do not decode.
+        let dir2 = root.path().join(ImageId::of(b"garbage").hex());
+        std::fs::create_dir(&dir2).unwrap();
+        std::fs::write(dir2.join("manifest"), b"garbage").unwrap();
+        let err = read_peer(&dir2, dir2.file_name().unwrap())
+            .err()
+            .expect("refused");
+        assert!(err.starts_with("manifest:"), "{err}");
+    }
+}
