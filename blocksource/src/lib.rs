@@ -138,6 +138,9 @@ impl BlockError {
 /// Called exactly once, from any thread, when a [`BlockSource::fetch`] finishes.
 pub type Completion = Box<dyn FnOnce(Result<(), BlockError>) + Send + 'static>;
 
+/// How many times a read fetches a range that a cache limit evicted again before it was read.
+pub const FETCH_TRIES: u32 = 3;
+
 /// A block device's worth of data, possibly not all local yet.
 pub trait BlockSource: Send + Sync + 'static {
     /// Size and shape of the device.
@@ -179,24 +182,28 @@ pub trait BlockSource: Send + Sync + 'static {
         if len == 0 {
             return Ok(());
         }
-        let loc = match self.locate(offset, len) {
-            Some(loc) => loc,
-            None => {
-                let (tx, rx) = mpsc::sync_channel(1);
-                self.fetch(
-                    offset,
-                    len,
-                    Box::new(move |r| {
-                        let _ = tx.send(r);
-                    }),
-                );
-                rx.recv().map_err(|_| BlockError::ShuttingDown)??;
-                self.locate(offset, len).ok_or_else(|| {
-                    BlockError::Unavailable(format!(
-                        "range {offset}+{len} not local after a successful fetch"
-                    ))
-                })?
+        // A source with a cache limit may evict a range between its fetch and this read:
+        // fetch it again, a few times.
+        let mut tries = 0;
+        let loc = loop {
+            if let Some(loc) = self.locate(offset, len) {
+                break loc;
             }
+            if tries == FETCH_TRIES {
+                return Err(BlockError::Unavailable(format!(
+                    "range {offset}+{len} not local after {FETCH_TRIES} successful fetches"
+                )));
+            }
+            tries += 1;
+            let (tx, rx) = mpsc::sync_channel(1);
+            self.fetch(
+                offset,
+                len,
+                Box::new(move |r| {
+                    let _ = tx.send(r);
+                }),
+            );
+            rx.recv().map_err(|_| BlockError::ShuttingDown)??;
         };
         pread_exact_or_zero(loc.fd, buf, loc.offset)?;
         Ok(())

@@ -442,6 +442,11 @@ impl Inner {
             let mut frames = 0;
             for &c in chunks {
                 let was = self.present.test_and_set(c);
+                if c < n && self.opts.cache_limit.is_some() {
+                    // A second chance on the clock: the read that waited for this chunk has
+                    // not touched it yet, and must find it present.
+                    self.referenced.set(c);
+                }
                 if c >= n {
                     frames += 1;
                 } else if !was && self.manifest.chunk(c) != ChunkRef::Zero {

@@ -539,19 +539,28 @@ async fn handle_io(q: &UblkQueue<'_>, tag: u16, ctx: &IoCtx<'_>, buf: &mut [u8])
                         return std::future::pending().await;
                     };
                     tracing::debug!("tag {tag}: miss at {off}+{len}");
-                    let n = notifier.clone();
-                    source.fetch(
-                        off,
-                        len as u64,
-                        Box::new(move |r| n.post(tag, r.map_err(|e| e.errno()))),
-                    );
-                    if let Err(errno) = notifier.wait(tag).await {
-                        tracing::warn!("read {off}+{len} failed: errno {errno}");
-                        return -errno;
-                    }
-                    match source.locate(off, len as u64) {
-                        Some(loc) => loc,
-                        None => return -libc::EIO,
+                    // With a cache limit, a range can be evicted between its fetch and this
+                    // read: fetch it again, a few times, before failing the IO.
+                    let mut tries = 0;
+                    loop {
+                        let n = notifier.clone();
+                        source.fetch(
+                            off,
+                            len as u64,
+                            Box::new(move |r| n.post(tag, r.map_err(|e| e.errno()))),
+                        );
+                        if let Err(errno) = notifier.wait(tag).await {
+                            tracing::warn!("read {off}+{len} failed: errno {errno}");
+                            return -errno;
+                        }
+                        if let Some(loc) = source.locate(off, len as u64) {
+                            break loc;
+                        }
+                        tries += 1;
+                        if tries == lazyblk_blocksource::FETCH_TRIES {
+                            tracing::warn!("read {off}+{len}: evicted again after {tries} fetches");
+                            return -libc::EIO;
+                        }
                     }
                 }
             };
