@@ -3,6 +3,7 @@
 mod fetch;
 mod open;
 mod pack;
+mod pagecache;
 mod policy;
 
 use lazyblk_blocksource::{BlockError, BlockSource};
