@@ -37,7 +37,7 @@ fn fetched_chunks_leave_the_page_cache_once_durable() {
     let data = std::fs::File::open(store.data_path()).unwrap();
     let stored: u64 = (0..store.manifest().chunk_count())
         .filter(|&c| matches!(store.manifest().chunk(c), ChunkRef::Stored(_)))
-        .map(|c| store.manifest().chunk_len(c))
+        .map(|c| u64::from(store.manifest().chunk_len(c)))
         .sum();
     assert!(stored > 2 << 20, "the sample image stores most chunks");
     let resident = fsutil::resident_bytes(&data, 0, len).unwrap();
