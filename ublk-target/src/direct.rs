@@ -89,7 +89,10 @@ impl Direct {
 /// address a multiple of `mem_align`, and something to read.
 fn fits(offset_align: u32, mem_align: u32, offset: u64, len: usize, addr: usize) -> bool {
     let (oa, ma) = (u64::from(offset_align.max(1)), mem_align.max(1) as usize);
-    len > 0 && offset % oa == 0 && len as u64 % oa == 0 && addr % ma == 0
+    len > 0
+        && offset.is_multiple_of(oa)
+        && (len as u64).is_multiple_of(oa)
+        && addr.is_multiple_of(ma)
 }
 
 /// `(dio_offset_align, dio_mem_align)` of `fd` from `statx(STATX_DIOALIGN)`, `None` when the
