@@ -67,5 +67,5 @@ Counted after every device read all of its files, over every `lazyblk` process (
 
 Threads of one daemon: {threads_one}."""
 subprocess.run([sys.executable, f"{top}/bench/doc_section.py", f"{top}/docs/BENCHMARKS.md", "DENSE",
-                "bench/dense.sh", "A dense node: many devices at once"], input=body, text=True, check=True)
+                "A dense node: many devices at once (`bench/dense.sh`)", "bench/dense.sh"], input=body, text=True, check=True)
 PY

@@ -1,21 +1,31 @@
 #!/usr/bin/env python3
-"""Write a benchmark's section into docs/BENCHMARKS.md between its markers.
+"""Write one bench script's section of docs/BENCHMARKS.md between its markers.
 
-usage: bench/doc_section.py DOC MARKER SCRIPT TITLE < section-body
+    doc_section.py DOC NAME HEADING SCRIPT < BODY
 
-The body (read from standard input) goes between `<!-- BEGIN MARKER (SCRIPT) -->` and
-`<!-- END MARKER -->`; a document without those markers gets a new `## TITLE` section at its end.
+replaces the text between `<!-- BEGIN NAME` and `<!-- END NAME -->` in DOC with BODY (the
+markers stay, the BEGIN one naming SCRIPT), or appends `## HEADING` and the marked BODY at
+the end when DOC has no such markers yet. Shared by the bench scripts that write a section
+(bench/pagecache.sh; bench/run.sh has its own GENERATED block through report.py).
 """
 import re
 import sys
 
-doc, marker, script, title = sys.argv[1:5]
-body = sys.stdin.read().strip("\n")
-section = f"<!-- BEGIN {marker} ({script}) -->\n{body}\n<!-- END {marker} -->"
-text = open(doc).read()
-pattern = re.compile(rf"<!-- BEGIN {re.escape(marker)} \(.*?<!-- END {re.escape(marker)} -->", re.S)
-if pattern.search(text):
-    text = pattern.sub(lambda _: section, text)
-else:
-    text = text.rstrip("\n") + f"\n\n## {title}\n\n{section}\n"
-open(doc, "w").write(text)
+
+def splice(doc, name, heading, body, script):
+    begin = f"<!-- BEGIN {name} ({script}) -->"
+    end = f"<!-- END {name} -->"
+    section = f"{begin}\n{body.strip()}\n{end}"
+    text = open(doc).read()
+    pat = re.compile(rf"<!-- BEGIN {re.escape(name)}\b.*?<!-- END {re.escape(name)} -->", re.S)
+    if pat.search(text):
+        text = pat.sub(lambda _: section, text, count=1)
+    else:
+        text = text.rstrip("\n") + f"\n\n## {heading}\n\n{section}\n"
+    open(doc, "w").write(text)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 5:
+        sys.exit("usage: doc_section.py DOC NAME HEADING SCRIPT < BODY")
+    splice(sys.argv[1], sys.argv[2], sys.argv[3], sys.stdin.read(), sys.argv[4])

@@ -1,9 +1,135 @@
 //! Local-file helpers shared by the stores behind block sources (the chunk cache, the
-//! copy-on-write layer).
+//! copy-on-write layer) and the frontends that read their files: locks, holes, atomic small
+//! files, and how a file stands to the page cache ([`page_cache_policy`], [`drop_cached`]).
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
+
+/// Environment variable that brings back the double caching of a cache file on a disk (read
+/// through the page cache and never dropped from it), for `bench/pagecache.sh` only: it
+/// measures that behaviour side by side with the default in one guest boot. Set to `1`.
+pub const DOUBLE_CACHE_ENV: &str = "LAZYBLK_BENCH_DOUBLE_CACHE";
+
+/// How a file behind a block source stands to the page cache, decided once per file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageCachePolicy {
+    /// On tmpfs or ramfs the page cache *is* the file: read it buffered, never drop anything
+    /// (`POSIX_FADV_DONTNEED` ignores such files anyway, and there is no second copy).
+    InMemory,
+    /// On a disk: the kernel already caches the device's blocks above the frontend, so the
+    /// file's own pages would be a second copy. Frontends read it around the page cache
+    /// (`O_DIRECT`) and the store drops the ranges it wrote (once durable) or read.
+    Bypass,
+    /// On a disk, but read through the page cache and kept there (double caching): only when
+    /// [`DOUBLE_CACHE_ENV`] is `1`, for the benchmark.
+    Buffered,
+}
+
+impl PageCachePolicy {
+    /// Whether ranges written or read by the store should be dropped from the page cache.
+    pub fn drops(self) -> bool {
+        self == PageCachePolicy::Bypass
+    }
+}
+
+/// The page-cache policy for `fd` (see [`PageCachePolicy`]).
+pub fn page_cache_policy(fd: RawFd) -> PageCachePolicy {
+    if in_memory(fd) {
+        PageCachePolicy::InMemory
+    } else if std::env::var(DOUBLE_CACHE_ENV).is_ok_and(|v| v == "1") {
+        PageCachePolicy::Buffered
+    } else {
+        PageCachePolicy::Bypass
+    }
+}
+
+/// Whether `fd` is a file in memory (tmpfs, ramfs): its page cache is the file itself.
+pub fn in_memory(fd: RawFd) -> bool {
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: `st` is valid for one `statfs` write; it is read only when the call succeeded
+    // (a bad descriptor is an error return, not undefined behaviour).
+    let ok = unsafe { libc::fstatfs(fd, st.as_mut_ptr()) } == 0;
+    if !ok {
+        return false;
+    }
+    // SAFETY: fstatfs returned 0, so it filled `st`.
+    let st = unsafe { st.assume_init() };
+    // ramfs has no constant in libc. (`f_type`'s integer type differs between architectures.)
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    #[allow(clippy::unnecessary_cast)]
+    let (kind, tmpfs) = (st.f_type as i64, libc::TMPFS_MAGIC as i64);
+    kind == tmpfs || kind == RAMFS_MAGIC
+}
+
+/// Drop the clean page-cache pages of `[off, off + len)` of `fd` (`len` 0: to the end of the
+/// file) with `POSIX_FADV_DONTNEED`. Dirty pages stay (write them back first: `fdatasync`);
+/// so does a page another process has mapped. Only for files whose policy
+/// [`drops`](PageCachePolicy::drops).
+pub fn drop_cached(fd: RawFd, off: u64, len: u64) -> std::io::Result<()> {
+    let (Ok(o), Ok(l)) = (libc::off_t::try_from(off), libc::off_t::try_from(len)) else {
+        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+    };
+    // SAFETY: posix_fadvise on a descriptor; no memory is involved.
+    match unsafe { libc::posix_fadvise(fd, o, l, libc::POSIX_FADV_DONTNEED) } {
+        0 => Ok(()),
+        e => Err(std::io::Error::from_raw_os_error(e)),
+    }
+}
+
+/// Sort byte ranges `(offset, len)` and merge the ones that touch or overlap, so a batch of
+/// chunks becomes one [`drop_cached`] call per run of adjacent chunks. Empty ranges go.
+pub fn coalesce(ranges: &mut Vec<(u64, u64)>) {
+    ranges.retain(|&(_, l)| l > 0);
+    ranges.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for &(o, l) in ranges.iter() {
+        match out.last_mut() {
+            Some((po, pl)) if o <= *po + *pl => *pl = (*pl).max(o + l - *po),
+            _ => out.push((o, l)),
+        }
+    }
+    *ranges = out;
+}
+
+/// Bytes of `[off, off + len)` of `file` that are in the page cache now (`mincore` over a
+/// mapping of the range, counted in pages). For tests and diagnostics.
+pub fn resident_bytes(file: &File, off: u64, len: u64) -> std::io::Result<u64> {
+    // SAFETY: sysconf has no memory effects.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64;
+    let start = off / page * page;
+    let end = off + len;
+    if end <= start {
+        return Ok(0);
+    }
+    let map_len = (end - start) as usize;
+    // SAFETY: a new read-only shared mapping at an address the kernel chooses; it aliases no
+    // Rust object, is never dereferenced (only passed to mincore) and is unmapped below.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            map_len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            start as libc::off_t,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut vec = vec![0u8; map_len.div_ceil(page as usize)];
+    // SAFETY: `p` is a mapping of `map_len` bytes made above and `vec` has one byte per page
+    // of it, as mincore writes.
+    let r = unsafe { libc::mincore(p, map_len, vec.as_mut_ptr()) };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: exactly the mapping made above, unmapped once.
+    unsafe { libc::munmap(p, map_len) };
+    if r != 0 {
+        return Err(err);
+    }
+    Ok(vec.iter().filter(|&&b| b & 1 != 0).count() as u64 * page)
+}
 
 /// Open (creating it) `path` and take an exclusive, non-blocking `flock` on it. `Ok(None)` when
 /// another open file description holds the lock (another process uses the directory). The lock
@@ -80,6 +206,75 @@ mod tests {
         );
         drop(a);
         assert!(lock_exclusive(&p).unwrap().is_some());
+    }
+
+    #[test]
+    fn coalesce_merges_touching_and_overlapping_ranges() {
+        let mut r = vec![
+            (8192, 4096),
+            (0, 4096),
+            (4096, 4096),
+            (20000, 0),
+            (16384, 100),
+        ];
+        coalesce(&mut r);
+        assert_eq!(r, vec![(0, 12288), (16384, 100)]);
+        let mut r = vec![(100, 50), (0, 1000), (2000, 10), (1000, 5)];
+        coalesce(&mut r);
+        assert_eq!(r, vec![(0, 1005), (2000, 10)]);
+        let mut r = Vec::new();
+        coalesce(&mut r);
+        assert!(r.is_empty());
+    }
+
+    /// `drop_cached` really empties the page cache of a range written and synced on a disk
+    /// file system, and leaves the rest; `resident_bytes` sees both. (Needs the temporary
+    /// directory on a disk file system: on tmpfs the advice is ignored, and the test says so.)
+    #[test]
+    fn dropped_range_leaves_the_page_cache() {
+        let f = tempfile::tempfile().unwrap();
+        // Written 4 KiB at a time: a page-cache folio is never larger than the write that made
+        // it, and DONTNEED drops only folios wholly inside the range (so the store drops whole
+        // chunks, which it wrote whole).
+        for i in 0..16 {
+            f.write_all_at(&[3u8; 4096], i * 4096).unwrap();
+        }
+        f.sync_data().unwrap();
+        assert_eq!(resident_bytes(&f, 0, 64 << 10).unwrap(), 64 << 10);
+        if page_cache_policy(f.as_raw_fd()) == PageCachePolicy::InMemory {
+            eprintln!("the temporary directory is in memory: drop_cached is not checked");
+            return;
+        }
+        drop_cached(f.as_raw_fd(), 16 << 10, 32 << 10).unwrap();
+        assert_eq!(resident_bytes(&f, 16 << 10, 32 << 10).unwrap(), 0);
+        assert_eq!(resident_bytes(&f, 0, 16 << 10).unwrap(), 16 << 10);
+        assert_eq!(resident_bytes(&f, 48 << 10, 16 << 10).unwrap(), 16 << 10);
+        // The data is still there, read back from the disk.
+        let mut b = [0u8; 4096];
+        f.read_exact_at(&mut b, 20 << 10).unwrap();
+        assert!(b.iter().all(|&x| x == 3));
+    }
+
+    /// On tmpfs the page cache is the file: `drop_cached` must not (and does not) lose data.
+    #[test]
+    fn tmpfs_is_in_memory_and_keeps_its_data() {
+        let Ok(d) = tempfile::tempdir_in("/dev/shm") else {
+            eprintln!("no /dev/shm here");
+            return;
+        };
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(d.path().join("f"))
+            .unwrap();
+        assert_eq!(page_cache_policy(f.as_raw_fd()), PageCachePolicy::InMemory);
+        f.write_all_at(&[5u8; 8192], 0).unwrap();
+        drop_cached(f.as_raw_fd(), 0, 0).unwrap();
+        let mut b = [0u8; 8192];
+        f.read_exact_at(&mut b, 0).unwrap();
+        assert!(b.iter().all(|&x| x == 5));
     }
 
     #[test]

@@ -64,6 +64,11 @@ pub(crate) fn reverify(
             });
         }
     });
+    // What was read to check it is a second copy of blocks the device serves (on a disk: the
+    // frontend reads `data` around the page cache); nothing is dirty before the store serves.
+    if lazyblk_blocksource::fsutil::page_cache_policy(data.as_raw_fd()).drops() {
+        let _ = lazyblk_blocksource::fsutil::drop_cached(data.as_raw_fd(), 0, 0);
+    }
     (
         good.into_inner().expect("lock"),
         list.len() as u64,

@@ -53,6 +53,7 @@ mod prelude {
     pub(crate) use crate::store::*;
     pub(crate) use bitvec::prelude::*;
     pub(crate) use bytes::{Bytes, BytesMut};
+    pub(crate) use lazyblk_blocksource::fsutil::PageCachePolicy;
     pub(crate) use lazyblk_blocksource::{
         check_range, BlockError, BlockSource, Completion, Geometry, Located,
     };

@@ -132,6 +132,7 @@ impl ChunkStore {
         lock: File,
     ) -> Result<ChunkStore> {
         let inner = Arc::new(inner);
+        let _ = inner.persist.owner.set(Arc::downgrade(&inner));
         let bitmap = inner.bitmap.clone();
         // In the background: attach is not slowed by reading the other caches' manifests.
         inner.start_index_build();

@@ -6,6 +6,10 @@
 //! running ([`Persister::queue`]); a round takes everything pending, so completions that arrive
 //! during its `fdatasync` share the next one (group commit), and an idle store holds no thread
 //! for it.
+//!
+//! On a disk, a batch's ranges are then dropped from the page cache: they are clean after the
+//! `fdatasync`, and the kernel caches the device's blocks above the frontend already (the
+//! frontend reads `data` with `O_DIRECT`).
 
 use crate::prelude::*;
 
@@ -31,6 +35,9 @@ pub(crate) struct Persister {
     bitmap: Arc<Mutex<Option<BitmapFile>>>,
     /// The store's in-memory presence bits.
     present: Arc<AtomicBits>,
+    /// The store, once running: its page-cache policy and unit ranges (a weak reference: the
+    /// store holds this persister).
+    pub(crate) owner: std::sync::OnceLock<std::sync::Weak<Inner>>,
 }
 
 impl Persister {
@@ -47,6 +54,7 @@ impl Persister {
             data_path,
             bitmap,
             present,
+            owner: std::sync::OnceLock::new(),
         }
     }
 
@@ -107,6 +115,9 @@ impl Persister {
         self.data
             .sync_data()
             .map_err(|e| Error::io(&self.data_path, e))?;
+        if let Some(inner) = self.owner.get().and_then(std::sync::Weak::upgrade) {
+            inner.drop_units(batch);
+        }
         match self.bitmap.lock().expect("lock").as_mut() {
             Some(b) => b.update(&self.still_present(batch), &[]),
             None => Ok(()),
@@ -135,6 +146,55 @@ impl Persister {
 }
 
 impl Inner {
+    /// The byte ranges of `data` that units (chunks `0..n`, then pack frames) occupy, sorted
+    /// and merged: one range per run of adjacent chunks or pack blocks.
+    pub(crate) fn unit_ranges(&self, units: &[u64]) -> Vec<(u64, u64)> {
+        let m = &self.manifest;
+        let n = m.chunk_count();
+        let mut r = Vec::with_capacity(units.len());
+        for &u in units {
+            if u < n {
+                r.push((m.chunk_offset(u), u64::from(m.chunk_len(u))));
+            } else if let Some(p) = m
+                .pack
+                .as_ref()
+                .filter(|p| ((u - n) as usize) < p.frames.len())
+            {
+                for &b in &p.blocks[p.frame_positions((u - n) as usize)] {
+                    let at = u64::from(b) * PACK_BLOCK;
+                    r.push((at, PACK_BLOCK.min(m.image_size.saturating_sub(at))));
+                }
+            }
+        }
+        lazyblk_blocksource::fsutil::coalesce(&mut r);
+        r
+    }
+
+    /// Drop the (durable, so clean) pages of `units` from the page cache when `data` is on a
+    /// disk.
+    pub(crate) fn drop_units(&self, units: &[u64]) {
+        if self.page_cache.drops() {
+            for (off, len) in self.unit_ranges(units) {
+                self.drop_cached(off, len);
+            }
+        }
+    }
+
+    /// Drop `[off, off + len)` of `data` from the page cache when it is on a disk (a failure
+    /// costs memory only: logged at debug level).
+    pub(crate) fn drop_cached(&self, off: u64, len: u64) {
+        if self.page_cache.drops() {
+            if let Err(e) =
+                lazyblk_blocksource::fsutil::drop_cached(self.data.as_raw_fd(), off, len)
+            {
+                tracing::debug!(
+                    "dropping {off}+{len} of {} from the page cache: {e}",
+                    self.data_path.display()
+                );
+            }
+        }
+    }
+
     pub(crate) fn flush(&self) -> Result<()> {
         let mut p = self.persist.state.lock().expect("lock");
         let target = p.queued;

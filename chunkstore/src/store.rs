@@ -27,6 +27,10 @@ pub(crate) struct Inner {
     pub(crate) dir: PathBuf,
     pub(crate) data_path: PathBuf,
     pub(crate) data: File,
+    /// How `data` stands to the page cache (decided once, at open): on a disk, the ranges the
+    /// store wrote (once durable) or read in bulk are dropped from it, since the kernel caches
+    /// the device's blocks above the frontend already.
+    pub(crate) page_cache: PageCachePolicy,
     pub(crate) device_size: u64,
     /// Presence of units: chunks `0..n`, then the metadata pack's frames `n..n + frames`.
     pub(crate) present: Arc<AtomicBits>,
@@ -102,6 +106,7 @@ impl Inner {
             manifest: m,
             dir,
             data_path,
+            page_cache: lazyblk_blocksource::fsutil::page_cache_policy(p.data.as_raw_fd()),
             data: p.data,
             device_size: p.device_size,
             present,
@@ -211,11 +216,17 @@ impl ChunkStore {
             let n = (size - at).min(buf.len() as u64) as usize;
             BlockSource::read_at(self, at, &mut buf[..n])
                 .map_err(|e| Error::Invalid(format!("reading the image at {at}: {e}")))?;
+            self.inner.drop_cached(at, n as u64);
             f.write_all(&buf[..n]).map_err(|e| Error::io(out, e))?;
             at += n as u64;
         }
         let file = f.into_inner().map_err(|e| Error::io(out, e.into_error()))?;
-        file.sync_all().map_err(|e| Error::io(out, e))
+        file.sync_all().map_err(|e| Error::io(out, e))?;
+        // The copy's pages are clean now; on a disk, do not keep a second image in memory.
+        if lazyblk_blocksource::fsutil::page_cache_policy(file.as_raw_fd()).drops() {
+            let _ = lazyblk_blocksource::fsutil::drop_cached(file.as_raw_fd(), 0, 0);
+        }
+        Ok(())
     }
 
     /// Wait until every chunk fetched so far is durable and recorded in the on-disk bitmap.

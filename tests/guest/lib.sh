@@ -119,3 +119,23 @@ expected_sha() {
 
 # io_errors: kernel messages about failed IO on ublk devices or erofs since the last `dmesg -c`
 io_errors() { dmesg | grep -E 'ublkb[0-9]|erofs' | grep -iE 'error|fail' || true; }
+
+# ---- page-cache measurement (the reliability suite's last boot, bench/pagecache.sh)
+
+# cached_kib: the Cached line of /proc/meminfo, in KiB
+cached_kib() { awk '$1 == "Cached:" { print $2 }' /proc/meminfo; }
+
+# drop_page_cache: write back, then drop the clean page cache, dentries and inodes
+drop_page_cache() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+
+# full_read MOUNT DEV: a digest-tree of every file under MOUNT (on stdout), then a raw read of the
+# whole device DEV
+full_read() {
+    lazyblk-testkit digest-tree "$1" || return 1
+    dd if="$2" of=/dev/null bs=1M 2> /dev/null || return 1
+}
+
+# within_ratio A B RATIO FLOOR_KIB: A <= max(B * RATIO, B + FLOOR_KIB)
+within_ratio() {
+    awk -v a="$1" -v b="$2" -v r="$3" -v f="$4" 'BEGIN { l = b * r; if (l < b + f) l = b + f; exit !(a <= l) }'
+}

@@ -11,7 +11,8 @@
 #   main (default)  everything except the hard reset
 #   reset           cache on /dev/vda: check what the last reset left, fetch, reset mid-fetch
 #                   (prints RELIABILITY-RESET-NOW; the boot ends without a marker)
-#   reset-check     cache on /dev/vda: check what the last reset left, then read everything
+#   reset-check     cache on /dev/vda: check what the last reset left, then read everything, and
+#                   compare the page cache it took with a loop device's (--direct-io=on)
 . /guest/lib.sh
 PHASE=${RELIABILITY_PHASE:-main}
 URL=http://127.0.0.1:8080
@@ -370,12 +371,38 @@ if [ "$PHASE" = reset ]; then
     sleep 30
     die "the guest did not reset"
 fi
+# The read after the resets is also the page-cache measurement (issue 17, no double caching): the
+# growth of Cached over attach + full read (the rest of the image fetched and written to the
+# cache on ext4) + raw read of the device, against the same image on a loop device with
+# --direct-io=on from the same disk. bench/pagecache.sh measures the same with more columns.
+drop_page_cache
+c0=$(cached_kib)
 attach img3
-bg_start final lazyblk-testkit digest-tree $M
+bg_start final full_read $M "$DEV"
 bg_wait final 300
 check_tree img3 final
 no_io_errors "after the resets"
 ok "after the resets: the whole tree reads correctly from the cache the resets left"
+sleep 1 # the persister's last batch (it drops what it made durable)
+lazy_kib=$(($(cached_kib) - c0))
+lazyblk export "$ID" /cache/raw.img > /dev/null || die "lazyblk export"
 detach_all
+step "4c. no double caching: page cache of a full read, cache on ext4, against loop --direct-io=on"
+drop_page_cache
+c0=$(cached_kib)
+LOOP=$(losetup --direct-io=on -r -f --show /cache/raw.img) || die "losetup --direct-io=on"
+check "the loop device reads its file with direct IO" [ "$(cat /sys/block/${LOOP#/dev/}/loop/dio)" = 1 ]
+mount -t erofs -o ro "$LOOP" $M || die "mount $LOOP"
+full_read $M "$LOOP" > /tmp/loop.out || die "full read through $LOOP"
+sleep 1
+loop_kib=$(($(cached_kib) - c0))
+cmp -s /expected/img3.txt /tmp/loop.out || die "the loop device's tree differs from the source"
+umount $M
+losetup -d "$LOOP"
+rm -f /cache/raw.img
+stat "pagecache lazyblk_kib=$lazy_kib loop_dio_kib=$loop_kib"
+check "no double caching: Cached grew by $lazy_kib KiB through lazyblk, $loop_kib KiB through loop --direct-io=on (limit: 1.2x, or the loop's + 4 MiB)" \
+    within_ratio "$lazy_kib" "$loop_kib" 1.2 4096
+check "the full read moved Cached at all (the measurement measures something)" [ "$loop_kib" -gt 10240 ]
 umount /cache
 summary

@@ -78,7 +78,9 @@ reliability() {
         fi
         echo "### reliability: the guest was reset mid-fetch as planned (status $st)"
     done
-    boot reliability.sh --disk "$work/cache-disk.img" \
+    # The last boot also compares the page cache with a loop device (util-linux's losetup:
+    # busybox's has no --direct-io).
+    boot reliability.sh --disk "$work/cache-disk.img" --bin "$(command -v losetup)" \
         --append "RELIABILITY_PHASE=reset-check RESET_ROUND=$((resets + 1))" \
         --timeout 300 --log "$logs/reliability-check-$stamp.log"
 }

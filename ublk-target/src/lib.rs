@@ -6,7 +6,9 @@
 //! kernel, serves it, commits the result and waits for the next one.
 //!
 //! * A read whose range is local ([`BlockSource::locate`]) is a plain `read` on the queue's own
-//!   ring, straight from the cache file into the IO buffer. A small one from a file in memory
+//!   ring, straight from the cache file into the IO buffer; from a file on a disk through a
+//!   second, `O_DIRECT` descriptor (`direct`), so the file's pages do not sit in the page cache
+//!   next to the kernel's own cache of the device's blocks. A small one from a file in memory
 //!   (tmpfs, ramfs), which io_uring would hand to a worker, is done on the queue thread: a copy
 //!   out of a read-only shared mapping of the file when the source vouches that the range is
 //!   written data ([`Located::written`](lazyblk_blocksource::Located::written)), else a
@@ -22,12 +24,15 @@
 //! failing IO or unmounting anything. A planned hand-over closes the [`FetchGate`] first, so the
 //! old daemon stops fetching and leaves the reads that need data to the new one.
 
+mod direct;
 mod gate;
 mod map;
 mod notify;
 
 pub use gate::FetchGate;
 
+use direct::Direct;
+use lazyblk_blocksource::fsutil::{self, PageCachePolicy};
 use lazyblk_blocksource::{pread_exact_or_zero, BlockSource};
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::helpers::IoBuf;
@@ -36,6 +41,7 @@ use libublk::uring_async::ublk_submit_sqe_async;
 use libublk::{BufDesc, UblkError, UblkFlags, UblkUringData};
 use map::Mapping;
 use notify::Notifier;
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -371,14 +377,30 @@ pub fn serve(
     fds.sort_unstable();
     fds.dedup();
     fds.truncate(MAX_FIXED_FILES);
+    let n_src = fds.len() as u32;
+    let mut n_direct = 0u32;
     let fixed: Arc<Vec<SourceFile>> = Arc::new(
         fds.into_iter()
             .map(|fd| {
-                let in_memory = in_memory(fd);
+                let policy = fsutil::page_cache_policy(fd);
+                let in_memory = policy == PageCachePolicy::InMemory;
+                let direct = match policy {
+                    PageCachePolicy::Bypass => Direct::open(fd),
+                    _ => None,
+                };
+                // Direct descriptors are fixed files after the source's, while there is room.
+                let direct_fixed = direct
+                    .as_ref()
+                    .filter(|_| (n_direct as usize) < MAX_FIXED_DIRECT)
+                    .map(|_| {
+                        n_direct += 1;
+                        n_src + n_direct
+                    });
                 SourceFile {
                     fd,
                     in_memory,
                     map: if in_memory { Mapping::of(fd) } else { None },
+                    direct: direct.map(|d| (d, direct_fixed)),
                 }
             })
             .collect(),
@@ -390,6 +412,12 @@ pub fn serve(
         for f in fixed_init.iter() {
             tgt.fds[tgt.nr_fds as usize] = f.fd;
             tgt.nr_fds += 1;
+        }
+        for f in fixed_init.iter() {
+            if let Some((d, Some(_))) = &f.direct {
+                tgt.fds[tgt.nr_fds as usize] = d.file.as_raw_fd();
+                tgt.nr_fds += 1;
+            }
         }
         tgt.dev_size = geo.size;
         let shift = geo.block_size.trailing_zeros() as u8;
@@ -576,8 +604,19 @@ async fn handle_io(q: &UblkQueue<'_>, tag: u16, ctx: &IoCtx<'_>, buf: &mut [u8])
                         Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
                     }
                 }
-                Some(i) => read_local(File::Fixed(i as u32 + 1), loc.offset, &mut buf[..len]).await,
-                None => read_local(File::Fd(loc.fd), loc.offset, &mut buf[..len]).await,
+                Some(i) => {
+                    let f = &ctx.fixed[i];
+                    let direct = f.direct.as_ref().map(|(d, fixed)| {
+                        let file = match fixed {
+                            Some(k) => File::Fixed(*k),
+                            None => File::Fd(d.file.as_raw_fd()),
+                        };
+                        (file, d)
+                    });
+                    let file = File::Fixed(i as u32 + 1);
+                    read_local(file, direct, loc.offset, &mut buf[..len]).await
+                }
+                None => read_local(File::Fd(loc.fd), None, loc.offset, &mut buf[..len]).await,
             }
         }
         libublk::sys::UBLK_IO_OP_FLUSH => match source.flush() {
@@ -598,8 +637,10 @@ async fn handle_io(q: &UblkQueue<'_>, tag: u16, ctx: &IoCtx<'_>, buf: &mut [u8])
     }
 }
 
-/// Fixed files of a queue's ring besides /dev/ublkcN (libublk has room for 32 in all).
+/// Fixed files of a queue's ring besides /dev/ublkcN (libublk has room for 32 in all): the
+/// source's files, then their direct descriptors.
 const MAX_FIXED_FILES: usize = 16;
+const MAX_FIXED_DIRECT: usize = 15;
 
 /// A file of the source, registered as fixed file `i + 1` of every queue's ring.
 #[derive(Debug)]
@@ -609,6 +650,9 @@ struct SourceFile {
     in_memory: bool,
     /// A read-only mapping of an in-memory file, for its written ranges.
     map: Option<Mapping>,
+    /// For a file on a disk: its `O_DIRECT` descriptor and, when it has one, its fixed file
+    /// index in the rings.
+    direct: Option<(Direct, Option<u32>)>,
 }
 
 /// Largest read of an in-memory file done on the queue thread itself. Larger ones still go to
@@ -616,26 +660,11 @@ struct SourceFile {
 /// 512 KiB reads one after the other halved 1 MiB sequential reads in the benchmark guest.
 const INLINE_READ_MAX: usize = 32 << 10;
 
-/// Whether `fd` is a file in memory (tmpfs, ramfs). io_uring cannot complete a buffered read of
-/// such a file inline (observed on 6.12 in a guest profile): it hands every one to an io-wq
-/// worker, two context switches per 4 KiB read, which halved the 4k random read rate of a cache
-/// on tmpfs in the benchmark guest. A plain `pread` on the queue thread is a memcpy instead.
-fn in_memory(fd: i32) -> bool {
-    let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
-    // SAFETY: `fd` is a descriptor owned by the source for as long as the device runs, and `st`
-    // is valid for one `statfs` write; it is read only when the call succeeded.
-    let ok = unsafe { libc::fstatfs(fd, st.as_mut_ptr()) } == 0;
-    if !ok {
-        return false;
-    }
-    // SAFETY: fstatfs returned 0, so it filled `st`.
-    let st = unsafe { st.assume_init() };
-    // ramfs has no constant in libc. (`f_type`'s integer type differs between architectures.)
-    const RAMFS_MAGIC: i64 = 0x8584_58f6;
-    #[allow(clippy::unnecessary_cast)]
-    let (kind, tmpfs) = (st.f_type as i64, libc::TMPFS_MAGIC as i64);
-    kind == tmpfs || kind == RAMFS_MAGIC
-}
+// Whether a file is in memory (tmpfs, ramfs) is `fsutil::in_memory`. io_uring cannot complete
+// a buffered read of such a file inline (observed on 6.12 in a guest profile): it hands every
+// one to an io-wq worker, two context switches per 4 KiB read, which halved the 4k random read
+// rate of a cache on tmpfs in the benchmark guest. A plain `pread` on the queue thread is a
+// memcpy instead.
 
 /// Where a present read comes from: a file registered with the ring, or a plain descriptor.
 #[derive(Clone, Copy)]
@@ -645,12 +674,24 @@ enum File {
 }
 
 /// Read `buf.len()` bytes at `offset` of `file` on the queue's ring, retrying short reads.
-async fn read_local(file: File, offset: u64, buf: &mut [u8]) -> i32 {
+/// With `direct` (the file's `O_DIRECT` descriptor), each read whose offset, length and buffer
+/// meet its alignment goes there; the others, and all after one the file system refused with
+/// `EINVAL`, go to `file`.
+async fn read_local(
+    file: File,
+    mut direct: Option<(File, &Direct)>,
+    offset: u64,
+    buf: &mut [u8],
+) -> i32 {
     let mut done = 0usize;
     while done < buf.len() {
         let rest = &mut buf[done..];
         let (ptr, n, at) = (rest.as_mut_ptr(), rest.len() as u32, offset + done as u64);
-        let sqe = match file {
+        let via = match direct {
+            Some((f, d)) if d.fits(at, rest.len(), ptr) => Some(f),
+            _ => None,
+        };
+        let sqe = match via.unwrap_or(file) {
             File::Fixed(i) => {
                 io_uring::opcode::Read::new(io_uring::types::Fixed(i), ptr, n).offset(at)
             }
@@ -661,6 +702,11 @@ async fn read_local(file: File, offset: u64, buf: &mut [u8]) -> i32 {
             .await
             .unwrap_or(-libc::EIO);
         if r == -libc::EAGAIN || r == -libc::EINTR {
+            continue;
+        }
+        if r == -libc::EINVAL && via.is_some() {
+            tracing::debug!("an O_DIRECT read at {at}+{n} was refused; reading it buffered");
+            direct = None;
             continue;
         }
         if r < 0 {

@@ -4,6 +4,7 @@ mod fetch;
 mod hostindex;
 mod open;
 mod pack;
+mod pagecache;
 mod policy;
 
 use lazyblk_blocksource::{BlockError, BlockSource};

@@ -20,6 +20,8 @@ use crate::daemon::{read_record, record_path, Record};
 use anyhow::{bail, Context, Result};
 use lazyblk_chunkstore::{ChunkStore, StatsSnapshot};
 use serde::{Deserialize, Serialize};
+use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -282,7 +284,11 @@ fn run(ctx: &Ctx, store: &ChunkStore) -> Result<String> {
     kill_point(Step::Sealed);
     // 2. The loop device, and its table in the dm device's inactive slot (which holds it open).
     let size = h.sectors * 512;
-    let lo = loopdev::attach_read_only(&h.data, size, lazyblk_chunkstore::BLOCK_SIZE, false)?;
+    // On a disk, the loop device reads `data` with O_DIRECT: the page cache above it (the
+    // mounted file system's, the device's) is the only copy, as it was with the daemon.
+    let direct = File::open(&h.data)
+        .is_ok_and(|f| lazyblk_blocksource::fsutil::page_cache_policy(f.as_raw_fd()).drops());
+    let lo = loopdev::attach_read_only(&h.data, size, lazyblk_chunkstore::BLOCK_SIZE, direct)?;
     let lo_path = lo.path.clone();
     let rollback = |d: &dm::Dm| {
         let _ = d.clear_inactive(&name);
