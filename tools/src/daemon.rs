@@ -8,7 +8,7 @@ use lazyblk_format::ImageId;
 use lazyblk_ublk::FetchGate;
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Weak};
@@ -116,6 +116,8 @@ pub struct DaemonArgs {
     pub cow: crate::cmd::vhost::CowArgs,
     /// Serve through a dm device and hand over to the kernel once complete (`add --handover`).
     pub handover: bool,
+    /// Who may reach the control and metrics sockets; a TCP address for the metrics.
+    pub sockets: crate::metrics::SocketArgs,
     /// Where to write the ready line (`OK <id> <bdev>` or `ERR <message>`), after any number of
     /// `WARN <message>` lines about the state the daemon found.
     pub ready: Option<std::fs::File>,
@@ -222,8 +224,9 @@ fn run_inner(args: &mut DaemonArgs) -> Result<()> {
     if let (Some(id), false) = (args.ublk.id, args.ublk.recover) {
         lazyblk_ublk::check_id_free(id)?;
     }
-    std::fs::create_dir_all(&args.state_dir)
-        .with_context(|| format!("creating {}", args.state_dir.display()))?;
+    crate::metrics::ensure_state_dir(&args.state_dir)?;
+    let sockets = args.sockets.clone();
+    sockets.gid()?;
     let store = open_store(args)?;
     let id = store.id();
     let cow_dir = args.cow.dir_for(&id.hex());
@@ -279,7 +282,9 @@ fn run_inner(args: &mut DaemonArgs) -> Result<()> {
         {
             tracing::error!("writing {}: {e}", rp.display());
         }
-        spawn_control(&state_dir, live.id, st2, cow2, stop2, gate, io_stats);
+        spawn_control(
+            &state_dir, live.id, st2, cow2, stop2, gate, io_stats, &sockets,
+        );
         if handover {
             let ctx = crate::handover::Ctx {
                 state: state_dir.clone(),
@@ -348,6 +353,14 @@ fn device_record(args: &DaemonArgs, store: &ChunkStore, cow_dir: Option<PathBuf>
         store_args: args.store_args.clone(),
         handover: None,
     };
+    // `recover` and the supervisor bind the sockets the same way.
+    if !record
+        .store_args
+        .iter()
+        .any(|a| a == "--socket-group" || a == "--metrics-addr")
+    {
+        record.store_args.extend(args.sockets.to_args());
+    }
     // The next daemon (`recover`, the supervisor) pins the manifest: it keeps the prefetch
     // pack in use only if that is pinned too.
     if let Some(pack) = &store.open_report().prefetch_pack {
@@ -403,6 +416,7 @@ fn finish(
             let _ = lazyblk_ublk::delete(id_now);
         }
         let _ = std::fs::remove_file(socket_path(state_dir, id_now));
+        let _ = std::fs::remove_file(crate::metrics::socket_path(state_dir, id_now));
         // A device handed over to the kernel lives on without a daemon: keep its record.
         if !crate::handover::finish(state_dir, id_now) {
             let _ = std::fs::remove_file(record_path(state_dir, id_now));
@@ -433,6 +447,9 @@ fn close_store(mut store: Arc<ChunkStore>) {
     tracing::warn!("the cache is still in use at exit; the next start re-verifies it");
 }
 
+/// The control thread: answers the control socket's commands and, in between, the metrics
+/// sockets' scrapes (`metrics::Sockets::incoming`).
+#[allow(clippy::too_many_arguments)]
 fn spawn_control(
     state: &Path,
     id: u32,
@@ -441,18 +458,24 @@ fn spawn_control(
     stopping: Arc<AtomicBool>,
     gate: Arc<FetchGate>,
     io_stats: Arc<lazyblk_ublk::IoStats>,
+    sockets: &crate::metrics::SocketArgs,
 ) {
     let path = socket_path(state, id);
-    let _ = std::fs::remove_file(&path);
-    let listener = match UnixListener::bind(&path) {
-        Ok(l) => l,
+    let metrics_path = crate::metrics::socket_path(state, id);
+    let served = match crate::metrics::bind(state, id, sockets) {
+        Ok(s) => s,
         Err(e) => {
-            tracing::error!("control socket {}: {e}", path.display());
+            tracing::error!("{e:#}");
             return;
         }
     };
+    let image = store
+        .upgrade()
+        .map(|s| s.id().to_string())
+        .unwrap_or_default();
+    let render = crate::metrics::render_device(id, image, store.clone(), io_stats.clone());
     std::thread::spawn(move || {
-        for conn in listener.incoming().flatten() {
+        for conn in served.incoming(&render) {
             let mut line = String::new();
             let mut r = BufReader::new(&conn);
             if r.read_line(&mut line).is_err() {
@@ -466,9 +489,7 @@ fn spawn_control(
             };
             match line.trim() {
                 "status" => {
-                    let mut stats = store.stats();
-                    // The frontend sees every read, the store only the misses.
-                    stats.hits = io_stats.reads().saturating_sub(io_stats.read_misses());
+                    let stats = crate::metrics::device_status(&store, &io_stats);
                     let s = serde_json::to_string(&stats).unwrap_or_default();
                     let _ = writeln!(w, "{s}");
                 }
@@ -498,6 +519,7 @@ fn spawn_control(
                         }
                     }
                     let _ = std::fs::remove_file(&path);
+                    let _ = std::fs::remove_file(&metrics_path);
                     tracing::info!(
                         "detached from device {id}; `lazyblk recover {id}` reattaches it"
                     );
