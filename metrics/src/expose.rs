@@ -432,7 +432,10 @@ fn valid_name(n: &str) -> bool {
         && c.all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == ':')
 }
 
-fn parse_labels(s: &str) -> std::result::Result<(Vec<(String, String)>, &str), String> {
+/// Labels as written: (name, unescaped value).
+type Labels = Vec<(String, String)>;
+
+fn parse_labels(s: &str) -> std::result::Result<(Labels, &str), String> {
     let mut rest = s;
     let mut out = Vec::new();
     loop {
@@ -520,10 +523,8 @@ pub fn parse_text(text: &str) -> Result<Vec<Sample>> {
                         return Err(err(format!("{n} declared twice")));
                     }
                 }
-                Some("HELP") => {
-                    if !w.next().is_some_and(valid_name) {
-                        return Err(err("a HELP line is `# HELP name text`".into()));
-                    }
+                Some("HELP") if !w.next().is_some_and(valid_name) => {
+                    return Err(err("a HELP line is `# HELP name text`".into()));
                 }
                 _ => {}
             }
@@ -561,7 +562,7 @@ pub fn parse_text(text: &str) -> Result<Vec<Sample>> {
         };
         if types[family] == "histogram" && name.ends_with("_bucket") {
             let le = labels.iter().find(|(k, _)| k == "le");
-            if !le.is_some_and(|(_, v)| parse_value(v).is_some()) {
+            if le.is_none_or(|(_, v)| parse_value(v).is_none()) {
                 return Err(err(format!("{name}: a bucket without a numeric le")));
             }
         }
