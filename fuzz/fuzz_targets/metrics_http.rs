@@ -43,7 +43,10 @@ fuzz_target!(|data: &[u8]| {
     assert!(out.starts_with("HTTP/1.1 "), "{out:?}");
     assert_eq!(out.matches("HTTP/1.1 ").count(), 1, "{out:?}");
     if out.starts_with("HTTP/1.1 200 ") {
-        let r = lazyblk_metrics::parse_request(data).expect("200 for a request that parses");
-        assert!(r.path == "/metrics" && (r.method == "GET" || r.method == "HEAD"));
+        // Only the head (up to the blank line) is parsed; what follows may be anything.
+        let ok = [&b"GET /metrics"[..], b"HEAD /metrics"]
+            .iter()
+            .any(|p| data.starts_with(p) && matches!(data.get(p.len()), Some(b' ' | b'?')));
+        assert!(ok, "200 for {:?}", String::from_utf8_lossy(data));
     }
 });
