@@ -357,6 +357,7 @@ impl Inner {
             self.stats
                 .fetch_micros_max
                 .fetch_max(micros, Ordering::Relaxed);
+            self.stats.fetch_latency.observe(micros);
             let mut fatal = None;
             let mut bad = None;
             for (i, job) in jobs {

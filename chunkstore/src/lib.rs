@@ -83,5 +83,7 @@ pub use error::{Error, Result};
 pub use gc::{gc, GcEntry};
 pub use lazyblk_remote::{HttpOptions, Location, RegistryOptions};
 pub use options::StoreOptions;
-pub use stats::{OpenReport, StatsSnapshot};
+pub use stats::{
+    HistogramSnapshot, OpenReport, OriginBytes, StatsSnapshot, FETCH_LATENCY_BOUNDS_US,
+};
 pub use store::{ChunkStore, BLOCK_SIZE};

@@ -1,6 +1,72 @@
-//! The store's counters and what opening found: [`StatsSnapshot`], [`OpenReport`].
+//! The store's counters and what opening found: [`StatsSnapshot`], [`OpenReport`], and the
+//! fetch latency histogram ([`LatencyHistogram`], fixed buckets of lock-free counters).
 
 use crate::prelude::*;
+
+/// Upper bounds, in microseconds, of the fetch latency histogram's buckets (one more bucket,
+/// +Inf, holds the rest). From 1 ms (a LAN range read) to 10 s (retries near a deadline).
+pub const FETCH_LATENCY_BOUNDS_US: [u64; 13] = [
+    1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000,
+    5_000_000, 10_000_000,
+];
+
+/// A histogram of range request latencies with fixed buckets: one atomic counter per bucket
+/// (not cumulative), plus the sum and the count, so recording is three relaxed adds.
+#[derive(Default)]
+pub(crate) struct LatencyHistogram {
+    buckets: [AtomicU64; FETCH_LATENCY_BOUNDS_US.len() + 1],
+    sum_us: AtomicU64,
+    count: AtomicU64,
+}
+
+impl LatencyHistogram {
+    /// Record one request that took `us` microseconds.
+    pub(crate) fn observe(&self, us: u64) {
+        let i = FETCH_LATENCY_BOUNDS_US.partition_point(|&b| b < us);
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn snapshot(&self) -> HistogramSnapshot {
+        HistogramSnapshot {
+            bounds_us: FETCH_LATENCY_BOUNDS_US.to_vec(),
+            counts: self
+                .buckets
+                .iter()
+                .map(|b| b.load(Ordering::Relaxed))
+                .collect(),
+            sum_us: self.sum_us.load(Ordering::Relaxed),
+            count: self.count.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A copy of a latency histogram: `counts[i]` requests took at most `bounds_us[i]` (and more
+/// than the bound before); the last count, one past the bounds, is the +Inf bucket. Counts are
+/// per bucket, not cumulative (an exporter adds them up).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HistogramSnapshot {
+    /// Upper bounds of the buckets, in microseconds, ascending.
+    pub bounds_us: Vec<u64>,
+    /// Requests per bucket (`bounds_us.len() + 1` of them; the last is +Inf).
+    pub counts: Vec<u64>,
+    /// Sum of all latencies in microseconds.
+    pub sum_us: u64,
+    /// Requests observed.
+    pub count: u64,
+}
+
+/// Bytes fetched from one origin (`scheme://host[:port]`, never a path or credentials).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct OriginBytes {
+    /// `scheme://host[:port]` (`file://` for local files).
+    pub origin: String,
+    /// A registry mirror (else the image's own server).
+    pub mirror: bool,
+    /// Bytes received from it by range reads.
+    pub bytes: u64,
+}
 
 /// Counters, readable while the store runs.
 #[derive(Default)]
@@ -19,6 +85,7 @@ pub(crate) struct Stats {
     pub(crate) local_copies: AtomicU64,
     pub(crate) local_copy_bytes: AtomicU64,
     pub(crate) local_copy_stale: AtomicU64,
+    pub(crate) fetch_latency: LatencyHistogram,
 }
 
 /// A point-in-time copy of the store's counters.
@@ -71,6 +138,13 @@ pub struct StatsSnapshot {
     /// above, in place of the metadata pack's).
     #[serde(default)]
     pub prefetch_pack: Option<String>,
+    /// Range request latencies (every request, retries included).
+    #[serde(default)]
+    pub fetch_latency: HistogramSnapshot,
+    /// Bytes received per origin and mirror (their sum is about `bytes_fetched`; reads at
+    /// open, of the manifest and its companions, are not in either).
+    #[serde(default)]
+    pub fetched_by_origin: Vec<OriginBytes>,
     /// Chunks copied from another cache on this host (the host-wide chunk index) instead of
     /// fetched, each verified against this image's manifest.
     #[serde(default)]
@@ -140,9 +214,43 @@ impl ChunkStore {
                 self.inner.present.count_range(f.start, f.end)
             },
             prefetch_pack: self.report.prefetch_pack.clone(),
+            fetch_latency: s.fetch_latency.snapshot(),
+            fetched_by_origin: self
+                .inner
+                .remote
+                .served()
+                .into_iter()
+                .map(|o| OriginBytes {
+                    origin: o.origin,
+                    mirror: o.mirror,
+                    bytes: o.bytes,
+                })
+                .collect(),
             local_copies: s.local_copies.load(Ordering::Relaxed),
             local_copy_bytes: s.local_copy_bytes.load(Ordering::Relaxed),
             local_copy_stale: s.local_copy_stale.load(Ordering::Relaxed),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_lands_in_the_first_bucket_whose_bound_is_not_below_it() {
+        let h = LatencyHistogram::default();
+        for us in [0, 1_000, 1_001, 7_000, 10_000_000, 10_000_001, u64::MAX / 4] {
+            h.observe(us);
+        }
+        let s = h.snapshot();
+        assert_eq!(s.counts.len(), FETCH_LATENCY_BOUNDS_US.len() + 1);
+        assert_eq!(s.counts[0], 2, "0 and 1000 us are <= 1 ms");
+        assert_eq!(s.counts[1], 1, "1001 us is in (1 ms, 2.5 ms]");
+        assert_eq!(s.counts[3], 1, "7 ms is in (5 ms, 10 ms]");
+        assert_eq!(s.counts[12], 1, "10 s is in the last finite bucket");
+        assert_eq!(s.counts[13], 2, "beyond 10 s: +Inf");
+        assert_eq!(s.count, 7);
+        assert_eq!(s.counts.iter().sum::<u64>(), s.count);
     }
 }

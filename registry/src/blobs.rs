@@ -63,6 +63,22 @@ impl Client {
         len: u64,
         sink: &mut (dyn FnMut(Bytes) + Send),
     ) -> Result<()> {
+        self.read_blob_range_served(r, digest, offset, len, sink, &mut |_, _, _| {})
+            .await
+    }
+
+    /// [`Client::read_blob_range`], also telling `served(origin, mirror, bytes)` how many bytes
+    /// of the range each endpoint handed to `sink` (once per endpoint tried, after its try):
+    /// `origin` is the endpoint's `scheme://host[:port]` (no path, no credentials).
+    pub async fn read_blob_range_served(
+        &self,
+        r: &Reference,
+        digest: &str,
+        offset: u64,
+        len: u64,
+        sink: &mut (dyn FnMut(Bytes) + Send),
+        served: &mut (dyn FnMut(&str, bool, u64) + Send),
+    ) -> Result<()> {
         validate_digest(digest)?;
         if len == 0 {
             return Ok(());
@@ -78,10 +94,13 @@ impl Client {
             let mut tries = 0;
             loop {
                 let before = done;
-                match self
+                let got = self
                     .range_at(&ep, r, digest, offset, len, &mut done, sink)
-                    .await
-                {
+                    .await;
+                if done > before {
+                    served(&ep.origin_key, !ep.origin, done - before);
+                }
+                match got {
                     Ok(()) => {
                         self.mark_up(&ep);
                         lock(&self.inner.served_by).insert(

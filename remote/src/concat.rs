@@ -57,6 +57,12 @@ impl Remote for Concat {
         self.second.report_corrupt();
     }
 
+    fn served(&self) -> Vec<crate::ServedBytes> {
+        let mut v = self.first.served();
+        crate::merge_served(&mut v, self.second.served());
+        v
+    }
+
     fn read_range_with<'a>(
         &'a self,
         offset: u64,

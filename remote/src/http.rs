@@ -6,6 +6,7 @@ use crate::{BlobInfo, BoxFuture, Remote, RemoteError};
 use bytes::Bytes;
 use reqwest::header::{HeaderMap, CONTENT_RANGE, ETAG, IF_MATCH, RANGE};
 use reqwest::StatusCode;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -103,6 +104,9 @@ pub struct HttpRemote {
     url: String,
     client: reqwest::Client,
     seen: Mutex<Option<BlobInfo>>,
+    /// `scheme://host[:port]` of `url`, for [`Remote::served`].
+    origin: String,
+    served: AtomicU64,
 }
 
 impl HttpRemote {
@@ -117,6 +121,8 @@ impl HttpRemote {
             url: url.to_string(),
             client,
             seen: Mutex::new(None),
+            origin: crate::origin_label(url),
+            served: AtomicU64::new(0),
         }
     }
 
@@ -128,6 +134,14 @@ impl HttpRemote {
 impl Remote for HttpRemote {
     fn location(&self) -> String {
         self.url.clone()
+    }
+
+    fn served(&self) -> Vec<crate::ServedBytes> {
+        vec![crate::ServedBytes {
+            origin: self.origin.clone(),
+            mirror: false,
+            bytes: self.served.load(Ordering::Relaxed),
+        }]
     }
 
     fn probe(&self) -> BoxFuture<'_, Result<BlobInfo, RemoteError>> {
@@ -232,6 +246,7 @@ impl Remote for HttpRemote {
                             ));
                         }
                         got += c.len() as u64;
+                        self.served.fetch_add(c.len() as u64, Ordering::Relaxed);
                         sink(c);
                     }
                     Ok(None) => break,

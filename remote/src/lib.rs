@@ -32,6 +32,36 @@ pub use local::LocalRemote;
 pub use location::Location;
 pub use registry::{RegistryLocation, RegistryRemote};
 
+#[cfg(test)]
+mod served_tests {
+    use super::*;
+
+    #[test]
+    fn origin_labels_hold_no_credentials_paths_or_queries() {
+        assert_eq!(
+            origin_label("https://user:secret@cdn.example:8443/a/b?token=t"),
+            "https://cdn.example:8443"
+        );
+        assert_eq!(origin_label("http://h/x"), "http://h");
+        assert_eq!(origin_label("not a url"), "unknown");
+    }
+
+    #[test]
+    fn merge_sums_per_origin_and_kind() {
+        let s = |o: &str, m, b| ServedBytes {
+            origin: o.into(),
+            mirror: m,
+            bytes: b,
+        };
+        let mut v = vec![s("a", false, 1)];
+        merge_served(
+            &mut v,
+            vec![s("a", false, 2), s("a", true, 3), s("b", false, 4)],
+        );
+        assert_eq!(v, vec![s("a", false, 3), s("a", true, 3), s("b", false, 4)]);
+    }
+}
+
 /// Boxed future returned by [`Remote`] methods.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -90,6 +120,39 @@ pub struct BlobInfo {
     pub etag: Option<String>,
 }
 
+/// Bytes of range reads served by one origin (`scheme://host[:port]`: never a path, a query
+/// or user info, which may hold credentials), as [`Remote::served`] reports them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServedBytes {
+    /// `scheme://host[:port]` of the server (`file://` for local files).
+    pub origin: String,
+    /// A registry mirror (else the image's own server).
+    pub mirror: bool,
+    /// Bytes handed to range-read sinks since the remote was made.
+    pub bytes: u64,
+}
+
+/// The origin of `url` for [`ServedBytes`]: `scheme://host[:port]`, nothing else.
+pub fn origin_label(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(u) if u.has_host() => u.origin().ascii_serialization(),
+        _ => "unknown".to_string(),
+    }
+}
+
+/// Add `more` into `into`, one entry per (origin, mirror).
+pub fn merge_served(into: &mut Vec<ServedBytes>, more: Vec<ServedBytes>) {
+    for m in more {
+        match into
+            .iter_mut()
+            .find(|s| s.origin == m.origin && s.mirror == m.mirror)
+        {
+            Some(s) => s.bytes += m.bytes,
+            None => into.push(m),
+        }
+    }
+}
+
 /// A source of byte ranges of one blob.
 pub trait Remote: Send + Sync + 'static {
     /// Human-readable location, used in error messages.
@@ -112,6 +175,11 @@ pub trait Remote: Send + Sync + 'static {
     /// several sources (registry mirrors) stops using the one that served them. Default:
     /// nothing to do.
     fn report_corrupt(&self) {}
+
+    /// Bytes of range reads served so far, per origin (mirrors apart). Default: none known.
+    fn served(&self) -> Vec<ServedBytes> {
+        Vec::new()
+    }
 
     /// Read exactly `len` bytes at `offset` into one buffer.
     fn read_range(&self, offset: u64, len: u64) -> BoxFuture<'_, Result<Bytes, RemoteError>> {

@@ -4,22 +4,36 @@ use crate::{BlobInfo, BoxFuture, Remote, RemoteError};
 use bytes::Bytes;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Reads ranges of a local file.
 pub struct LocalRemote {
     path: PathBuf,
+    served: AtomicU64,
 }
 
 impl LocalRemote {
     /// A remote for `path`.
     pub fn new(path: PathBuf) -> Self {
-        LocalRemote { path }
+        LocalRemote {
+            path,
+            served: AtomicU64::new(0),
+        }
     }
 }
 
 impl Remote for LocalRemote {
     fn location(&self) -> String {
         self.path.display().to_string()
+    }
+
+    /// Local files count under the one origin `file://` (no path: one series per store).
+    fn served(&self) -> Vec<crate::ServedBytes> {
+        vec![crate::ServedBytes {
+            origin: "file://".to_string(),
+            mirror: false,
+            bytes: self.served.load(Ordering::Relaxed),
+        }]
     }
 
     fn probe(&self) -> BoxFuture<'_, Result<BlobInfo, RemoteError>> {
@@ -53,6 +67,7 @@ impl Remote for LocalRemote {
             })
             .await
             .map_err(|e| RemoteError::transient("local read", e.to_string()))??;
+            self.served.fetch_add(bytes.len() as u64, Ordering::Relaxed);
             sink(bytes);
             Ok(())
         })

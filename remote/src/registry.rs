@@ -310,11 +310,17 @@ impl Registries {
 pub struct RegistryRemote {
     registries: Arc<Registries>,
     loc: RegistryLocation,
+    /// Bytes of range reads per endpoint (origin, mirror), for [`Remote::served`].
+    served: std::sync::Mutex<Vec<crate::ServedBytes>>,
 }
 
 impl RegistryRemote {
     pub(crate) fn new(registries: Arc<Registries>, loc: RegistryLocation) -> Self {
-        RegistryRemote { registries, loc }
+        RegistryRemote {
+            registries,
+            loc,
+            served: Default::default(),
+        }
     }
 }
 
@@ -362,8 +368,25 @@ impl Remote for RegistryRemote {
                 got += b.len() as u64;
                 sink(b)
             };
+            // Counted once per endpoint tried, not per piece: the lock is taken once or twice
+            // per range request.
+            let mut tally = |origin: &str, mirror: bool, bytes: u64| {
+                let one = crate::ServedBytes {
+                    origin: origin.to_string(),
+                    mirror,
+                    bytes,
+                };
+                crate::merge_served(&mut self.served.lock().expect("lock"), vec![one]);
+            };
             client
-                .read_blob_range(&self.loc.reference, &layer.digest, offset, len, &mut count)
+                .read_blob_range_served(
+                    &self.loc.reference,
+                    &layer.digest,
+                    offset,
+                    len,
+                    &mut count,
+                    &mut tally,
+                )
                 .await
                 .map_err(|e| remote_error(&self.location(), e))?;
             if got != len {
@@ -374,6 +397,10 @@ impl Remote for RegistryRemote {
             }
             Ok(())
         })
+    }
+
+    fn served(&self) -> Vec<crate::ServedBytes> {
+        self.served.lock().expect("lock").clone()
     }
 
     fn report_corrupt(&self) {

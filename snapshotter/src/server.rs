@@ -1,7 +1,7 @@
 //! The unix socket and the gRPC server.
 
 use std::future::Future;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -10,9 +10,9 @@ use tracing::info;
 
 use crate::{Error, LazyImages, Snapshotter};
 
-/// Bind the socket at `address`, mode 0600, replacing a stale one: bound under a temporary
-/// name in the same directory, chmod, then renamed over `address`, so the socket is never
-/// reachable with looser permissions and a stale socket is replaced atomically. A live server
+/// Bind the socket at `address`, mode 0600, replacing a stale one
+/// (`lazyblk_blocksource::fsutil::bind_private_socket`: bound under a temporary name, chmod,
+/// renamed over `address`, so the socket is never reachable with looser permissions). A live server
 /// at `address` (a connect succeeds) or a non-socket file there is an error.
 fn bind(address: &Path) -> Result<std::os::unix::net::UnixListener, Error> {
     let dir = match address.parent() {
@@ -39,24 +39,9 @@ fn bind(address: &Path) -> Result<std::os::unix::net::UnixListener, Error> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(Error::io(format!("stat {}", address.display()), e)),
     }
-    let file = address
-        .file_name()
-        .ok_or_else(|| Error::InvalidArgument(format!("bad address {}", address.display())))?;
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        file.to_string_lossy(),
-        std::process::id()
-    ));
-    let _ = std::fs::remove_file(&tmp);
-    let l = std::os::unix::net::UnixListener::bind(&tmp)
-        .map_err(|e| Error::io(format!("bind {}", tmp.display()), e))?;
-    let done = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
-        .and_then(|()| std::fs::rename(&tmp, address))
-        .and_then(|()| l.set_nonblocking(true));
-    if let Err(e) = done {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(Error::io(format!("bind {}", address.display()), e));
-    }
+    let l = lazyblk_blocksource::fsutil::bind_private_socket(address, None)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .map_err(|e| Error::io(format!("bind {}", address.display()), e))?;
     Ok(l)
 }
 

@@ -22,6 +22,48 @@ SMALL=$(served_bytes 8080 /img1/blob)
 echo "blob bytes served after a few small reads: $SMALL of $BLOB1_SIZE"
 check "a small read fetched under 25% of the blob" [ $((SMALL * 4)) -lt "$BLOB1_SIZE" ]
 
+step "metrics: the device's socket shows counters that move and match status"
+ID1=${DEV1#/dev/ublkb}
+MS=/run/lazyblk/$ID1.metrics.sock
+m() { lazyblk-testkit scrape "$MS" --value "$@"; }
+js() { lazyblk status "$ID1" --json | tr -d ' \n' | sed -n "s/.*\"$1\":\([0-9]*\).*/\1/p"; }
+check "metrics socket is 0600" [ "$(stat -c %a "$MS")" = 600 ]
+check "control socket is 0600" [ "$(stat -c %a "/run/lazyblk/$ID1.sock")" = 600 ]
+if lazyblk-testkit scrape "$MS" --as-uid 65534 > /dev/null 2> /tmp/err.txt; then die "a non-root user scraped the metrics socket"; fi
+check "a non-root user cannot connect to the metrics socket" grep -q "Permission denied" /tmp/err.txt
+if lazyblk-testkit scrape "/run/lazyblk/$ID1.sock" --as-uid 65534 > /dev/null 2> /tmp/err.txt; then die "a non-root user reached the control socket"; fi
+check "nor to the control socket" grep -q "Permission denied" /tmp/err.txt
+mis0=$(m lazyblk_misses_total); by0=$(m lazyblk_fetched_bytes_total)
+# A read in progress (the large files: many chunks), scraped while it runs.
+cat /mnt/img1/large/* > /dev/null &
+READER=$!
+sleep 0.3
+mis1=$(m lazyblk_misses_total); by1=$(m lazyblk_fetched_bytes_total)
+wait $READER
+mis2=$(m lazyblk_misses_total); by2=$(m lazyblk_fetched_bytes_total)
+echo "misses $mis0 -> $mis1 (reading) -> $mis2; bytes fetched $by0 -> $by1 -> $by2"
+check "misses and bytes fetched moved with the read" [ "$mis2" -gt "$mis0" ] && [ "$by2" -gt "$by0" ] && [ "$mis1" -le "$mis2" ] && [ "$by1" -le "$by2" ] && [ "$by1" -ge "$by0" ]
+same=no
+for i in 1 2 3 4 5; do
+    sm=$(js misses); sb=$(js bytes_fetched); sh=$(js hits)
+    pm=$(m lazyblk_misses_total); pb=$(m lazyblk_fetched_bytes_total); ph=$(m lazyblk_hits_total)
+    if [ "$sm $sb" = "$pm $pb" ] && [ "$sh" -le "$ph" ]; then same=yes; break; fi
+    sleep 0.5
+done
+echo "status: misses $sm bytes $sb hits $sh; metrics: misses $pm bytes $pb hits $ph"
+check "after the read, the metrics equal lazyblk status" [ $same = yes ]
+po=$(m lazyblk_origin_fetched_bytes_total --label origin=http://127.0.0.1:8080 --label mirror=false)
+check "bytes fetched are counted under their origin" [ "$po" = "$pb" ]
+check "the latency histogram counts every request" [ "$(m lazyblk_fetch_duration_seconds_count)" = "$(js requests)" ]
+lazyblk metrics > /tmp/host-metrics.txt || die "lazyblk metrics"
+check "lazyblk metrics shows the device, up" [ "$(lazyblk-testkit scrape - --value lazyblk_up --label device="$ID1" < /tmp/host-metrics.txt)" = 1 ]
+check "and host totals" [ "$(lazyblk-testkit scrape - --value lazyblk_host_misses_total < /tmp/host-metrics.txt)" -ge "$pm" ]
+lazyblk metrics --listen unix:/run/lazyblk/host-metrics.sock 2> /dev/null &
+HOSTM=$!
+i=0; while [ ! -S /run/lazyblk/host-metrics.sock ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+check "lazyblk metrics --listen serves the host's metrics" [ "$(lazyblk-testkit scrape /run/lazyblk/host-metrics.sock --value lazyblk_host_devices --label state=up)" -ge 1 ]
+kill $HOSTM
+
 step "every file and all metadata match the source"
 lazyblk-testkit digest-tree /mnt/img1 > /tmp/got1.txt
 if ! diff /expected/img1.txt /tmp/got1.txt; then die "tree 1 differs from the source"; fi

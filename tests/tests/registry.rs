@@ -751,9 +751,37 @@ async fn reported_bad_mirror_is_skipped() {
     assert_ne!(bad, &layer[100..5100]);
     assert!(m.report_bad_blob(&r, &ld), "the mirror was not blamed");
     assert!(m.endpoints(&r).unwrap()[0].down);
-    assert_eq!(read(&m, &r, &ld, 100, 5000).await, &layer[100..5100]);
+    // Each endpoint's share of a read is reported by its origin (no path), mirror or not.
+    let mut served = Vec::new();
+    let mut v = Vec::new();
+    m.read_blob_range_served(
+        &r,
+        &ld,
+        100,
+        5000,
+        &mut |b| v.extend_from_slice(&b),
+        &mut |o, mirror, n| served.push((o.to_string(), mirror, n)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(v, &layer[100..5100]);
+    assert_eq!(served, [(format!("http://{}", reg.host()), false, 5000)]);
     // The origin served it: nothing to blame.
     assert!(!m.report_bad_blob(&r, &ld));
+    let liar2 = lying_mirror(reg.port);
+    let m2 = Client::new(ClientOptions {
+        mirrors: vec![liar2.url()],
+        ..options(dir.path(), CredentialSource::Anonymous)
+    })
+    .unwrap();
+    let mut served = Vec::new();
+    m2.read_blob_range_served(&r, &ld, 0, 3000, &mut |_| {}, &mut |o, mirror, n| {
+        served.push((o.to_string(), mirror, n))
+    })
+    .await
+    .unwrap();
+    let mirror_origin = liar2.url().trim_end_matches('/').to_string();
+    assert_eq!(served, [(mirror_origin, true, 3000)]);
 }
 
 /// A registry serving HTTPS with a self-signed certificate for 127.0.0.1: trusted through

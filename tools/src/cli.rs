@@ -151,6 +151,18 @@ pub enum Cmd {
     },
     /// List lazyblk devices.
     List,
+    /// The host's metrics in the Prometheus text format: every device's series (labels
+    /// `device`, `image`; `lazyblk_up 0` for one whose daemon does not answer) and
+    /// `lazyblk_host_*` totals. Printed once, or served with `--listen`.
+    Metrics {
+        /// Serve them (HTTP GET /metrics) on `unix:PATH` (a socket 0600, root only) or
+        /// `tcp:ADDR:PORT` until killed.
+        #[arg(long, value_name = "unix:PATH|tcp:ADDR:PORT")]
+        listen: Option<lazyblk_metrics::Listen>,
+        /// With `--listen unix:PATH`: make the socket 0660 owned by this group (name or gid).
+        #[arg(long, value_name = "NAME|GID")]
+        socket_group: Option<String>,
+    },
     /// Counters of a device.
     Status {
         /// Device id.

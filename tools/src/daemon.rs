@@ -8,7 +8,7 @@ use lazyblk_format::ImageId;
 use lazyblk_ublk::FetchGate;
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -116,6 +116,8 @@ pub struct DaemonArgs {
     pub cow: crate::cmd::vhost::CowArgs,
     /// Serve through a dm device and hand over to the kernel once complete (`add --handover`).
     pub handover: bool,
+    /// Who may reach the control and metrics sockets; a TCP address for the metrics.
+    pub sockets: crate::metrics::SocketArgs,
     /// Where to write the ready line (`OK <id> <bdev>` or `ERR <message>`), after any number of
     /// `WARN <message>` lines about the state the daemon found.
     pub ready: Option<std::fs::File>,
@@ -222,8 +224,9 @@ fn run_inner(args: &mut DaemonArgs) -> Result<()> {
     if let (Some(id), false) = (args.ublk.id, args.ublk.recover) {
         lazyblk_ublk::check_id_free(id)?;
     }
-    std::fs::create_dir_all(&args.state_dir)
-        .with_context(|| format!("creating {}", args.state_dir.display()))?;
+    crate::metrics::ensure_state_dir(&args.state_dir)?;
+    let sockets = args.sockets.clone();
+    sockets.gid()?;
     let store = open_store(args)?;
     let id = store.id();
     let cow_dir = args.cow.dir_for(&id.hex());
@@ -283,6 +286,7 @@ fn run_inner(args: &mut DaemonArgs) -> Result<()> {
         let control = Control {
             id: live.id,
             path: socket_path(&state_dir, live.id),
+            metrics_path: crate::metrics::socket_path(&state_dir, live.id),
             store: st2,
             cow: cow2,
             stopping: stop2,
@@ -290,7 +294,7 @@ fn run_inner(args: &mut DaemonArgs) -> Result<()> {
             io_stats,
             serial: Mutex::new(()),
         };
-        spawn_control(&rt, control);
+        spawn_control(&rt, control, &state_dir, &sockets);
         if handover {
             let ctx = crate::handover::Ctx {
                 state: state_dir.clone(),
@@ -359,6 +363,14 @@ fn device_record(args: &DaemonArgs, store: &ChunkStore, cow_dir: Option<PathBuf>
         store_args: args.store_args.clone(),
         handover: None,
     };
+    // `recover` and the supervisor bind the sockets the same way.
+    if !record
+        .store_args
+        .iter()
+        .any(|a| a == "--socket-group" || a == "--metrics-addr")
+    {
+        record.store_args.extend(args.sockets.to_args());
+    }
     // The next daemon (`recover`, the supervisor) pins the manifest: it keeps the prefetch
     // pack in use only if that is pinned too.
     if let Some(pack) = &store.open_report().prefetch_pack {
@@ -428,6 +440,7 @@ fn finish(
             let _ = lazyblk_ublk::delete(id_now);
         }
         let _ = std::fs::remove_file(socket_path(state_dir, id_now));
+        let _ = std::fs::remove_file(crate::metrics::socket_path(state_dir, id_now));
         // A device handed over to the kernel lives on without a daemon: keep its record.
         if !crate::handover::finish(state_dir, id_now) {
             let _ = std::fs::remove_file(record_path(state_dir, id_now));
@@ -463,6 +476,7 @@ fn close_store(mut store: Arc<ChunkStore>) {
 struct Control {
     id: u32,
     path: PathBuf,
+    metrics_path: PathBuf,
     store: Weak<ChunkStore>,
     cow: Option<Weak<lazyblk_cow::Cow>>,
     stopping: Arc<AtomicBool>,
@@ -474,20 +488,43 @@ struct Control {
 
 /// Serve the control socket from a task on the store's runtime; each connection's command runs
 /// on its blocking pool, so an idle device holds no thread for it.
-fn spawn_control(rt: &tokio::runtime::Handle, control: Control) {
+fn spawn_control(
+    rt: &tokio::runtime::Handle,
+    control: Control,
+    state: &Path,
+    sockets: &crate::metrics::SocketArgs,
+) {
     let path = control.path.clone();
-    let _ = std::fs::remove_file(&path);
-    let listener = match UnixListener::bind(&path).and_then(|l| {
-        l.set_nonblocking(true)?;
-        let _in_rt = rt.enter();
-        tokio::net::UnixListener::from_std(l)
-    }) {
+    let (listener, metrics) = match crate::metrics::bind(state, control.id, sockets)
+        .map(crate::metrics::Sockets::into_parts)
+        .and_then(|(c, m)| {
+            let _in_rt = rt.enter();
+            Ok((tokio::net::UnixListener::from_std(c)?, m))
+        }) {
         Ok(l) => l,
         Err(e) => {
-            tracing::error!("control socket {}: {e}", path.display());
+            tracing::error!("{e:#}");
             return;
         }
     };
+    let image = control
+        .store
+        .upgrade()
+        .map(|s| s.id().to_string())
+        .unwrap_or_default();
+    let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(crate::metrics::render_device(
+        control.id,
+        image,
+        control.store.clone(),
+        control.io_stats.clone(),
+    ));
+    for m in metrics {
+        let render = render.clone();
+        let _in_rt = rt.enter();
+        if let Err(e) = serve_metrics(m, render) {
+            tracing::error!("metrics socket: {e}");
+        }
+    }
     let control = Arc::new(control);
     rt.spawn(async move {
         loop {
@@ -509,6 +546,65 @@ fn spawn_control(rt: &tokio::runtime::Handle, control: Control) {
             drop(tokio::task::spawn_blocking(move || control.serve(&conn)));
         }
     });
+}
+
+/// Answer the scrapes of one metrics listener from a task of the current runtime; each
+/// connection is answered on its blocking pool (a scrape never waits behind a control command).
+pub(crate) fn serve_metrics(
+    l: lazyblk_metrics::Listener,
+    render: Arc<dyn Fn() -> String + Send + Sync>,
+) -> std::io::Result<()> {
+    use lazyblk_metrics::Listener;
+    fn answer<S: std::io::Read + std::io::Write + Send + 'static>(
+        c: S,
+        render: Arc<dyn Fn() -> String + Send + Sync>,
+    ) {
+        drop(tokio::task::spawn_blocking(move || {
+            if let Err(e) = lazyblk_metrics::serve_connection(c, &*render) {
+                tracing::debug!("metrics scrape: {e}");
+            }
+        }));
+    }
+    const IO_TIMEOUT: Option<Duration> = Some(Duration::from_secs(5));
+    match l {
+        Listener::Unix(u, _) => {
+            let u = tokio::net::UnixListener::from_std(u)?;
+            tokio::spawn(async move {
+                loop {
+                    let Ok((c, _)) = u.accept().await else {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    };
+                    let Ok(c) = c.into_std() else { continue };
+                    if c.set_nonblocking(false).is_ok()
+                        && c.set_read_timeout(IO_TIMEOUT).is_ok()
+                        && c.set_write_timeout(IO_TIMEOUT).is_ok()
+                    {
+                        answer(c, render.clone());
+                    }
+                }
+            });
+        }
+        Listener::Tcp(t) => {
+            let t = tokio::net::TcpListener::from_std(t)?;
+            tokio::spawn(async move {
+                loop {
+                    let Ok((c, _)) = t.accept().await else {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    };
+                    let Ok(c) = c.into_std() else { continue };
+                    if c.set_nonblocking(false).is_ok()
+                        && c.set_read_timeout(IO_TIMEOUT).is_ok()
+                        && c.set_write_timeout(IO_TIMEOUT).is_ok()
+                    {
+                        answer(c, render.clone());
+                    }
+                }
+            });
+        }
+    }
+    Ok(())
 }
 
 impl Control {
@@ -540,9 +636,7 @@ impl Control {
         );
         match line.trim() {
             "status" => {
-                let mut stats = store.stats();
-                // The frontend sees every read, the store only the misses.
-                stats.hits = io_stats.reads().saturating_sub(io_stats.read_misses());
+                let stats = crate::metrics::device_status(&store, io_stats);
                 let s = serde_json::to_string(&stats).unwrap_or_default();
                 let _ = writeln!(w, "{s}");
             }
@@ -571,6 +665,7 @@ impl Control {
                     }
                 }
                 let _ = std::fs::remove_file(path);
+                let _ = std::fs::remove_file(&self.metrics_path);
                 tracing::info!("detached from device {id}; `lazyblk recover {id}` reattaches it");
                 // SAFETY: _exit ends the process at once; nothing is touched afterwards.
                 unsafe { libc::_exit(0) };

@@ -8,6 +8,7 @@ mod cmd;
 mod daemon;
 mod device;
 mod handover;
+mod metrics;
 mod registry_args;
 mod signals;
 mod store_args;
@@ -114,5 +115,9 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Vhost(a) => cmd::vhost::run(a),
         Cmd::ExportCow(a) => cmd::vhost::export(a),
         Cmd::Snapshotter(a) => cmd::snapshotter::run(state, a),
+        Cmd::Metrics {
+            listen,
+            socket_group,
+        } => metrics::run(&state, listen, socket_group.as_deref()),
     }
 }

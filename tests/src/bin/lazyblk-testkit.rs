@@ -1,7 +1,8 @@
 //! Test helper binary: `gen-tree <dir> [--seed N] [--scale N]`, `digest-tree <dir>`,
 //! `par-read`, `serve` (a fault-injecting HTTP server) and `token-registry` (a Docker registry
 //! with token auth and its issuer, for the guest suites) and `cri-pull` (a CRI `PullImage` call
-//! to containerd: crictl is not in Debian).
+//! to containerd: crictl is not in Debian) and `scrape` (GET /metrics over a unix socket, as
+//! another user if asked, read back strictly; curl is not in the guest).
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -73,6 +74,20 @@ enum Cmd {
     /// killed; writes `host:port` of the registry to `--host-file` once it answers. The
     /// registry's config stays in `<dir>/config.yml`, so `docker-registry serve` restarts it
     /// after an outage.
+    /// GET /metrics from the unix socket SOURCE (`-`: exposition text on standard input),
+    /// check it is valid text format and print it, or with `--value` the value of the one
+    /// sample of that name with the `--label`s. Connects as `--as-uid` (and the same gid) when
+    /// given, to check who may.
+    Scrape {
+        source: PathBuf,
+        #[arg(long)]
+        as_uid: Option<u32>,
+        #[arg(long)]
+        value: Option<String>,
+        /// `NAME=VALUE`
+        #[arg(long)]
+        label: Vec<String>,
+    },
     TokenRegistry {
         /// Storage and config directory.
         dir: PathBuf,
@@ -94,6 +109,12 @@ enum Cmd {
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::GenTree { dir, seed, scale } => lazyblk_tests::tree::generate(&dir, seed, scale),
+        Cmd::Scrape {
+            source,
+            as_uid,
+            value,
+            label,
+        } => scrape(&source, as_uid, value.as_deref(), &label),
         Cmd::DigestTree { dir } => {
             print!("{}", lazyblk_tests::tree::digest(&dir)?);
             Ok(())
@@ -180,4 +201,64 @@ fn main() -> Result<()> {
             }
         }
     }
+}
+
+/// `lazyblk-testkit scrape`.
+fn scrape(
+    source: &std::path::Path,
+    as_uid: Option<u32>,
+    value: Option<&str>,
+    labels: &[String],
+) -> Result<()> {
+    use anyhow::{bail, Context};
+    use std::io::{Read, Write};
+    if let Some(uid) = as_uid {
+        // SAFETY: plain system calls on integers; a failure is checked.
+        let r = unsafe {
+            if libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(uid) != 0 {
+                -1
+            } else {
+                libc::setuid(uid)
+            }
+        };
+        if r != 0 {
+            bail!("becoming uid {uid}: {}", std::io::Error::last_os_error());
+        }
+    }
+    let text = if source.as_os_str() == "-" {
+        let mut t = String::new();
+        std::io::stdin().read_to_string(&mut t)?;
+        t
+    } else {
+        let mut c = std::os::unix::net::UnixStream::connect(source)
+            .with_context(|| format!("connect {}", source.display()))?;
+        c.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: lazyblk\r\n\r\n")?;
+        let mut out = String::new();
+        c.read_to_string(&mut out)?;
+        let Some((head, body)) = out.split_once("\r\n\r\n") else {
+            bail!("no HTTP response from {}", source.display());
+        };
+        if !head.starts_with("HTTP/1.1 200 ") {
+            bail!(
+                "{}: {}",
+                source.display(),
+                head.lines().next().unwrap_or("")
+            );
+        }
+        body.to_string()
+    };
+    let samples = lazyblk_metrics::parse_text(&text)?;
+    let Some(name) = value else {
+        print!("{text}");
+        return Ok(());
+    };
+    let want: Vec<(&str, &str)> = labels
+        .iter()
+        .map(|l| l.split_once('=').context("--label is NAME=VALUE"))
+        .collect::<Result<_>>()?;
+    let v = lazyblk_metrics::expose::value(&samples, name, &want)
+        .with_context(|| format!("no single sample {name} with {want:?}"))?;
+    println!("{v}");
+    Ok(())
 }

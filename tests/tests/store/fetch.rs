@@ -69,6 +69,34 @@ fn transient_faults_are_retried_and_never_cached_bad() {
     }
 }
 
+/// The metrics' counters: bytes per origin (the server's `scheme://host:port`, nothing of the
+/// path) add up to the bytes fetched, and the latency histogram counts every request, retries
+/// included.
+#[test]
+fn bytes_per_origin_and_the_latency_histogram_count_every_request() {
+    let f = fixture(1 << 20, 64 << 10, 3);
+    let srv = FaultServer::start(&f.serve, "blob");
+    let store = ChunkStore::open(&Location::parse(&srv.url("manifest")), opts(&f)).unwrap();
+    srv.push(Fault::Status(503));
+    assert_eq!(read_all(&store, f.image.len()), f.image);
+    let s = store.stats();
+    assert!(s.retries >= 1 && s.bytes_fetched > 0, "{s:?}");
+    let origin = srv.url("").trim_end_matches('/').to_string();
+    assert_eq!(
+        s.fetched_by_origin,
+        [lazyblk_chunkstore::OriginBytes {
+            origin,
+            mirror: false,
+            bytes: s.bytes_fetched,
+        }]
+    );
+    let h = &s.fetch_latency;
+    assert_eq!(h.count, s.requests, "{h:?}");
+    assert_eq!(h.counts.iter().sum::<u64>(), h.count);
+    assert_eq!(h.counts.len(), h.bounds_us.len() + 1);
+    assert!(h.sum_us > 0);
+}
+
 #[test]
 fn persistent_corruption_fails_clearly_and_marks_nothing() {
     let f = fixture(1 << 20, 64 << 10, 4);

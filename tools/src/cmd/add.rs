@@ -66,6 +66,8 @@ pub struct AddArgs {
     /// Internal: the lazy version of `manifest` found by the parent, pinned.
     #[arg(long, hide = true)]
     lazy: Option<String>,
+    #[command(flatten)]
+    sockets: crate::metrics::SocketArgs,
 }
 
 /// Run `lazyblk add` with the state directory `state`: as the supervisor of a daemon
@@ -150,6 +152,7 @@ fn run_daemon(state: PathBuf, a: AddArgs) -> Result<()> {
         supervisor: a.supervised_by,
         cow: a.cow,
         handover: a.handover,
+        sockets: a.sockets,
         ready,
     })
 }

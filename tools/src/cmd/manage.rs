@@ -99,6 +99,14 @@ pub fn status(state: &Path, id: u32, json: bool) -> Result<()> {
         s.fetch_latency_us_mean as f64 / 1000.0,
         s.fetch_latency_us_max as f64 / 1000.0
     );
+    for o in &s.fetched_by_origin {
+        let kind = if o.mirror { " (mirror)" } else { "" };
+        println!("  from         {} bytes from {}{kind}", o.bytes, o.origin);
+    }
+    println!(
+        "cache bytes    {} ({} chunks evicted)",
+        s.cached_bytes, s.evicted_chunks
+    );
     println!("verify fails   {}", s.verify_failures);
     println!("failed IOs     {}", s.failed_ios);
     Ok(())
@@ -138,6 +146,7 @@ fn del_one(state: &Path, id: u32) -> Result<()> {
     }
     let _ = std::fs::remove_file(daemon::record_path(state, id));
     let _ = std::fs::remove_file(daemon::socket_path(state, id));
+    let _ = std::fs::remove_file(crate::metrics::socket_path(state, id));
     println!("deleted /dev/ublkb{id}");
     Ok(())
 }
