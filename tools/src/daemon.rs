@@ -565,44 +565,32 @@ pub(crate) fn serve_metrics(
             }
         }));
     }
+    /// Accept connections one after another and answer each (a connection that cannot be set
+    /// up is dropped).
+    macro_rules! accept_loop {
+        ($listener:expr) => {{
+            let l = $listener;
+            tokio::spawn(async move {
+                loop {
+                    let Ok((c, _)) = l.accept().await else {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    };
+                    let Ok(c) = c.into_std() else { continue };
+                    if c.set_nonblocking(false).is_ok()
+                        && c.set_read_timeout(IO_TIMEOUT).is_ok()
+                        && c.set_write_timeout(IO_TIMEOUT).is_ok()
+                    {
+                        answer(c, render.clone());
+                    }
+                }
+            })
+        }};
+    }
     const IO_TIMEOUT: Option<Duration> = Some(Duration::from_secs(5));
     match l {
-        Listener::Unix(u, _) => {
-            let u = tokio::net::UnixListener::from_std(u)?;
-            tokio::spawn(async move {
-                loop {
-                    let Ok((c, _)) = u.accept().await else {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    };
-                    let Ok(c) = c.into_std() else { continue };
-                    if c.set_nonblocking(false).is_ok()
-                        && c.set_read_timeout(IO_TIMEOUT).is_ok()
-                        && c.set_write_timeout(IO_TIMEOUT).is_ok()
-                    {
-                        answer(c, render.clone());
-                    }
-                }
-            });
-        }
-        Listener::Tcp(t) => {
-            let t = tokio::net::TcpListener::from_std(t)?;
-            tokio::spawn(async move {
-                loop {
-                    let Ok((c, _)) = t.accept().await else {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    };
-                    let Ok(c) = c.into_std() else { continue };
-                    if c.set_nonblocking(false).is_ok()
-                        && c.set_read_timeout(IO_TIMEOUT).is_ok()
-                        && c.set_write_timeout(IO_TIMEOUT).is_ok()
-                    {
-                        answer(c, render.clone());
-                    }
-                }
-            });
-        }
+        Listener::Unix(u, _) => drop(accept_loop!(tokio::net::UnixListener::from_std(u)?)),
+        Listener::Tcp(t) => drop(accept_loop!(tokio::net::TcpListener::from_std(t)?)),
     }
     Ok(())
 }
