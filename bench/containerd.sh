@@ -16,13 +16,8 @@ top=$(cd "$here/.." && pwd)
 rounds=${BENCH_ROUNDS:-3}
 netem=${BENCH_NETEM:-delay 10ms rate 100mbit}
 work=$top/target/bench-containerd
-mkdir -p "$work"
-if [[ -z ${LAZYBLK_BIN:-} ]]; then
-    (cd "$top" && cargo build --release --locked -p lazyblk-tools -p lazyblk-tests --bins)
-    LAZYBLK_BIN=$top/target/release/lazyblk
-fi
-bindir=$(dirname "$LAZYBLK_BIN")
-for b in lazyblk lazyblk-testkit; do strip --strip-debug -o "$work/$b" "$bindir/$b"; done
+. "$here/lib.sh"
+bench_binaries "$work"
 PYIMG_BUILD_DEPS=${PYIMG_BUILD_DEPS:-1} bash "$top/tests/guest/python-image.sh" "$LAZYBLK_BIN" "$work/pyimg" "$work/pyreg" 127.0.0.1:5123
 rm -rf "$work/pyimg/L" "$work/pyimg/B" "$work/pyimg/P"
 

@@ -13,13 +13,8 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 top=$(cd "$here/.." && pwd)
 n=${BENCH_DENSE_N:-128}
 work=$top/target/bench-dense
-mkdir -p "$work"
-if [[ -z ${LAZYBLK_BIN:-} ]]; then
-    (cd "$top" && cargo build --release --locked -p lazyblk-tools -p lazyblk-tests --bins)
-    LAZYBLK_BIN=$top/target/release/lazyblk
-fi
-bindir=$(dirname "$LAZYBLK_BIN")
-for b in lazyblk lazyblk-testkit; do strip --strip-debug -o "$work/$b" "$bindir/$b"; done
+. "$here/lib.sh"
+bench_binaries "$work"
 bash "$top/tests/guest/dense-images.sh" "$bindir" "$work/dense" "$n"
 log=$work/guest.log
 st=0

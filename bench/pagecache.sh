@@ -21,13 +21,8 @@ top=$(cd "$here/.." && pwd)
 rounds=${BENCH_ROUNDS:-2}
 scale=${BENCH_SCALE:-8}
 work=$top/target/bench-pagecache
-mkdir -p "$work"
-if [[ -z ${LAZYBLK_BIN:-} ]]; then
-    (cd "$top" && cargo build --release --locked -p lazyblk-tools -p lazyblk-tests --bins)
-    LAZYBLK_BIN=$top/target/release/lazyblk
-fi
-bindir=$(dirname "$LAZYBLK_BIN")
-for b in lazyblk lazyblk-testkit; do strip --strip-debug -o "$work/$b" "$bindir/$b"; done
+. "$here/lib.sh"
+bench_binaries "$work"
 command -v mkfs.ext4 > /dev/null || { echo "mkfs.ext4 is missing (apt-get install e2fsprogs)"; exit 1; }
 rm -rf "$work/tree" "$work/www" "$work/expected" && mkdir -p "$work/www" "$work/expected"
 "$work/lazyblk-testkit" gen-tree "$work/tree" --seed 17 --scale "$scale"
