@@ -67,6 +67,35 @@ pub enum Listener {
     Tcp(TcpListener),
 }
 
+/// The stream sockets a [`Listener`] accepts: blocking, with a read and write timeout.
+pub trait Conn: std::io::Read + std::io::Write {
+    /// Make the accepted socket blocking, with the timeouts of a scrape.
+    fn prepare(&self) -> std::io::Result<()>;
+}
+
+macro_rules! conn {
+    ($t:ty) => {
+        impl Conn for $t {
+            fn prepare(&self) -> std::io::Result<()> {
+                self.set_nonblocking(false)?;
+                self.set_read_timeout(Some(IO_TIMEOUT))?;
+                self.set_write_timeout(Some(IO_TIMEOUT))
+            }
+        }
+    };
+}
+conn!(std::os::unix::net::UnixStream);
+conn!(std::net::TcpStream);
+
+/// Answer one accepted connection with `render()` (also for callers that accept themselves,
+/// like the daemon's runtime).
+pub fn answer<C: Conn>(accepted: std::io::Result<C>, render: &dyn Fn() -> String) -> Result<()> {
+    let c = accepted.map_err(|e| Error::io("accept", e))?;
+    c.prepare()
+        .map_err(|e| Error::io("metrics connection", e))?;
+    crate::http::serve_connection(c, render)
+}
+
 impl Listener {
     /// Bind `at`: a unix socket 0600 (0660 and owned by `group` with one), replacing what is
     /// at its path, through a temporary name so it is never reachable with looser
@@ -86,22 +115,8 @@ impl Listener {
     /// that sends nothing is dropped after [`IO_TIMEOUT`].
     pub fn serve_one(&self, render: &dyn Fn() -> String) -> Result<()> {
         match self {
-            Listener::Unix(l, _) => {
-                let (c, _) = l.accept().map_err(|e| Error::io("accept", e))?;
-                c.set_nonblocking(false)
-                    .and_then(|()| c.set_read_timeout(Some(IO_TIMEOUT)))
-                    .and_then(|()| c.set_write_timeout(Some(IO_TIMEOUT)))
-                    .map_err(|e| Error::io("metrics connection", e))?;
-                crate::http::serve_connection(c, render)
-            }
-            Listener::Tcp(l) => {
-                let (c, _) = l.accept().map_err(|e| Error::io("accept", e))?;
-                c.set_nonblocking(false)
-                    .and_then(|()| c.set_read_timeout(Some(IO_TIMEOUT)))
-                    .and_then(|()| c.set_write_timeout(Some(IO_TIMEOUT)))
-                    .map_err(|e| Error::io("metrics connection", e))?;
-                crate::http::serve_connection(c, render)
-            }
+            Listener::Unix(l, _) => answer(l.accept().map(|(c, _)| c), render),
+            Listener::Tcp(l) => answer(l.accept().map(|(c, _)| c), render),
         }
     }
 

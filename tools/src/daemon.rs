@@ -555,18 +555,17 @@ pub(crate) fn serve_metrics(
     render: Arc<dyn Fn() -> String + Send + Sync>,
 ) -> std::io::Result<()> {
     use lazyblk_metrics::Listener;
-    fn answer<S: std::io::Read + std::io::Write + Send + 'static>(
-        c: S,
+    fn answer<C: lazyblk_metrics::listen::Conn + Send + 'static>(
+        c: C,
         render: Arc<dyn Fn() -> String + Send + Sync>,
     ) {
         drop(tokio::task::spawn_blocking(move || {
-            if let Err(e) = lazyblk_metrics::serve_connection(c, &*render) {
+            if let Err(e) = lazyblk_metrics::listen::answer(Ok(c), &*render) {
                 tracing::debug!("metrics scrape: {e}");
             }
         }));
     }
-    /// Accept connections one after another and answer each (a connection that cannot be set
-    /// up is dropped).
+    /// Accept connections one after another and answer each.
     macro_rules! accept_loop {
         ($listener:expr) => {{
             let l = $listener;
@@ -576,18 +575,13 @@ pub(crate) fn serve_metrics(
                         tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
                     };
-                    let Ok(c) = c.into_std() else { continue };
-                    if c.set_nonblocking(false).is_ok()
-                        && c.set_read_timeout(IO_TIMEOUT).is_ok()
-                        && c.set_write_timeout(IO_TIMEOUT).is_ok()
-                    {
+                    if let Ok(c) = c.into_std() {
                         answer(c, render.clone());
                     }
                 }
             })
         }};
     }
-    const IO_TIMEOUT: Option<Duration> = Some(Duration::from_secs(5));
     match l {
         Listener::Unix(u, _) => drop(accept_loop!(tokio::net::UnixListener::from_std(u)?)),
         Listener::Tcp(t) => drop(accept_loop!(tokio::net::TcpListener::from_std(t)?)),
