@@ -90,7 +90,7 @@ bash "$top/qemu/run-guest.sh" --script "$work/guest.sh" --mem 4096 --timeout 300
     --dir "$work/pyimg:/pyimg" --dir "$work/pyreg:/pyreg" > /dev/null || true
 tr -d '\r' < "$log" | grep '^BENCHCTR' > "$work/results.txt" || true
 python3 - "$work/results.txt" "$rounds" "$netem" "$top/docs/BENCHMARKS.md" "${BENCH_NO_DOC:-}" << 'PY'
-import re, statistics, sys, subprocess, platform
+import re, statistics, sys, subprocess, platform, os
 res, rounds, netem, doc, nodoc = sys.argv[1:6]
 rows = {}
 failed = []
@@ -123,19 +123,14 @@ if nodoc == "1":
     sys.exit(0)
 rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
-section = f"""<!-- BEGIN CONTAINERD (bench/containerd.sh) -->
-Run: `bash bench/containerd.sh` (BENCH_ROUNDS={rounds}), lazyblk {rev}, host {platform.node()} ({cpu}, 2 cores),
+body = f"""Run: `bash bench/containerd.sh` (BENCH_ROUNDS={rounds}), lazyblk {rev}, host {platform.node()} ({cpu}, 2 cores),
 one qemu TCG guest (Debian 6.12 cloud kernel, 4 GiB), netem `{netem}` on the guest's loopback, containerd 1.6.20 + runc 1.1.5,
 Debian's docker-registry. Each round starts from empty containerd, snapshotter and cache directories.
 
 {table}
 
-{verdict}
-<!-- END CONTAINERD -->"""
-text = open(doc).read()
-if "<!-- BEGIN CONTAINERD" in text:
-    text = re.sub(r"<!-- BEGIN CONTAINERD.*?<!-- END CONTAINERD -->", section, text, flags=re.S)
-else:
-    text += "\n## containerd: pull to the first line of a python container\n\n" + section + "\n"
-open(doc, "w").write(text)
+{verdict}"""
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(doc)), "..", "bench"))
+import doc_section
+doc_section.splice(doc, "CONTAINERD", "containerd: pull to the first line of a python container", body, "bench/containerd.sh")
 PY

@@ -44,7 +44,7 @@ for r in $(seq "$rounds"); do
     echo "umoci+mkfs.erofs $(echo "$t2 - $t1" | bc)" >> "$res"
 done
 python3 - "$res" "$tarbytes" "$rounds" "$top/docs/BENCHMARKS.md" "${BENCH_NO_DOC:-}" << 'PY'
-import re, statistics, sys, subprocess, platform
+import re, statistics, sys, subprocess, platform, os
 res, tarbytes, rounds, doc, nodoc = sys.argv[1:6]
 tarbytes = int(tarbytes)
 t = {}
@@ -62,16 +62,11 @@ if nodoc == "1":
     sys.exit(0)
 rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
-section = f"""<!-- BEGIN CONVERT (bench/convert.sh) -->
-Run: `bash bench/convert.sh` (BENCH_ROUNDS={rounds}), lazyblk {rev}, host {platform.node()} ({cpu}, 2 cores), on the host
+body = f"""Run: `bash bench/convert.sh` (BENCH_ROUNDS={rounds}), lazyblk {rev}, host {platform.node()} ({cpu}, 2 cores), on the host
 (no guest): the python image of the containerd suite, {tarbytes / 1e6:.1f} MB of uncompressed layers in three gzip layers.
 
-{table}
-<!-- END CONVERT -->"""
-text = open(doc).read()
-if "<!-- BEGIN CONVERT" in text:
-    text = re.sub(r"<!-- BEGIN CONVERT.*?<!-- END CONVERT -->", section, text, flags=re.S)
-else:
-    text += "\n## Convert throughput\n\n" + section + "\n"
-open(doc, "w").write(text)
+{table}"""
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(doc)), "..", "bench"))
+import doc_section
+doc_section.splice(doc, "CONVERT", "Convert throughput", body, "bench/convert.sh")
 PY

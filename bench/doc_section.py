@@ -6,7 +6,8 @@
 replaces the text between `<!-- BEGIN NAME` and `<!-- END NAME -->` in DOC with BODY (the
 markers stay, the BEGIN one naming SCRIPT), or appends `## HEADING` and the marked BODY at
 the end when DOC has no such markers yet. Shared by the bench scripts that write a section
-(bench/pagecache.sh; bench/run.sh has its own GENERATED block through report.py).
+(bench/pagecache.sh, dense.sh, containerd.sh, convert.sh; bench/run.sh has its own GENERATED
+block through report.py).
 """
 import re
 import sys
