@@ -64,16 +64,7 @@ fn header(id: &ImageId, chunk_count: u64, clean: Option<&[u8]>) -> [u8; HEADER_L
 
 /// Decode bitmap file bytes, checking they belong to image `id` with `chunk_count` chunks.
 pub fn decode(b: &[u8], id: &ImageId, chunk_count: u64) -> std::result::Result<Decoded, String> {
-    if b.len() < HEADER_LEN {
-        return Err(format!("truncated ({} bytes)", b.len()));
-    }
-    if &b[0..8] != MAGIC {
-        return Err("bad magic".into());
-    }
-    let version = u32::from_le_bytes(b[8..12].try_into().expect("4"));
-    if version != VERSION {
-        return Err(format!("unknown version {version}"));
-    }
+    peek_header(b)?;
     let flags = u32::from_le_bytes(b[12..16].try_into().expect("4"));
     if flags & !FLAG_CLEAN != 0 {
         return Err(format!("unknown flags {flags:#x}"));
