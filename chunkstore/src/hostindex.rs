@@ -361,11 +361,7 @@ impl Inner {
         if units.iter().any(|&u| u >= n) {
             return false; // pack frames are never copied
         }
-        let missing: Vec<u64> = units
-            .iter()
-            .copied()
-            .filter(|&c| !self.present.get(c))
-            .collect();
+        let missing = self.missing_units(units);
         if let Some(&first) = missing.first() {
             let len = self.manifest.chunk_len(first) as usize;
             let plain = match idx.read_copy(&e.digest, len) {

@@ -5,16 +5,21 @@
 use crate::prelude::*;
 
 impl Inner {
+    /// The units of `units` not present yet (another fetch or copy may have stored some).
+    pub(crate) fn missing_units(&self, units: &[u64]) -> Vec<u64> {
+        units
+            .iter()
+            .copied()
+            .filter(|&c| !self.present.get(c))
+            .collect()
+    }
+
     /// Verify part `i` of a run (its stored bytes), write it into the data file and complete
     /// its units. Runs on a blocking thread.
     pub(crate) fn store_part(&self, run: &Run, i: usize, stored: &[u8]) -> Result<()> {
         let (e, units) = &run.parts[i];
         let n = self.manifest.chunk_count();
-        let missing: Vec<u64> = units
-            .iter()
-            .copied()
-            .filter(|&c| !self.present.get(c))
-            .collect();
+        let missing = self.missing_units(units);
         if let Some(&first) = missing.first() {
             let (want, corrupt): (usize, Box<dyn Fn(String) -> Error>) = if first >= n {
                 let f = first - n;
