@@ -9,7 +9,7 @@ set -u
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 # shellcheck disable=SC1091
 . /bench/bench.conf
-SYSTEMS=${BENCH_SYSTEMS:-loop ublkloop ublkloop-a download nbdkit qemu lazyblk-od lazyblk lazyblk-pl lazyblk-pf lazyblk-opt lazyblk-ho}
+SYSTEMS=${BENCH_SYSTEMS:-loop ublkloop ublkloop-a download nbdkit qemu lazyblk-od lazyblk lazyblk-pl lazyblk-pf lazyblk-opt lazyblk-ho lazyblk-hodm}
 WORKLOADS=${BENCH_WORKLOADS:-w1 w2 w3 w4}
 NETEM=${BENCH_NETEM:-delay 10ms rate 100mbit}
 FIO_SECS=${BENCH_FIO_SECS:-5}
@@ -231,18 +231,23 @@ att_lazyblk() { # lazyblk add <manifest URL> [ADD-ARGS...] with a fresh cache di
     DPID=$(sed -n 's/.*"pid": *\([0-9]*\).*/\1/p' "/run/lazyblk/$LZ_ID.json" 2>/dev/null | head -n 1)
 }
 det_lazyblk() { lazyblk del "$LZ_ID" >/dev/null 2>&1 || lazyblk del --all >/dev/null 2>&1; rm -rf "$SCRATCH/lazyblk"; }
-# lazyblk that hands the image over to the kernel once it is complete (W4 only): the device is
-# /dev/mapper/lazyblk-<id>; after the fill, W4 waits for the hand-over and runs fio on the dm
-# device, which then maps a kernel loop device of the cache file (no daemon)
+# lazyblk that hands the image over to the kernel once it is complete (W4 only). lazyblk-ho: the
+# loop stack (the default for erofs): the device is a loop device over /dev/ublkbN whose backing
+# file becomes the cache file; lazyblk-hodm: --handover-via dm, /dev/mapper/lazyblk-<id>, which
+# then maps a kernel loop device of the cache file. After the fill, W4 waits for the hand-over
+# and runs fio on the device (no daemon).
 att_lazyblk_ho() {
     rm -rf "$SCRATCH/lazyblk"
-    out=$(lazyblk add "$URL/$LZ_IMG/manifest" --cache-dir "$SCRATCH/lazyblk" --hydrate --handover 2>&1) || { echo "$out"; return 1; }
+    out=$(lazyblk add "$URL/$LZ_IMG/manifest" --cache-dir "$SCRATCH/lazyblk" --hydrate --handover "$@" 2>&1) || { echo "$out"; return 1; }
     DEV=$(echo "$out" | tail -n 1)
     [ -b "$DEV" ] || { echo "$out"; return 1; }
-    LZ_ID=${DEV#/dev/mapper/lazyblk-}
+    LZ_ID=$(grep -l "\"device\": \"$DEV\"" /run/lazyblk/*.json 2>/dev/null | head -n 1 | sed 's|.*/||; s|\.json$||')
+    [ -n "$LZ_ID" ] || { echo "no device record names $DEV"; return 1; }
     DPID=$(sed -n 's/.*"pid": *\([0-9]*\).*/\1/p' "/run/lazyblk/$LZ_ID.json" 2>/dev/null | head -n 1)
 }
 det_lazyblk_ho() { det_lazyblk; }
+att_lazyblk_hodm() { att_lazyblk_ho --handover-via dm; }
+det_lazyblk_hodm() { det_lazyblk; }
 # wait_handover: until the record of $LZ_ID says handed-over and its daemon is gone (300 s)
 wait_handover() {
     i=0
@@ -251,6 +256,11 @@ wait_handover() {
         [ $i -lt 3000 ] || return 1
         sleep 0.1
     done
+}
+# lower DEV: what DEV reads: a dm device's slaves, a loop device's backing file
+lower() {
+    b=/sys/block/$(sysblock "$1")
+    if [ -e "$b/loop/backing_file" ]; then cat "$b/loop/backing_file"; else ls "$b/slaves" | tr '\n' ,; fi
 }
 # sysblock DEV: its name under /sys/block (a /dev/mapper node is a dm-N)
 sysblock() {
@@ -516,14 +526,14 @@ cold() {
         fi
         echo "BENCH sys=$sys w=w4-fill round=$ROUND secs=$(sub "$t3" "$(now)") hwm_kib=$(hwm "$DPID") own_kib=$(own_peak) cpu_s=$(cpu "$DPID") $(net_stats "$n1")"
         case $sys in lazyblk*) lz_status "$sys" w4-fill ;; esac
-        if [ "$sys" = lazyblk-ho ]; then
+        if [ "$sys" = lazyblk-ho ] || [ "$sys" = lazyblk-hodm ]; then
             t4=$(now)
             if ! wait_handover; then
                 fail_run "$sys" w4 "no hand-over within 300 s of the fill: $(tr '\n' ' ' <"/run/lazyblk/$LZ_ID.json" 2>/dev/null | cut -c1-300)"
                 force_cleanup "$sys"
                 return 1
             fi
-            echo "BENCH sys=$sys w=w4-handover round=$ROUND secs=$(sub "$t4" "$(now)") slaves=$(ls "/sys/block/$(sysblock "$DEV")/slaves" | tr '\n' ,) daemons=$(pidof lazyblk | wc -w)"
+            echo "BENCH sys=$sys w=w4-handover round=$ROUND secs=$(sub "$t4" "$(now)") reads=$(lower "$DEV") daemons=$(pidof lazyblk | wc -w)"
         fi
         drop_caches
         fio_run "$sys" rand4k randread 4k
@@ -540,7 +550,7 @@ has() { case " $2 " in *" $1 "*) return 0 ;; esac; return 1; }
 # W4 needs only one instance per device path: download is a kernel loop device like loop, and
 # lazyblk-pf is the same daemon as lazyblk.
 w4_systems="loop ublkloop ublkloop-a nbdkit qemu lazyblk"  # (lazyblk-od, -pl, -pf, -opt: the same daemon)
-w4_only="lazyblk-ho" # W4 alone: its cold runs would be lazyblk's
+w4_only="lazyblk-ho lazyblk-hodm" # W4 alone: its cold runs would be lazyblk's
 
 # ------------------------------------------------------------------ run
 say "systems: $SYSTEMS; workloads: $WORKLOADS; image $IMAGE_BYTES bytes, blob $BLOB_BYTES bytes"

@@ -7,7 +7,7 @@
 # usage: bash bench/run.sh            (as root on Debian; installs what it needs with apt-get)
 #
 # Environment (all optional):
-#   BENCH_SYSTEMS    systems to run (default: all): loop ublkloop ublkloop-a download nbdkit qemu lazyblk-od lazyblk lazyblk-pl lazyblk-pf lazyblk-opt lazyblk-ho
+#   BENCH_SYSTEMS    systems to run (default: all): loop ublkloop ublkloop-a download nbdkit qemu lazyblk-od lazyblk lazyblk-pl lazyblk-pf lazyblk-opt lazyblk-ho lazyblk-hodm
 #   BENCH_WORKLOADS  workloads (default: "w1 w2 w3 w4")
 #   BENCH_NETEM      netem arguments (default: "delay 10ms rate 100mbit")
 #   BENCH_FIO_SECS   fio runtime per job in seconds (default 5, plus 1 s ramp)
@@ -35,7 +35,7 @@ msg() { printf 'bench: %s\n' "$*" >&2; }
 
 cache=${BENCH_CACHE:-$top/target/bench-cache}
 mkdir -p "$cache" "$cache/results"
-systems=${BENCH_SYSTEMS:-loop ublkloop ublkloop-a download nbdkit qemu lazyblk-od lazyblk lazyblk-pl lazyblk-pf lazyblk-opt lazyblk-ho}
+systems=${BENCH_SYSTEMS:-loop ublkloop ublkloop-a download nbdkit qemu lazyblk-od lazyblk lazyblk-pl lazyblk-pf lazyblk-opt lazyblk-ho lazyblk-hodm}
 workloads=${BENCH_WORKLOADS:-w1 w2 w3 w4}
 netem=${BENCH_NETEM:-delay 10ms rate 100mbit}
 fio_secs=${BENCH_FIO_SECS:-5}

@@ -84,6 +84,6 @@ pub use gc::{gc, GcEntry};
 pub use lazyblk_remote::{HttpOptions, Location, RegistryOptions};
 pub use options::StoreOptions;
 pub use stats::{
-    HistogramSnapshot, OpenReport, OriginBytes, StatsSnapshot, FETCH_LATENCY_BOUNDS_US,
+    AttachTimes, HistogramSnapshot, OpenReport, OriginBytes, StatsSnapshot, FETCH_LATENCY_BOUNDS_US,
 };
 pub use store::{ChunkStore, BLOCK_SIZE};

@@ -16,6 +16,13 @@ impl ChunkStore {
     pub fn open(manifest: &Location, opts: StoreOptions) -> Result<ChunkStore> {
         let runtime = fetch_runtime(&opts)?;
         let mut report = OpenReport::default();
+        let mut t = std::time::Instant::now();
+        // Milliseconds since the last lap.
+        let mut lap = || {
+            let ms = t.elapsed().as_millis() as u64;
+            t = std::time::Instant::now();
+            ms
+        };
         // One client for the manifest, the prefetch list and the blob: one connection pool.
         let connector = Connector::new(&opts.http, &opts.registry)?;
 
@@ -24,11 +31,13 @@ impl ChunkStore {
         report.resolved = runtime.block_on(connector.resolved_digest(manifest));
         let id = ImageId::of(&bytes);
         let m = Manifest::decode(&bytes)?;
+        report.times.manifest_ms = lap();
 
         // 2. The cache directory, and the layout it was written with (its own copy of the
         // prefetch pack it used, if any).
         let (dir, lock) = claim_cache_dir(&opts.cache_root, id, &bytes, &mut report)?;
         let old = CacheLayout::of(&dir, id, &m);
+        report.times.cache_dir_ms = lap();
 
         // 3. The blob, probed together with the optional companions.
         let blob_loc = manifest.sibling(&m.blob_name);
@@ -62,6 +71,8 @@ impl ChunkStore {
             .list
             .and_then(|fetched| load_prefetch(fetched, &list_loc, &dir, &id, m.chunk_count()));
 
+        report.times.probe_ms = lap();
+
         // 4. The prefetch pack to use, whose frames follow the image's blob.
         let chosen = choose_pack(&opts, &m, id, &pack_loc, c.pack, old.pack.clone())?;
         let chosen = match chosen {
@@ -74,6 +85,7 @@ impl ChunkStore {
             }
             None => None,
         };
+        report.times.pack_probe_ms = lap();
         let pack_id = chosen.as_ref().map(|(b, _, _)| ImageId::of(b));
         report.prefetch_pack = pack_id.map(|p| p.to_string());
         let pack_bytes = chosen.as_ref().map(|(b, _, _)| b.clone());
@@ -104,6 +116,8 @@ impl ChunkStore {
             }
         }
 
+        report.times.presence_ms = lap();
+
         // 6. The running store.
         let bitmap = p.bitmap.take().expect("open_presence returns the bitmap");
         let inner = Inner::new(
@@ -117,6 +131,7 @@ impl ChunkStore {
             prefetch_list,
             bitmap,
         )?;
+        report.times.start_ms = lap();
         ChunkStore::start(inner, report, runtime, bytes, lock)
     }
 

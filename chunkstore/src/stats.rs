@@ -157,6 +157,9 @@ pub struct StatsSnapshot {
     /// in `verify_failures`, which is about bytes from the network.
     #[serde(default)]
     pub local_copy_stale: u64,
+    /// How long the attach took, step by step (the daemon fills it in).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attach: Option<AttachTimes>,
 }
 
 /// What opening found in the cache.
@@ -179,6 +182,58 @@ pub struct OpenReport {
     /// (so the next daemon can pin it).
     #[serde(default)]
     pub resolved: Option<String>,
+    /// How long each step of the open took (the store's part of [`AttachTimes`]).
+    #[serde(default)]
+    pub times: AttachTimes,
+}
+
+/// How long attaching a device took, step by step, in milliseconds: the store's open fills the
+/// middle steps, the daemon the first and the last (`lazyblk status` shows them).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AttachTimes {
+    /// From the start of the `lazyblk add` that spawned the daemon to the daemon's start (the
+    /// CLI, fork and exec; 0 when not known, e.g. a daemon started by `recover`).
+    pub exec_ms: u64,
+    /// The manifest: fetched (for a registry reference: resolved, then fetched) or read from
+    /// the cache's copy.
+    pub manifest_ms: u64,
+    /// Claiming the cache directory (its lock, its manifest copy).
+    pub cache_dir_ms: u64,
+    /// One round trip for three requests: the blob's range probe, the prefetch list and the
+    /// prefetch pack.
+    pub probe_ms: u64,
+    /// The range probe of the prefetch pack's blob (0 without a pack).
+    pub pack_probe_ms: u64,
+    /// The data file and the bitmap: opened, re-verified or rebuilt.
+    pub presence_ms: u64,
+    /// The running store (its runtime, persister, background work).
+    pub start_ms: u64,
+    /// The ublk device: created, its queues started, live.
+    pub device_ms: u64,
+    /// All of it: from the start of `add` (or of the daemon when that is not known) to live.
+    pub total_ms: u64,
+}
+
+impl AttachTimes {
+    /// One line: `total 812 ms: exec 31, manifest 105, ...` (steps of 0 ms are left out).
+    pub fn line(&self) -> String {
+        let steps = [
+            ("exec", self.exec_ms),
+            ("manifest", self.manifest_ms),
+            ("cache dir", self.cache_dir_ms),
+            ("probe+list+pack", self.probe_ms),
+            ("pack probe", self.pack_probe_ms),
+            ("presence", self.presence_ms),
+            ("store start", self.start_ms),
+            ("device", self.device_ms),
+        ];
+        let parts: Vec<String> = steps
+            .iter()
+            .filter(|(_, ms)| *ms > 0)
+            .map(|(n, ms)| format!("{n} {ms}"))
+            .collect();
+        format!("{} ms ({} ms each)", self.total_ms, parts.join(", "))
+    }
 }
 
 impl ChunkStore {
@@ -229,6 +284,7 @@ impl ChunkStore {
             local_copies: s.local_copies.load(Ordering::Relaxed),
             local_copy_bytes: s.local_copy_bytes.load(Ordering::Relaxed),
             local_copy_stale: s.local_copy_stale.load(Ordering::Relaxed),
+            attach: None,
         }
     }
 }

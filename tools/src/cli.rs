@@ -96,8 +96,8 @@ pub enum Cmd {
         #[arg(short, long)]
         output: Option<PathBuf>,
     },
-    /// Serve an image as /dev/ublkbN (with `--handover`: /dev/mapper/lazyblk-<id>); prints the
-    /// device path once it is live.
+    /// Serve an image as /dev/ublkbN (with `--handover`: a loop or dm device over it); prints
+    /// the device path once it is live.
     Add(add::AddArgs),
     /// Record which chunks a running device has read (first-access order) into a prefetch list;
     /// publish it next to the manifest as `prefetch` and `add` fetches those chunks first.
@@ -206,8 +206,9 @@ pub enum Cmd {
         wait: u64,
     },
     /// Hand a device added with `--handover` over to the kernel now (its image must be
-    /// complete): its dm device is switched to a read-only loop device of the cache file, the
-    /// ublk device is deleted and the daemon exits. Read-only images only.
+    /// complete): its loop device is switched to the cache file (or its dm device to a
+    /// read-only loop device of it), the ublk device is deleted and the daemon exits. Read-only
+    /// images only.
     Handover {
         /// Device id.
         id: u32,

@@ -114,8 +114,10 @@ pub struct DaemonArgs {
     pub supervisor: Option<u32>,
     /// Writable through a COW layer (`add --writable`).
     pub cow: crate::cmd::vhost::CowArgs,
-    /// Serve through a dm device and hand over to the kernel once complete (`add --handover`).
+    /// Serve through a loop or dm device and hand over to the kernel once complete
+    /// (`add --handover`), built as `handover_via` says.
     pub handover: bool,
+    pub handover_via: crate::handover::Via,
     /// Who may reach the control and metrics sockets; a TCP address for the metrics.
     pub sockets: crate::metrics::SocketArgs,
     /// Where to write the ready line (`OK <id> <bdev>` or `ERR <message>`), after any number of
@@ -203,6 +205,42 @@ fn prepare_detach(id: u32, store: &ChunkStore, gate: &FetchGate) -> Result<()> {
     Ok(())
 }
 
+/// The environment variable in which the command that spawns a daemon (`add`, `recover`) passes
+/// its start time (microseconds since the epoch), for the `exec` step of [`AttachTimes`].
+pub const T0_ENV: &str = "LAZYBLK_T0_US";
+
+static PROCESS_T0: std::sync::OnceLock<std::time::SystemTime> = std::sync::OnceLock::new();
+
+/// Note when this process started (the first thing `main` does).
+pub fn mark_process_start() {
+    let _ = PROCESS_T0.set(std::time::SystemTime::now());
+}
+
+/// This process's start, in microseconds since the epoch (for [`T0_ENV`]).
+pub fn process_start_us() -> u64 {
+    let t = *PROCESS_T0.get_or_init(std::time::SystemTime::now);
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// How long ago the attach began: at the start of the spawning command when it said so (and
+/// that is plausible: under 10 minutes ago), else at this process's start.
+fn attach_origin() -> std::time::SystemTime {
+    let own = *PROCESS_T0.get_or_init(std::time::SystemTime::now);
+    std::env::var(T0_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(|us| std::time::UNIX_EPOCH + Duration::from_micros(us))
+        .filter(|t| {
+            own.duration_since(*t)
+                .is_ok_and(|d| d < Duration::from_secs(600))
+        })
+        .unwrap_or(own)
+}
+
+/// The attach times of this daemon's device, once it is live (`status` shows them).
+static ATTACH: std::sync::OnceLock<lazyblk_chunkstore::AttachTimes> = std::sync::OnceLock::new();
+
 /// Run a device until it is stopped. Reports readiness (or the error) on `args.ready`.
 pub fn run(mut args: DaemonArgs) -> Result<()> {
     let r = run_inner(&mut args);
@@ -213,6 +251,11 @@ pub fn run(mut args: DaemonArgs) -> Result<()> {
 }
 
 fn run_inner(args: &mut DaemonArgs) -> Result<()> {
+    let origin = attach_origin();
+    let exec_ms = PROCESS_T0
+        .get()
+        .and_then(|t| t.duration_since(origin).ok())
+        .map_or(0, |d| d.as_millis() as u64);
     lazyblk_ublk::check_kernel()?;
     if args.handover {
         crate::handover::check_options(args.cow.writable, args.store.cache_limit)?;
@@ -250,18 +293,34 @@ fn run_inner(args: &mut DaemonArgs) -> Result<()> {
     let gate = ublk.gate.clone();
     let io_stats = ublk.stats.clone();
     let handover = args.handover;
+    let via = args.handover_via;
+    // The superblock, for `--handover-via auto` (erofs gets the loop stack).
+    let mut first = vec![0u8; 4096.min(store.geometry().size as usize)];
+    if handover && via == crate::handover::Via::Auto {
+        if let Err(e) = store.read_at(0, &mut first) {
+            anyhow::bail!("--handover: reading the start of the image: {e}");
+        }
+    }
+    let mut times = store.open_report().times.clone();
+    times.exec_ms = exec_ms;
+    let t_device = std::time::Instant::now();
     let (st3, stop3, dev_size) = (
         Arc::downgrade(&store),
         stopping.clone(),
         store.geometry().size,
     );
     let on_live = move |live: &lazyblk_ublk::LiveDevice| {
+        times.device_ms = t_device.elapsed().as_millis() as u64;
+        times.total_ms = origin.elapsed().map_or(0, |d| d.as_millis() as u64);
+        tracing::info!("attach: {}", times.line());
+        let _ = ATTACH.set(times.clone());
         dev2.store(live.id, Ordering::SeqCst);
         record.id = live.id;
         record.bdev = live.bdev.clone();
         let mut shown = live.bdev.clone();
         if handover {
-            match crate::handover::setup(&mut record, &live.bdev, dev_size) {
+            match crate::handover::setup(&state_dir, &mut record, &live.bdev, dev_size, via, &first)
+            {
                 Ok(dev) => shown = dev,
                 Err(e) => {
                     tracing::error!("--handover: {e:#}");
@@ -618,7 +677,8 @@ impl Control {
         );
         match line.trim() {
             "status" => {
-                let stats = crate::metrics::device_status(&store, io_stats);
+                let mut stats = crate::metrics::device_status(&store, io_stats);
+                stats.attach = ATTACH.get().cloned();
                 let s = serde_json::to_string(&stats).unwrap_or_default();
                 let _ = writeln!(w, "{s}");
             }

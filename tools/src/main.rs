@@ -20,6 +20,7 @@ use cli::{Cli, Cmd};
 use std::io::IsTerminal;
 
 fn main() {
+    daemon::mark_process_start();
     let cli = Cli::parse();
     let foreground_daemon = match &cli.cmd {
         Cmd::Add(a) => a.foreground,

@@ -25,12 +25,13 @@ const QUIESCE_WAIT: Duration = Duration::from_secs(120);
 /// Every line goes to `relay` when given, else to the log. Returns the child and, when it is
 /// live, its device id.
 fn start(args: &[String], mut relay: Option<&mut File>) -> Result<(Child, Option<u32>)> {
-    let mut child = Command::new(std::env::current_exe()?)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("starting the daemon")?;
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped());
+    if relay.is_none() {
+        // A restart: its attach began now, not when `add` started the supervisor.
+        cmd.env_remove(crate::daemon::T0_ENV);
+    }
+    let mut child = cmd.spawn().context("starting the daemon")?;
     let out = child.stdout.take().context("daemon stdout")?;
     for line in BufReader::new(out).lines() {
         let line = line?;

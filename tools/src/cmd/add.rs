@@ -42,14 +42,20 @@ pub struct AddArgs {
     #[arg(long)]
     supervise: bool,
     /// Hand the image over to the kernel once it is complete (every chunk fetched: with
-    /// `--hydrate`, or once everything was read): the device to mount is
-    /// /dev/mapper/lazyblk-<id>, a device-mapper device that is switched, without the file
-    /// system noticing, from the ublk device to a read-only loop device of the cache file; then
-    /// the ublk device is deleted and the daemon exits (no process, no network on the read
-    /// path). `lazyblk handover <id>` does it on demand. Read-only images only (not with
-    /// --writable, nor --cache-limit).
+    /// `--hydrate`, or once everything was read): the device to mount (printed) is switched,
+    /// under the mounted file system, from the ublk device to the cache file; then the ublk
+    /// device is deleted and the daemon exits (no process, no network on the read path). For an
+    /// erofs image it is a read-only loop device (/dev/loopN) over /dev/ublkbN whose backing
+    /// file becomes the cache file; otherwise (see --handover-via) /dev/mapper/lazyblk-<id>, a
+    /// device-mapper linear switched to a loop device of the cache file. `lazyblk handover
+    /// <id>` does it on demand. Read-only images only (not with --writable, nor --cache-limit).
     #[arg(long, conflicts_with = "writable")]
     handover: bool,
+    /// How --handover builds the device: `loop` (a loop device over the ublk device, switched
+    /// with LOOP_CHANGE_FD; for file systems without a shutdown hook, such as erofs), `dm` (a
+    /// device-mapper linear, for any file system), `auto` (loop for erofs, else dm).
+    #[arg(long, value_enum, default_value = "auto", requires = "handover")]
+    handover_via: crate::handover::Via,
     /// Internal: take over device N after its daemon died.
     #[arg(long, hide = true)]
     recover_id: Option<u32>,
@@ -152,6 +158,7 @@ fn run_daemon(state: PathBuf, a: AddArgs) -> Result<()> {
         supervisor: a.supervised_by,
         cow: a.cow,
         handover: a.handover,
+        handover_via: a.handover_via,
         sockets: a.sockets,
         ready,
     })
@@ -206,6 +213,10 @@ pub fn spawn_daemon(args: &[String], log: &Path) -> Result<(u32, String)> {
     let exe = std::env::current_exe()?;
     let mut child = Command::new(exe)
         .args(args)
+        .env(
+            crate::daemon::T0_ENV,
+            crate::daemon::process_start_us().to_string(),
+        )
         .stdin(Stdio::null())
         .stdout(writer)
         .stderr(logf)

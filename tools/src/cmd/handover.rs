@@ -3,7 +3,7 @@
 
 use crate::daemon::{self, read_record, record_path, socket_path, Record};
 use crate::device::pid_alive;
-use crate::handover::{self, dm, loopdev, Handover, Step};
+use crate::handover::{self, dm, loopdev, Handover, Stack, Step};
 use anyhow::{bail, Context, Result};
 use lazyblk_chunkstore::StatsSnapshot;
 use std::path::Path;
@@ -24,11 +24,7 @@ fn record(state: &Path, id: u32) -> Result<(Record, Handover)> {
 pub fn run(state: &Path, id: u32) -> Result<()> {
     let (rec, h) = record(state, id)?;
     if h.step == Step::HandedOver {
-        println!(
-            "{} already handed over to {}",
-            h.dm_dev,
-            h.loop_dev.as_deref().unwrap_or("?")
-        );
+        println!("{} already handed over to {}", h.device, h.reads());
         return Ok(());
     }
     if !pid_alive(rec.pid) {
@@ -53,12 +49,12 @@ pub fn run(state: &Path, id: u32) -> Result<()> {
             bail!(
                 "the daemon of device {id} (pid {}) swapped {} to {lo} but did not finish within 60 s",
                 rec.pid,
-                h.dm_dev
+                h.device
             );
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    println!("handed over {} to {lo}; no daemon", h.dm_dev);
+    println!("handed over {} to {lo}; no daemon", h.device);
     Ok(())
 }
 
@@ -66,11 +62,12 @@ pub fn run(state: &Path, id: u32) -> Result<()> {
 /// hand-over was finished here (no daemon needed), `None` when the caller must start a new
 /// daemon (which resumes serving through ublk and hands over again).
 ///
-/// Before the swap the ublk table is active and IO may be parked in the dead daemon's ublk
-/// device: suspending the dm device now would wait for that IO forever, so the way forward is
-/// a new daemon. Once the dm device was suspended (the suspend finished, so nothing is in
-/// flight through ublk) or resumed on the loop table, the way forward needs no daemon: resume
-/// (the loop table loaded before the suspend becomes active), delete the ublk device.
+/// Before the swap IO may be parked in the dead daemon's ublk device: a swap now (a dm
+/// suspend, a `LOOP_CHANGE_FD`, both wait for the IO in flight) would wait for it forever, so
+/// the way forward is a new daemon. Once the swap is done (loop: the loop device's backing file
+/// is the cache file, whatever the record says; dm: the suspend finished, so nothing is in
+/// flight through ublk, or the loop table is active), the way forward needs no daemon: for dm
+/// resume (the loop table loaded before the suspend becomes active), delete the ublk device.
 pub fn recover(state: &Path, id: u32) -> Result<Option<String>> {
     let Some(rec) = read_record(state, id) else {
         return Ok(None);
@@ -91,9 +88,10 @@ pub fn recover(state: &Path, id: u32) -> Result<Option<String>> {
     match h.step {
         Step::HandedOver => Ok(Some(format!(
             "{} is handed over to {}; nothing to recover",
-            h.dm_dev,
-            h.loop_dev.as_deref().unwrap_or("?")
+            h.device,
+            h.reads()
         ))),
+        _ if h.stack == Stack::Loop => recover_loop(state, id, &h),
         Step::Serving | Step::Sealed | Step::LoopAttached => Ok(None),
         Step::Suspended | Step::Swapped => {
             let d = dm::Dm::open()?;
@@ -139,33 +137,93 @@ pub fn recover(state: &Path, id: u32) -> Result<Option<String>> {
             let _ = std::fs::remove_file(socket_path(state, id));
             Ok(Some(format!(
                 "handed over {} to {lo} (device {id}); no daemon",
-                h.dm_dev
+                h.device
             )))
         }
     }
 }
 
-/// `lazyblk del <id>` of a device with a dm device: refuse while it is open (mounted), remove
-/// the dm device, and for a handed-over device detach its loop device and drop its record
-/// (the cache is kept). Returns `true` when nothing else is left to delete (no ublk device).
+/// `recover` of a loop-stack device whose daemon is gone: the kernel says whether the swap
+/// happened (the record may still say `sealed` if the daemon died right after the ioctl).
+fn recover_loop(state: &Path, id: u32, h: &Handover) -> Result<Option<String>> {
+    let lo = h
+        .loop_dev
+        .as_deref()
+        .context("the record has no loop device")?;
+    match loopdev::backing_file(lo) {
+        Some(b) if b == h.data => {
+            handover::settle_loop(lo, &h.data);
+            handover::update(state, id, |h| h.step = Step::Swapped)?;
+            handover::complete_after_swap(state, id)?;
+            let _ = std::fs::remove_file(socket_path(state, id));
+            Ok(Some(format!(
+                "handed over {lo} to {} (device {id}); no daemon",
+                h.data.display()
+            )))
+        }
+        Some(b) if b == Path::new(&format!("/dev/ublkb{id}")) => {
+            if h.step != Step::Serving {
+                handover::update(state, id, |h| h.step = Step::Serving)?;
+            }
+            Ok(None)
+        }
+        other => bail!(
+            "device {id}: its loop device {lo} serves {}, neither /dev/ublkb{id} nor {}",
+            other.map_or("nothing".into(), |p| p.display().to_string()),
+            h.data.display()
+        ),
+    }
+}
+
+/// `del` of a loop-stack device: refuse while it is mounted (or otherwise claimed), detach the
+/// loop device (whichever it serves, the ublk device or the cache file).
+fn del_loop(h: &Handover, id: u32) -> Result<()> {
+    let Some(lo) = h.loop_dev.as_deref() else {
+        return Ok(());
+    };
+    let Some(backing) = loopdev::backing_file(lo) else {
+        return Ok(());
+    };
+    if backing != h.data && backing != Path::new(&format!("/dev/ublkb{id}")) {
+        // Not ours any more (detached and reused): leave it alone.
+        return Ok(());
+    }
+    if loopdev::claimed(lo) {
+        let at = dm::devno_of(lo.trim_start_matches("/dev/"))
+            .ok()
+            .and_then(dm::mount_point)
+            .map(|m| format!("mounted on {m}"))
+            .unwrap_or_else(|| "in use".into());
+        bail!("{lo} is {at}: unmount it first");
+    }
+    loopdev::detach(lo)
+}
+
+/// `lazyblk del <id>` of a device with a hand-over: refuse while it is open (mounted), remove
+/// the dm device or detach the loop device, and for a handed-over device drop its record (the
+/// cache is kept). Returns `true` when nothing else is left to delete (no ublk device).
 pub fn del(state: &Path, id: u32) -> Result<bool> {
     let Some(h) = read_record(state, id).and_then(|r| r.handover) else {
         return Ok(false);
     };
+    if h.stack == Stack::Loop {
+        del_loop(&h, id)?;
+        return finish_del(state, id, h);
+    }
     let d = dm::Dm::open()?;
     if d.exists(&h.dm_name) {
         let info = d.info(&h.dm_name)?;
         if info.suspended {
             bail!(
                 "{} is suspended mid-hand-over: run `lazyblk recover {id}` first",
-                h.dm_dev
+                h.device
             );
         }
         if info.open_count > 0 {
             let at = dm::mount_point(info.devno)
                 .map(|m| format!("mounted on {m}"))
                 .unwrap_or_else(|| "open".into());
-            bail!("{} is {at}: unmount it first", h.dm_dev);
+            bail!("{} is {at}: unmount it first", h.device);
         }
         d.remove(&h.dm_name)?;
     }
@@ -177,19 +235,26 @@ pub fn del(state: &Path, id: u32) -> Result<bool> {
             loopdev::detach(lo)?;
         }
     }
+    finish_del(state, id, h)
+}
+
+/// The end of `del` of a device with a hand-over: `false` while a ublk device is left (the
+/// caller deletes it as any device), else drop the record.
+fn finish_del(state: &Path, id: u32, h: Handover) -> Result<bool> {
     if Path::new(&format!("/sys/class/ublk-char/ublkc{id}")).exists() {
         // Still a ublk device (and maybe its daemon): `del` goes on as for any device.
         return Ok(false);
     }
     let _ = std::fs::remove_file(record_path(state, id));
     let _ = std::fs::remove_file(socket_path(state, id));
-    println!(
-        "deleted {}{}; cache kept",
-        h.dm_dev,
-        h.loop_dev
+    let detached = match h.stack {
+        Stack::Loop => " (detached)".to_string(),
+        Stack::Dm => h
+            .loop_dev
             .map(|l| format!(" (loop device {l} detached)"))
-            .unwrap_or_default()
-    );
+            .unwrap_or_default(),
+    };
+    println!("deleted {}{detached}; cache kept", h.device);
     Ok(true)
 }
 
@@ -215,7 +280,7 @@ pub fn list_rows(state: &Path) {
         println!(
             "{:<4} {:<22} {:<20} {:>8}  {}",
             r.id,
-            h.dm_dev,
+            h.device,
             r.image.chars().take(19).collect::<String>(),
             pct,
             what
@@ -243,13 +308,13 @@ pub fn status(state: &Path, id: u32, json: bool) -> Result<bool> {
         let mut v = serde_json::to_value(&s)?;
         v["handover"] = serde_json::json!({
             "step": h.step.name(),
-            "device": h.dm_dev,
+            "device": h.device,
             "loop": h.loop_dev,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(true);
     }
-    println!("device         {}", h.dm_dev);
+    println!("device         {}", h.device);
     println!(
         "handed over    {} ({}; no daemon, no network)",
         h.loop_dev.as_deref().unwrap_or("?"),

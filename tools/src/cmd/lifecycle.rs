@@ -81,8 +81,12 @@ pub fn recover_args(state: &Path, id: u32) -> Result<Vec<String>> {
     if let Some(c) = &rec.cow {
         args.extend(["--writable".into(), "--cow".into(), c.display().to_string()]);
     }
-    if rec.handover.is_some() {
-        args.push("--handover".into());
+    if let Some(h) = &rec.handover {
+        args.extend([
+            "--handover".into(),
+            "--handover-via".into(),
+            h.stack.name().into(),
+        ]);
     }
     Ok(args)
 }

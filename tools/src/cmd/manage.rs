@@ -39,9 +39,9 @@ pub fn list(state: &Path) -> Result<()> {
             (s, _) => format!("{s:?}").to_lowercase(),
         };
         let (dev, state_s) = match rec.as_ref().and_then(|r| r.handover.as_ref()) {
-            Some(h) if h.step == crate::handover::Step::Serving => (h.dm_dev.clone(), state_s),
+            Some(h) if h.step == crate::handover::Step::Serving => (h.device.clone(), state_s),
             Some(h) => (
-                h.dm_dev.clone(),
+                h.device.clone(),
                 format!("{state_s} (hand-over: {})", h.step.name()),
             ),
             None => (format!("/dev/ublkb{id}"), state_s),
@@ -68,6 +68,9 @@ pub fn status(state: &Path, id: u32, json: bool) -> Result<()> {
     }
     println!("device         /dev/ublkb{id}");
     println!("image          {}", s.image);
+    if let Some(a) = &s.attach {
+        println!("attach         {}", a.line());
+    }
     println!(
         "present        {:.1}% ({} of {} chunks)",
         100.0 * s.present_chunks as f64 / s.total_chunks.max(1) as f64,

@@ -1,6 +1,7 @@
-//! Kernel loop devices for the hand-over: attach a file read-only with one `LOOP_CONFIGURE`
-//! (Linux 5.8: backing file, flags, size and block size set together, so the device never
-//! exists writable or at the wrong size), detach, and find which loop devices serve a file.
+//! Kernel loop devices for the hand-over: attach a file or block device read-only with one
+//! `LOOP_CONFIGURE` (Linux 5.8: backing file, flags, size and block size set together, so the
+//! device never exists writable or at the wrong size), switch a read-only one to another backing
+//! file of the same size (`LOOP_CHANGE_FD`), detach, and find which loop devices serve a file.
 //!
 //! Hand-rolled rather than the `loopdev-3` crate: that crate attaches with `LOOP_SET_FD` and then
 //! `LOOP_SET_STATUS64` (two steps, the second one failing leaves a half-set-up device), and needs
@@ -12,6 +13,8 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 const LOOP_CLR_FD: libc::c_ulong = 0x4C01;
+const LOOP_CHANGE_FD: libc::c_ulong = 0x4C06;
+const LOOP_SET_DIRECT_IO: libc::c_ulong = 0x4C08;
 const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
 const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
 const LO_FLAGS_READ_ONLY: u32 = 1;
@@ -45,10 +48,9 @@ struct LoopConfig {
     reserved: [u64; 8],
 }
 
-/// A loop device just attached; the returned file keeps it open, and so bound, until the
-/// caller has handed it to a holder (the devices are attached with `LO_FLAGS_AUTOCLEAR`: they
-/// detach themselves when their last opener closes them, so one whose attacher died before
-/// anyone else opened it does not linger).
+/// A loop device just attached; the returned file keeps it open. One attached with `autoclear`
+/// (`LO_FLAGS_AUTOCLEAR`) stays bound only until its last opener closes it, so one whose
+/// attacher died before it was handed to a holder does not linger.
 pub struct Attached {
     /// `/dev/loopN`.
     pub path: String,
@@ -56,16 +58,21 @@ pub struct Attached {
     pub file: File,
 }
 
-/// Attach `backing` read-only, `size` bytes of it, as a loop device with `block_size`-byte
-/// logical blocks. `direct_io`: read the backing file with O_DIRECT (no second page cache).
-pub fn attach_read_only(
-    backing: &Path,
-    size: u64,
-    block_size: u32,
-    direct_io: bool,
-) -> Result<Attached> {
+/// How to attach a loop device.
+#[derive(Clone, Copy, Debug)]
+pub struct Attach {
+    /// Logical block size in bytes.
+    pub block_size: u32,
+    /// Read the backing file with O_DIRECT (no second page cache).
+    pub direct_io: bool,
+    /// Detach at the last close (`LO_FLAGS_AUTOCLEAR`).
+    pub autoclear: bool,
+}
+
+/// Attach `backing` (a file or a block device) read-only, `size` bytes of it, as a loop device.
+pub fn attach_read_only(backing: &Path, size: u64, how: Attach) -> Result<Attached> {
     let data = File::open(backing).with_context(|| format!("opening {}", backing.display()))?;
-    let len = data.metadata()?.len();
+    let len = byte_size(&data).with_context(|| format!("the size of {}", backing.display()))?;
     if len < size {
         bail!(
             "{} is {len} bytes, shorter than the device ({size} bytes)",
@@ -89,8 +96,11 @@ pub fn attach_read_only(
             .read(true)
             .open(&path)
             .with_context(|| format!("opening {path}"))?;
-        let mut flags = LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR;
-        if direct_io {
+        let mut flags = LO_FLAGS_READ_ONLY;
+        if how.autoclear {
+            flags |= LO_FLAGS_AUTOCLEAR;
+        }
+        if how.direct_io {
             flags |= LO_FLAGS_DIRECT_IO;
         }
         let mut name = [0u8; 64];
@@ -99,7 +109,7 @@ pub fn attach_read_only(
         name[..k].copy_from_slice(&b[..k]);
         let cfg = LoopConfig {
             fd: data.as_raw_fd() as u32,
-            block_size,
+            block_size: how.block_size,
             info: LoopInfo64 {
                 lo_device: 0,
                 lo_inode: 0,
@@ -131,6 +141,86 @@ pub fn attach_read_only(
         last = Some(e);
     }
     bail!("no free loop device after 10 tries: {last:?}")
+}
+
+/// The size in bytes of a regular file or a block device.
+fn byte_size(f: &File) -> Result<u64> {
+    let m = f.metadata()?;
+    if !std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()) {
+        return Ok(m.len());
+    }
+    let mut n: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which is valid for the call.
+    let r = unsafe { libc::ioctl(f.as_raw_fd(), BLKGETSIZE64, &mut n as *mut u64) };
+    if r != 0 {
+        bail!("BLKGETSIZE64: {}", std::io::Error::last_os_error());
+    }
+    Ok(n)
+}
+
+/// `_IOR(0x12, 114, size_t)`.
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+
+/// Switch the read-only loop device `dev` to serve `backing` instead of what it serves now
+/// (`LOOP_CHANGE_FD`: the kernel checks that both are the same size, freezes the device's
+/// queue, so the IO in flight on the old backing completes first, swaps, and lets IO go on; a
+/// file system mounted on it stays mounted). The device keeps its flags, O_DIRECT included.
+pub fn change_backing(dev: &str, backing: &Path) -> Result<()> {
+    let f = File::open(dev).with_context(|| format!("opening {dev}"))?;
+    let data = File::open(backing).with_context(|| format!("opening {}", backing.display()))?;
+    // SAFETY: LOOP_CHANGE_FD takes a file descriptor, valid for the call; the kernel takes its
+    // own reference to the file.
+    let r = unsafe {
+        libc::ioctl(
+            f.as_raw_fd(),
+            LOOP_CHANGE_FD,
+            data.as_raw_fd() as libc::c_ulong,
+        )
+    };
+    if r != 0 {
+        bail!(
+            "LOOP_CHANGE_FD {dev} to {}: {}",
+            backing.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+/// Switch the loop device `dev` to read its backing file with O_DIRECT or through the page
+/// cache (`LOOP_SET_DIRECT_IO`; the kernel drains the IO in flight first).
+pub fn set_direct_io(dev: &str, on: bool) -> Result<()> {
+    let f = File::open(dev).with_context(|| format!("opening {dev}"))?;
+    // SAFETY: LOOP_SET_DIRECT_IO takes an integer argument, no memory.
+    let r = unsafe { libc::ioctl(f.as_raw_fd(), LOOP_SET_DIRECT_IO, libc::c_ulong::from(on)) };
+    if r != 0 {
+        bail!(
+            "LOOP_SET_DIRECT_IO {on} on {dev}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+/// Whether the loop device `dev` reads its backing file with O_DIRECT.
+pub fn direct_io(dev: &str) -> Option<bool> {
+    let n = dev.trim_start_matches("/dev/");
+    let s = std::fs::read_to_string(format!("/sys/block/{n}/loop/dio")).ok()?;
+    Some(s.trim() == "1")
+}
+
+/// Whether something holds the block device `dev` exclusively (a mounted file system, a dm
+/// table, an `O_EXCL` opener): the one open that the kernel refuses then.
+pub fn claimed(dev: &str) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_EXCL)
+        .open(dev)
+    {
+        Ok(_) => false,
+        Err(e) => e.raw_os_error() == Some(libc::EBUSY),
+    }
 }
 
 /// Detach the loop device `dev` (`/dev/loopN`). While something still holds it open the
