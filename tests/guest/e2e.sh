@@ -69,7 +69,20 @@ lazyblk-testkit digest-tree /mnt/img1 > /tmp/got1.txt
 if ! diff /expected/img1.txt /tmp/got1.txt; then die "tree 1 differs from the source"; fi
 ok "tree 1: sha256 of every file, modes, sizes, link targets, hardlinks, xattrs match"
 lazyblk list
-lazyblk status "${DEV1#/dev/ublkb}"
+lazyblk status "${DEV1#/dev/ublkb}" | tee /tmp/status1.txt
+# The attach, step by step: status shows it, and the steps add up to at most the total.
+check "status shows the attach time per step" grep -q "^attach  *[0-9]* ms (.* ms each)$" /tmp/status1.txt
+lazyblk status "${DEV1#/dev/ublkb}" --json | tr -d ' \n' > /tmp/status1.json
+aj() { sed -n "s/.*\"attach\":{[^}]*\"$1\":\([0-9]*\).*/\1/p" /tmp/status1.json; }
+sum=0
+for k in exec_ms manifest_ms cache_dir_ms probe_ms pack_probe_ms presence_ms start_ms device_ms; do
+    v=$(aj $k)
+    [ -n "$v" ] || die "status --json has no attach.$k"
+    sum=$((sum + v))
+done
+tot=$(aj total_ms)
+echo "attach: total ${tot} ms, steps ${sum} ms"
+check "the attach steps add up to at most the total ($sum <= $tot ms, and the total is not 0)" [ "$sum" -le "$tot" -a "$tot" -gt 0 ]
 FULL=$(served_bytes 8080 /img1/blob)
 echo "blob bytes served after reading everything: $FULL of $BLOB1_SIZE"
 
