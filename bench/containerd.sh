@@ -6,6 +6,10 @@
 # against lazyblk's snapshotter, side by side in ONE qemu guest (TCG), the registry on the
 # guest's loopback shaped by netem (BENCH_NETEM, default 10 ms each way = 20 ms RTT, 100 Mbit/s).
 # Every round starts from nothing: a fresh containerd root, snapshotter root and lazyblk cache.
+# Then one more lazyblk run records the start-up (`lazyblk trace --pack --push` over the converted
+# image: a prefetch pack of the blocks read, published as the newest lazy version of the source,
+# as eStargz's optimizer or nydus's prefetch table record one) and the same rounds run again as
+# `lazyblk-pack` (the overlayfs baseline is the same boot's).
 #
 # usage: bash bench/containerd.sh   (as root; BENCH_ROUNDS=3 by default, BENCH_NO_DOC=1 to leave
 #        docs/BENCHMARKS.md alone, LAZYBLK_BIN to use a built binary)
@@ -50,9 +54,9 @@ one() {
     mount -t tmpfs tmpfs /var/lib/containerd
     mount -t tmpfs tmpfs /var/lib/lzsnap
     snap=overlayfs
-    [ "$sys" = lazyblk ] && snap=lazyblk
+    [ "$sys" = overlayfs ] || snap=lazyblk
     containerd_config $snap /run/lazyblk/snapshotter.sock /etc/containerd/certs.d > /etc/containerd/config.toml
-    if [ "$sys" = lazyblk ]; then
+    if [ "$snap" = lazyblk ]; then
         LAZYBLK_CACHE_DIR=/var/cache/lazyblk lazyblk snapshotter --address /run/lazyblk/snapshotter.sock \
             --root /var/lib/lzsnap --log-file /tmp/daemons.log > /tmp/snapshotter.log 2>&1 &
         wait_for 30 "the snapshotter" test -S /run/lazyblk/snapshotter.sock
@@ -66,17 +70,28 @@ one() {
         { read -r line; now_ms > /tmp/first; echo "$line" > /tmp/line; cat > /dev/null; }
     t2=$(cat /tmp/first)
     grep -q lazyblk-python-ok /tmp/line || { cat /tmp/line; echo "BENCHCTR sys=$sys failed=run"; return; }
-    if [ "$sys" = lazyblk ]; then
+    if [ "$snap" = lazyblk ]; then
         id=$(lazyblk list | awk '/ublkb/ { print $1; exit }')
         fetched=$(lazyblk status "$id" --json | tr ',' '\n' | awk -F: '/"bytes_fetched"/ { gsub(/ /, "", $2); print $2; exit }')
+        lazyblk status "$id" | grep '^attach' | sed "s/^/BENCHINFO sys=$sys /"
     else
         fetched=$(cat /pyimg/image-bytes) # every layer, compressed
+    fi
+    if [ "$sys" = record ]; then
+        # The start-up just run, as a prefetch pack over the converted image (the newest link).
+        mkdir -p /tmp/trace
+        lazyblk trace "$id" --pack -o /tmp/trace/prefetch.pack --push "$REG/python:3.11-lazyblk" > /tmp/trace.log 2>&1 ||
+            { cat /tmp/trace.log; echo "BENCHCTR sys=lazyblk-pack failed=trace"; return; }
+        sed 's/^/BENCHINFO sys=record /' /tmp/trace.log
+        return
     fi
     echo "BENCHCTR sys=$sys pull_ms=$((t1 - t0)) first_line_ms=$((t2 - t0)) fetched=$fetched"
 }
 for r in $(seq "$BENCH_ROUNDS"); do
     for s in overlayfs lazyblk; do one $s; done
 done
+one record
+for r in $(seq "$BENCH_ROUNDS"); do one lazyblk-pack; done
 stop_all
 GUEST
 
@@ -88,6 +103,7 @@ bash "$top/qemu/run-guest.sh" --script "$work/guest.sh" --mem 4096 --timeout 300
     --bin "$(command -v containerd)" --bin "$(command -v containerd-shim-runc-v2)" \
     --bin "$(command -v ctr)" --bin "$(command -v runc)" --bin "$(command -v docker-registry)" \
     --dir "$work/pyimg:/pyimg" --dir "$work/pyreg:/pyreg" > /dev/null || true
+tr -d '\r' < "$log" | grep '^BENCHINFO' || true
 tr -d '\r' < "$log" | grep '^BENCHCTR' > "$work/results.txt" || true
 python3 - "$work/results.txt" "$rounds" "$netem" "$top/docs/BENCHMARKS.md" "${BENCH_NO_DOC:-}" << 'PY'
 import re, statistics, sys, subprocess, platform, os
@@ -106,7 +122,7 @@ def med(sys_, k):
 lines = ["| system | rounds | pull (median ms) | pull to first line (median ms) | ratio to overlayfs | bytes fetched (median) |",
          "|---|---|---|---|---|---|"]
 base = med("overlayfs", "first_line_ms")
-for s in ("overlayfs", "lazyblk"):
+for s in ("overlayfs", "lazyblk", "lazyblk-pack"):
     if s not in rows:
         continue
     f = med(s, "first_line_ms")
@@ -116,8 +132,12 @@ for f in failed:
     lines.append(f"| failed | | {f} | | | |")
 table = "\n".join(lines)
 print(table)
-lazy = med("lazyblk", "first_line_ms")
-verdict = f"lazyblk / overlayfs, pull to first line: {lazy / base:.2f}x (target at most 0.2x: {'met' if lazy / base <= 0.2 else 'MISSED'})" if base and lazy else "no comparison (a system failed)"
+def verdict_of(s, what):
+    lazy = med(s, "first_line_ms")
+    if not (base and lazy):
+        return f"{what}: no comparison (a system failed)"
+    return f"{what} / overlayfs, pull to first line: {lazy / base:.2f}x (target at most 0.2x: {'met' if lazy / base <= 0.2 else 'MISSED'})"
+verdict = verdict_of("lazyblk", "lazyblk") + "\n\n" + verdict_of("lazyblk-pack", "lazyblk with the recorded start-up's prefetch pack")
 print(verdict)
 if nodoc == "1":
     sys.exit(0)

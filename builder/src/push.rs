@@ -394,6 +394,20 @@ pub async fn push_linked(
     progress: &(dyn Fn(&File, PushOutcome) + Sync),
 ) -> Result<LinkedPush> {
     let (id, m, files) = build_dir_files(dir)?;
+    push_files_linked(client, r, id, &m, files, link, progress).await
+}
+
+/// [`push_linked`] of image `id`'s `files`: under `r`'s tag with the link's `subject`, then as
+/// a referrer of each subject in the source's repository.
+async fn push_files_linked(
+    client: &Client,
+    r: &Reference,
+    id: ImageId,
+    m: &Manifest,
+    files: Vec<File>,
+    link: &SourceLink,
+    progress: &(dyn Fn(&File, PushOutcome) + Sync),
+) -> Result<LinkedPush> {
     let how = As::Linked(link, &link.manifest);
     let (pushed, _) = push_files(client, r, id, &m, files.clone(), None, how, progress).await?;
     let src = &link.repository;
@@ -429,7 +443,10 @@ pub async fn push_linked(
 /// `lazyblk trace --pack --push <ref>`: the image `r` names (its manifest and blob, and a
 /// published prefetch list and source config) with the prefetch pack at `pack` (and its blob next to it) in
 /// place of any it had, pushed as a new manifest under `r`'s tag. The image's blobs are
-/// already there and are not sent again.
+/// already there and are not sent again. A converted image (one linked to its source: a
+/// `subject` and the source annotations) keeps its link, made now: the new manifest is also
+/// pushed as a referrer of the source, the newest, so that what finds the lazy version of the
+/// source (the snapshotter, `add <source>`) finds the one with the pack.
 pub async fn push_pack(
     client: &Client,
     pack: &Path,
@@ -465,11 +482,62 @@ pub async fn push_pack(
         }
     }
     files.extend(pack_files(pack, &id, &m)?);
-    Ok(
-        push_files(client, r, id, &m, files, None, As::Plain, progress)
+    match link_of(client, r, &got.bytes).await? {
+        Some(link) => Ok(push_files_linked(client, r, id, &m, files, &link, progress)
             .await?
-            .0,
-    )
+            .pushed),
+        None => Ok(
+            push_files(client, r, id, &m, files, None, As::Plain, progress)
+                .await?
+                .0,
+        ),
+    }
+}
+
+/// The link to its source that the lazyblk manifest `bytes` (pushed at `r`) carries, made anew
+/// (`created` now), or `None` for an image that was not converted. The index's media type and
+/// size, which the manifest names only by digest, are read from the source's repository.
+async fn link_of(client: &Client, r: &Reference, bytes: &[u8]) -> Result<Option<SourceLink>> {
+    let bad =
+        |what: &str| Error::Invalid(format!("{r}: the manifest's link to its source: {what}"));
+    let v: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| bad(&format!("not JSON: {e}")))?;
+    let Some(subject) = v.get("subject") else {
+        return Ok(None);
+    };
+    let text = |x: &serde_json::Value, k: &str| x.get(k).and_then(|s| s.as_str()).map(String::from);
+    let manifest = Subject {
+        media_type: text(subject, "mediaType").ok_or_else(|| bad("subject without mediaType"))?,
+        digest: text(subject, "digest").ok_or_else(|| bad("subject without digest"))?,
+        size: subject
+            .get("size")
+            .and_then(|s| s.as_u64())
+            .ok_or_else(|| bad("subject without size"))?,
+    };
+    let a = v.get("annotations").cloned().unwrap_or_default();
+    let repo = text(&a, SOURCE_REPOSITORY).ok_or_else(|| bad("no source repository"))?;
+    let repository = Reference::parse(&format!("{}/{repo}@{}", r.registry(), manifest.digest))
+        .map_err(|e| bad(&format!("source repository {repo:?}: {e}")))?;
+    let index = match text(&a, SOURCE_INDEX) {
+        Some(d) => {
+            let at = repository
+                .with_digest(&d)
+                .map_err(|e| bad(&format!("source index {d:?}: {e}")))?;
+            let got = client.resolve(&at).await.map_err(reg)?;
+            Some(Subject {
+                media_type: got.media_type,
+                digest: d,
+                size: got.bytes.len() as u64,
+            })
+        }
+        None => None,
+    };
+    Ok(Some(SourceLink {
+        repository,
+        manifest,
+        index,
+        created: rfc3339_utc(std::time::SystemTime::now()),
+    }))
 }
 
 #[cfg(test)]

@@ -617,8 +617,68 @@ fn converted_images_link_to_their_source_and_are_found_from_it() {
     };
     o.registry.credentials = CredentialSource::Anonymous;
     o.registry.hosts_dir = Some(cache.join("no-hosts.d"));
-    let s = ChunkStore::open(&Location::parse(&l.reference.to_string()), o).unwrap();
+    let s = ChunkStore::open(&Location::parse(&l.reference.to_string()), o.clone()).unwrap();
     assert_eq!(s.id(), far.pushed.image);
+    drop(s);
+
+    // A prefetch pack pushed over a converted image (`trace --pack --push`) keeps its link to
+    // the source, made now: the newest, so the source (tag, digest, index) finds the version
+    // with the pack, and the store opens it with the pack.
+    let lazy_ref = Reference::parse(&format!("{host}/lazy/app:v1")).unwrap();
+    let m2 = lazyblk_format::Manifest::decode(&std::fs::read(c2.out_dir.join("manifest")).unwrap())
+        .unwrap();
+    let pack_path = dir.path().join("trace").join("prefetch.pack");
+    std::fs::create_dir_all(pack_path.parent().unwrap()).unwrap();
+    {
+        use lazyblk_blocksource::BlockSource;
+        let s2 = ChunkStore::open(&Location::parse(&lazy_ref.to_string()), o.clone()).unwrap();
+        let mut read = |at: u64, buf: &mut [u8]| {
+            s2.read_at(at, buf)
+                .map_err(|e| std::io::Error::other(e.to_string()))
+        };
+        lazyblk_builder::build_prefetch_pack(
+            other.pushed.image,
+            &m2,
+            &[0, 1, 2],
+            &mut read,
+            &pack_path,
+            3,
+        )
+        .unwrap();
+    }
+    let packed = rt()
+        .block_on(lazyblk_builder::push_pack(
+            &client,
+            &pack_path,
+            &lazy_ref,
+            &|_, _| {},
+        ))
+        .unwrap();
+    assert_eq!(packed.image, other.pushed.image, "the same image");
+    for src in [
+        format!("{host}/src/app:v1"),
+        format!("{host}/src/app:multi"),
+    ] {
+        let l = find(&src).unwrap_or_else(|| panic!("{src}: no lazy version"));
+        assert_eq!(
+            l.reference.to_string(),
+            format!("{host}/src/app@{}", packed.digest),
+            "{src}: the version with the pack is the newest"
+        );
+    }
+    let pm = rt().block_on(client.resolve(&lazy_ref)).unwrap();
+    let pv: serde_json::Value = serde_json::from_slice(&pm.bytes).unwrap();
+    assert_eq!(
+        pv["subject"]["digest"], got.digest,
+        "the pack push keeps the subject"
+    );
+    assert_eq!(pv["annotations"][SOURCE_INDEX], idx);
+    let l = find(&format!("{host}/src/app:v1")).unwrap();
+    let s = ChunkStore::open(&Location::parse(&l.reference.to_string()), o).unwrap();
+    assert!(
+        s.open_report().prefetch_pack.is_some(),
+        "the source's lazy version opens with its prefetch pack"
+    );
     drop(s);
 
     // `add`'s choice: a lazy image as is, an ordinary one through its link, none: one line.
