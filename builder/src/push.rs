@@ -409,7 +409,7 @@ async fn push_files_linked(
     progress: &(dyn Fn(&File, PushOutcome) + Sync),
 ) -> Result<LinkedPush> {
     let how = As::Linked(link, &link.manifest);
-    let (pushed, _) = push_files(client, r, id, &m, files.clone(), None, how, progress).await?;
+    let (pushed, _) = push_files(client, r, id, m, files.clone(), None, how, progress).await?;
     let src = &link.repository;
     let mount = (src.registry() == r.registry() && src.repository() != r.repository())
         .then(|| r.repository());
@@ -422,7 +422,7 @@ async fn push_files_linked(
             client,
             src,
             id,
-            &m,
+            m,
             files,
             mount,
             As::Referrer(link, subject),
