@@ -9,12 +9,22 @@ pub fn is_ours(id: u32) -> bool {
     matches!(lazyblk_ublk::device_state(id), Ok((_, Some(v))) if v.get(lazyblk_ublk::TARGET_NAME).is_some())
 }
 
-/// Whether process `pid` exists and is not a zombie.
+/// Whether process `pid` exists and is neither a zombie (`Z`) nor dead (`X`: being reaped, the
+/// moment between its parent's wait and its `/proc` entry going away).
 pub fn pid_alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
-        && std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| !s.contains(") Z "))
-            .unwrap_or(false)
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| stat_state(&s))
+        .is_some_and(|st| !matches!(st, 'Z' | 'X' | 'x'))
+}
+
+/// The state letter of a `/proc/<pid>/stat` line: the field after the command name, which is in
+/// parentheses and may itself hold `) ` (so the last `)` ends it).
+fn stat_state(stat: &str) -> Option<char> {
+    stat.get(stat.rfind(')')? + 1..)?
+        .trim_start()
+        .chars()
+        .next()
 }
 
 /// The record of device `id`: the state directory's, else the copy the kernel keeps.
@@ -23,4 +33,19 @@ pub fn record_of(state: &Path, id: u32) -> Option<daemon::Record> {
         let (_, data) = lazyblk_ublk::device_state(id).ok()?;
         serde_json::from_value(data?.get(lazyblk_ublk::TARGET_NAME)?.clone()).ok()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{pid_alive, stat_state};
+
+    #[test]
+    fn the_state_is_read_after_the_last_parenthesis() {
+        assert_eq!(stat_state("913 (lazyblk) S 886 913"), Some('S'));
+        assert_eq!(stat_state("913 (a) Z (b)) X 1 2"), Some('X'));
+        assert_eq!(stat_state("913 (lazyblk) Z 1"), Some('Z'));
+        assert_eq!(stat_state("garbage"), None);
+        assert!(pid_alive(std::process::id()));
+        assert!(!pid_alive(u32::MAX));
+    }
 }

@@ -159,10 +159,13 @@ fn stop_daemon(id: u32, pid: u32) -> Result<()> {
     // SAFETY: kill() sends a signal to a pid; no memory is involved.
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
     let t0 = std::time::Instant::now();
-    while pid_alive(pid) && t0.elapsed() < Duration::from_secs(30) {
+    // One verdict, the last poll's (a second look could catch the process in its reaping).
+    let mut alive = pid_alive(pid);
+    while alive && t0.elapsed() < Duration::from_secs(30) {
         std::thread::sleep(Duration::from_millis(50));
+        alive = pid_alive(pid);
     }
-    if pid_alive(pid) {
+    if alive {
         bail!("the daemon of device {id} (pid {pid}) did not stop within 30 s");
     }
     Ok(())
