@@ -13,8 +13,14 @@ suites=("$@")
 [ ${#suites[@]} -gt 0 ] || suites=(e2e hostile policies registry containerd handover dense reliability)
 
 cd "$top"
-cargo build --release --locked -p lazyblk-tools -p lazyblk-tests --bins
-bin=$top/target/release
+# LAZYBLK_BIN_DIR: binaries already built (scripts/test passes its test build's); else a release build.
+if [[ -n ${LAZYBLK_BIN_DIR:-} ]]; then
+    bin=$(cd "$LAZYBLK_BIN_DIR" && pwd)
+else
+    cargo build --release --locked -p lazyblk-tools -p lazyblk-tests --bins
+    bin=$top/target/release
+fi
+[[ -x $bin/lazyblk && -x $bin/lazyblk-testkit ]] || { echo "run.sh: no lazyblk and lazyblk-testkit in $bin"; exit 1; }
 
 rm -rf "$work" && mkdir -p "$work/www" "$work/expected"
 # Image 1: the full test tree; image 2: a smaller, different one.

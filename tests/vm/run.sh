@@ -20,7 +20,8 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 VM_TOP=$(cd "$here/../.." && pwd)
-VM_BIN=$VM_TOP/target/release
+# LAZYBLK_BIN_DIR: binaries already built (scripts/test passes its test build's); else a release build.
+VM_BIN=${LAZYBLK_BIN_DIR:-$VM_TOP/target/release}
 VM_MEM=1024
 work=${LAZYBLK_VM_WORK:-$VM_TOP/target/vm-work}
 # shellcheck source=lib.sh source-path=SCRIPTDIR
@@ -36,7 +37,9 @@ lg_ensure_cmds qemu-system-x86_64:qemu-system-x86 nginx:nginx-light mkfs.ext4:e2
     mkfs.erofs:erofs-utils timeout:coreutils
 
 cd "$VM_TOP"
-cargo build --release --locked -p lazyblk-tools -p lazyblk-tests --bins
+[[ -n ${LAZYBLK_BIN_DIR:-} ]] || cargo build --release --locked -p lazyblk-tools -p lazyblk-tests --bins
+VM_BIN=$(cd "$VM_BIN" && pwd)
+[[ -x $VM_BIN/lazyblk && -x $VM_BIN/lazyblk-testkit ]] || { echo "run.sh: no lazyblk and lazyblk-testkit in $VM_BIN"; exit 1; }
 
 PASS=0
 FAIL=0
