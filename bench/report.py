@@ -327,6 +327,34 @@ def main():
                 p(f"- {s_}: {queues[s_]}")
         p("")
 
+    # ---------------------------------------------------------------- attach steps
+    steps = [("exec", "exec_ms"), ("lazy version", "lazy_ms"), ("setup", "setup_ms"), ("client", "client_ms"),
+             ("manifest", "manifest_ms"), ("cache dir", "cache_dir_ms"), ("probe", "probe_ms"),
+             ("pack probe", "pack_probe_ms"), ("presence", "presence_ms"),
+             ("store start", "start_ms"), ("prepare", "prepare_ms"), ("device", "device_ms")]
+    attach = {}  # system -> list of the attach objects of its W1-W3 runs
+    for (s_, w_), st in status.items():
+        if isinstance(st, dict) and isinstance(st.get("attach"), dict) and w_.split()[0] in ("w1", "w2", "w3"):
+            attach.setdefault(s_, []).append(st["attach"])
+    attach_ms = {}
+    if attach:
+        p("#### Attach, step by step (`lazyblk status`: `add` to the device live, mount excluded)\n")
+        p("Milliseconds, the median of each step over the system's cold W1-W3 runs; `other` is "
+          "the rest of the total.\n")
+        p("| system | runs | " + " | ".join(n for n, _ in steps) + " | other | total |")
+        p("|---|---|" + "---|" * (len(steps) + 2))
+        for s_ in SYSTEMS:
+            if s_ not in attach:
+                continue
+            a_ = attach[s_]
+            meds = [median([float(x.get(k, 0)) for x in a_]) for _, k in steps]
+            tot = median([float(x.get("total_ms", 0)) for x in a_])
+            other = median([float(x.get("total_ms", 0)) - sum(float(x.get(k, 0)) for _, k in steps) for x in a_])
+            attach_ms[s_] = tot
+            p(f"| {LABEL.get(s_, s_)} | {len(a_)} | " + " | ".join(f"{m:.0f}" for m in meds)
+              + f" | {max(0.0, other):.0f} | {tot:.0f} |")
+        p("")
+
     # ---------------------------------------------------------------- targets
     p("#### Targets (ratios from this run)\n")
     p("| target | measured | verdict |")
@@ -396,6 +424,41 @@ def main():
         p(f"| W4 after the hand-over ({how}, {ho.get('secs', '?')} s from the end of the fill): 4k random >= 0.9x kernel loop | {rs(r)} | {verdict(r, 0.9, le=False)} |")
         r = w4("w4-seq1m", "bw_kib", "loop", ho_sys)
         p(f"| W4 after the hand-over ({how}): 1 MiB sequential >= 0.9x kernel loop | {rs(r)} | {verdict(r, 0.9, le=False)} |")
+    # Performance round 2 (issue 19).
+    for sys_, tag in (("lazyblk-pf", "with a prefetch pack"), ("lazyblk", "without one (metadata pack)")):
+        r = ratio(cell(sys_, "w2"), cell("loop", "w2"))
+        p(f"| W2 lazyblk {tag} <= 1.2x local loop | {rs(r)} | {verdict(r, 1.2)} |")
+    r = ratio(cell("lazyblk", "w1"), cell("download", "w1"))
+    p(f"| W1 lazyblk without a trace <= 0.1x download+loop | {rs(r)} | {verdict(r, 0.1)} |")
+    # The wire limit of W1 with a pack: the pack's bytes at the measured link rate, plus the
+    # local W1 time (kernel loop on the complete image).
+    pack_bytes = None
+    for s_, w_, t_ in infos:
+        m = re.search(r"(\d+) bytes, written", t_) if s_ == "lazyblk-pf" and w_ == "pack" else None
+        if m:
+            pack_bytes = int(m.group(1))
+    mbit = tput.get("mbit")
+    t_pf, t_loop = cell("lazyblk-pf", "w1"), cell("loop", "w1")
+    if pack_bytes and mbit and t_pf is not None and t_loop is not None:
+        wire = pack_bytes * 8 / (float(mbit) * 1e6) + t_loop
+        r = t_pf / wire
+        p(f"| W1 lazyblk with a prefetch pack within 1.2x of the wire limit ({pack_bytes / mib:.1f} MiB at "
+          f"{float(mbit):.1f} Mbit/s + local W1 {t_loop:.2f} s = {wire:.2f} s; measured {t_pf:.2f} s) | "
+          f"{rs(r)} | {verdict(r, 1.2)} |")
+    else:
+        p("| W1 lazyblk with a prefetch pack within 1.2x of the wire limit | n/a (no pack, link rate or loop W1) | n/a |")
+    r = ratio(cell("lazyblk", "w3"), cell("download", "w3"))
+    p(f"| W3 lazyblk <= 0.35x download+loop | {rs(r)} | {verdict(r, 0.35)} |")
+    blob = float(res.get(("image", "info"), {}).get("blob_bytes", 0) or 0)
+    t_dl3 = cell("download", "w3")
+    if blob and mbit and t_dl3:
+        floor = blob * 8 / (float(mbit) * 1e6)
+        p(f"| (W3's wire floor: the whole blob, {blob / mib:.0f} MiB at {float(mbit):.1f} Mbit/s = "
+          f"{floor:.1f} s = {floor / t_dl3:.2f}x download+loop, for reference) | | |")
+    for s_ in ("lazyblk", "lazyblk-pf"):
+        if s_ in attach_ms:
+            t = attach_ms[s_] / 1000
+            p(f"| Attach of {LABEL.get(s_, s_)} (median, add to live) <= 0.4 s | {t:.2f} s | {verdict(t, 0.4)} |")
     hw = peak_kib(res, "hwm_kib", lambda x: x.startswith("lazyblk"))
     own = peak_kib(res, "own_kib", lambda x: x.startswith("lazyblk"))
     p(f"| lazyblk daemon peak RSS < 64 MiB: own RSS (VmRSS - RssShmem, without its mapped tmpfs cache file) | "

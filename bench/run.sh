@@ -84,7 +84,9 @@ if [[ -n $(cd "$top" && git status --porcelain --untracked-files=no 2>/dev/null)
 
 rublk_ver=0.2.15
 rublk=$cache/rublk-$rublk_ver/bin/rublk
-if [[ ! -x $rublk ]]; then
+rublk_bin=()
+if [[ " $systems " == *" ublkloop"* ]]; then rublk_bin=(--bin "$rublk"); fi
+if [[ ${#rublk_bin[@]} -gt 0 && ! -x $rublk ]]; then
     msg "building rublk $rublk_ver (cargo install; needs libclang-dev)"
     cargo install --locked --no-default-features --version "$rublk_ver" \
         --root "$cache/rublk-$rublk_ver" rublk >&2 || die "cargo install rublk $rublk_ver failed"
@@ -229,7 +231,7 @@ msg "running the guest (log: $log)"
 t0=$SECONDS
 set +e
 bash "$top/qemu/run-guest.sh" --script "$here/guest-bench.sh" \
-    --bin "$lazyblk" --bin "$rublk" --bin "$(command -v fio)" --bin "$(command -v curl)" \
+    --bin "$lazyblk" "${rublk_bin[@]}" --bin "$(command -v fio)" --bin "$(command -v curl)" \
     --bin "$(command -v nbdkit)" --bin "$(command -v nbd-client)" \
     --bin "$(command -v qemu-nbd)" --bin "$(command -v qemu-img)" "${perf_bin[@]}" \
     "${pairs[@]}" \

@@ -238,6 +238,23 @@ impl Inner {
         with_deadline: bool,
         background: bool,
     ) -> Vec<Run> {
+        self.make_runs_of(
+            chunks,
+            with_deadline,
+            background,
+            self.opts.max_request_bytes,
+        )
+    }
+
+    /// [`Inner::make_runs`] with runs of at most `max_bytes` (a single larger unit is still
+    /// one run).
+    pub(crate) fn make_runs_of(
+        &self,
+        chunks: Vec<u64>,
+        with_deadline: bool,
+        background: bool,
+        max_bytes: u64,
+    ) -> Vec<Run> {
         let mut by_offset: BTreeMap<u64, (Entry, Vec<u64>)> = BTreeMap::new();
         for c in chunks {
             match self.unit_entry(c) {
@@ -258,10 +275,7 @@ impl Inner {
         for (off, (e, cs)) in by_offset {
             let len = u64::from(e.stored_len);
             match runs.last_mut() {
-                Some(r)
-                    if r.blob_offset + r.len == off
-                        && r.len + len <= self.opts.max_request_bytes =>
-                {
+                Some(r) if r.blob_offset + r.len == off && r.len + len <= max_bytes => {
                     r.len += len;
                     r.parts.push((e, cs));
                 }

@@ -14,6 +14,7 @@ impl ChunkStore {
     /// threads ([`ChunkStore::start`]). Background fetching starts later, when the caller asks
     /// ([`ChunkStore::start_default_background`]).
     pub fn open(manifest: &Location, opts: StoreOptions) -> Result<ChunkStore> {
+        let t_open = std::time::Instant::now();
         let runtime = fetch_runtime(&opts)?;
         let mut report = OpenReport::default();
         let mut t = std::time::Instant::now();
@@ -25,6 +26,8 @@ impl ChunkStore {
         };
         // One client for the manifest, the prefetch list and the blob: one connection pool.
         let connector = Connector::new(&opts.http, &opts.registry)?;
+        report.times.client_ms = t_open.elapsed().as_millis() as u64;
+        lap();
 
         // 1. The manifest.
         let bytes = read_manifest(&runtime, &connector, manifest, &opts)?;

@@ -21,6 +21,16 @@ pub struct StoreOptions {
     pub max_requests: usize,
     /// Largest coalesced range request.
     pub max_request_bytes: u64,
+    /// Range requests in flight for the pack (the metadata pack or a prefetch pack) fetched at
+    /// attach, and the largest of them ([`StoreOptions::pack_request_bytes`]). The pack streams
+    /// in blob (= block) order, so a few requests in order deliver its front first, at the
+    /// link's full rate: a file-system walk, which reads metadata in roughly block order,
+    /// finds the blocks it needs arriving as it needs them. Many large requests at once would
+    /// split the link between them and deliver every part of the pack at once, slowly.
+    /// Three requests of 512 KiB keep a 100 Mbit/s link with 20 ms of round trip full.
+    pub pack_requests: usize,
+    /// The largest range request for the pack ([`StoreOptions::pack_requests`]).
+    pub pack_request_bytes: u64,
     /// Bytes fetched ahead of a miss: the first readahead window, rounded up to whole chunks
     /// (0: no readahead). Reads that go on sequentially double the window, up to
     /// `readahead_max_bytes`. In bytes, not chunks, so a setting means the same on images of
@@ -74,6 +84,8 @@ impl Default for StoreOptions {
             registry: RegistryOptions::default(),
             max_requests: 8,
             max_request_bytes: 2 << 20,
+            pack_requests: 3,
+            pack_request_bytes: 512 << 10,
             readahead_bytes: 512 << 10,
             readahead_max_bytes: 4 << 20,
             io_deadline: Some(Duration::from_secs(300)),

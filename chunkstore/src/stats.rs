@@ -190,10 +190,19 @@ pub struct OpenReport {
 /// How long attaching a device took, step by step, in milliseconds: the store's open fills the
 /// middle steps, the daemon the first and the last (`lazyblk status` shows them).
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
 pub struct AttachTimes {
     /// From the start of the `lazyblk add` that spawned the daemon to the daemon's start (the
     /// CLI, fork and exec; 0 when not known, e.g. a daemon started by `recover`).
     pub exec_ms: u64,
+    /// For an ordinary image: the spawning command's lookup of its lazy version in the
+    /// registry (resolve, referrers); 0 for a lazyblk image.
+    pub lazy_ms: u64,
+    /// The daemon's own setup before it opens the store: its log, the kernel check, the
+    /// state directory.
+    pub setup_ms: u64,
+    /// The store's runtime and HTTP client (TLS roots, connection pool).
+    pub client_ms: u64,
     /// The manifest: fetched (for a registry reference: resolved, then fetched) or read from
     /// the cache's copy.
     pub manifest_ms: u64,
@@ -208,6 +217,9 @@ pub struct AttachTimes {
     pub presence_ms: u64,
     /// The running store (its runtime, persister, background work).
     pub start_ms: u64,
+    /// Between the open store and the device: the COW layer, the device record, signal
+    /// handling, the first block for `--handover`.
+    pub prepare_ms: u64,
     /// The ublk device: created, its queues started, live.
     pub device_ms: u64,
     /// All of it: from the start of `add` (or of the daemon when that is not known) to live.
@@ -216,24 +228,32 @@ pub struct AttachTimes {
 
 impl AttachTimes {
     /// One line: `812 ms (exec 31, manifest 105, ..., other 40 ms each)`: steps of 0 ms are
-    /// left out; `other` is the rest of the total (the daemon's own setup between the steps).
+    /// left out; `other` is the rest of the total (what no step covers).
     pub fn line(&self) -> String {
         let named = self.exec_ms
+            + self.lazy_ms
+            + self.setup_ms
+            + self.client_ms
             + self.manifest_ms
             + self.cache_dir_ms
             + self.probe_ms
             + self.pack_probe_ms
             + self.presence_ms
             + self.start_ms
+            + self.prepare_ms
             + self.device_ms;
         let steps = [
             ("exec", self.exec_ms),
+            ("lazy version", self.lazy_ms),
+            ("setup", self.setup_ms),
+            ("client", self.client_ms),
             ("manifest", self.manifest_ms),
             ("cache dir", self.cache_dir_ms),
             ("probe+list+pack", self.probe_ms),
             ("pack probe", self.pack_probe_ms),
             ("presence", self.presence_ms),
             ("store start", self.start_ms),
+            ("prepare", self.prepare_ms),
             ("device", self.device_ms),
             ("other", self.total_ms.saturating_sub(named)),
         ];

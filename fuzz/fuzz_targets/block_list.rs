@@ -1,21 +1,8 @@
-//! `BlockList::decode` on arbitrary bytes (a block list is handed to `lazyblk build
-//! --pack-blocks`, and may come from anywhere). It must never panic; what it accepts re-encodes
-//! to the exact input and is strictly ascending.
+//! cargo-fuzz target `block_list`: the check in `fuzz/checks/block_list.rs` (also replayed over the
+//! seeds by the host tests, `tests/tests/fuzz_checks.rs`).
 #![no_main]
 
-use lazyblk_format::BlockList;
-use libfuzzer_sys::fuzz_target;
+#[path = "../checks/block_list.rs"]
+mod check;
 
-fuzz_target!(|data: &[u8]| {
-    let Ok(l) = BlockList::decode(data) else {
-        return;
-    };
-    assert!(
-        l.encode() == data,
-        "accepted list does not re-encode to its input"
-    );
-    assert!(
-        l.blocks.windows(2).all(|w| w[0] < w[1]),
-        "accepted blocks out of order"
-    );
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| check::run(data));

@@ -1,23 +1,8 @@
-//! `--listen` addresses (`lazyblk_metrics::Listen`) and the metrics text reader
-//! (`lazyblk_metrics::parse_text`) on arbitrary text: never panic; an address that parses
-//! prints to one that parses back to the same; text the reader accepts re-read is the same.
+//! cargo-fuzz target `metrics_listen`: the check in `fuzz/checks/metrics_listen.rs` (also replayed over the
+//! seeds by the host tests, `tests/tests/fuzz_checks.rs`).
 #![no_main]
 
-use lazyblk_metrics::Listen;
-use libfuzzer_sys::fuzz_target;
+#[path = "../checks/metrics_listen.rs"]
+mod check;
 
-fuzz_target!(|data: &[u8]| {
-    let Ok(s) = std::str::from_utf8(data) else { return };
-    if let Ok(l) = s.parse::<Listen>() {
-        let shown = l.to_string();
-        let back: Listen = shown.parse().unwrap_or_else(|e| panic!("{s:?} -> {shown:?}: {e}"));
-        assert_eq!(back, l);
-    }
-    if let Ok(samples) = lazyblk_metrics::parse_text(s) {
-        for x in &samples {
-            assert!(!x.name.is_empty());
-        }
-        let again = lazyblk_metrics::parse_text(s).expect("deterministic");
-        assert_eq!(again.len(), samples.len());
-    }
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| check::run(data));

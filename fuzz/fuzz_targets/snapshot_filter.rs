@@ -1,59 +1,8 @@
-//! `Filter::parse` (containerd's filter syntax for the snapshotter's List) on arbitrary text:
-//! never panics; what it accepts prints (Display, everything quoted) to a filter that parses
-//! back to the same selectors and matches the same snapshots; and a label selector built with
-//! `quote` from the input's two halves matches a snapshot carrying exactly that label.
+//! cargo-fuzz target `snapshot_filter`: the check in `fuzz/checks/snapshot_filter.rs` (also replayed over the
+//! seeds by the host tests, `tests/tests/fuzz_checks.rs`).
 #![no_main]
 
-use std::collections::BTreeMap;
-use std::time::SystemTime;
+#[path = "../checks/snapshot_filter.rs"]
+mod check;
 
-use lazyblk_snapshotter::filter::{quote, Filter};
-use lazyblk_snapshotter::meta::{Kind, Snapshot};
-use libfuzzer_sys::fuzz_target;
-
-fn snap(labels: BTreeMap<String, String>) -> Snapshot {
-    Snapshot {
-        id: 1,
-        kind: Kind::Committed,
-        parent: "k8s.io/1/sha256:p".into(),
-        labels,
-        created: SystemTime::UNIX_EPOCH,
-        updated: SystemTime::UNIX_EPOCH,
-        remote: None,
-    }
-}
-
-fuzz_target!(|data: &[u8]| {
-    let Ok(s) = std::str::from_utf8(data) else {
-        return;
-    };
-    if let Ok(f) = Filter::parse(&[s]) {
-        let shown = f.to_string();
-        let back = Filter::parse(&[shown.as_str()])
-            .unwrap_or_else(|e| panic!("{s:?} printed as {shown:?}, which does not parse: {e}"));
-        assert_eq!(back, f, "{s:?} -> {shown:?}");
-        let sample = snap(BTreeMap::from([("a".to_string(), "x".to_string())]));
-        for name in ["", "a", "sha256:p"] {
-            assert_eq!(f.matches(name, &sample), back.matches(name, &sample));
-        }
-    }
-    let mid = s
-        .char_indices()
-        .nth(s.chars().count() / 2)
-        .map_or(s.len(), |(i, _)| i);
-    let (k, v) = s.split_at(mid);
-    let sel = format!(
-        "labels.{}=={},parent=={}",
-        quote(k),
-        quote(v),
-        quote("k8s.io/1/sha256:p")
-    );
-    let f = Filter::parse(&[sel.as_str()]).unwrap_or_else(|e| panic!("{sel:?}: {e}"));
-    let with = snap(BTreeMap::from([(k.to_string(), v.to_string())]));
-    assert!(f.matches("n", &with), "{sel:?}");
-    let other = format!("{v}-");
-    assert!(
-        !f.matches("n", &snap(BTreeMap::from([(k.to_string(), other)]))),
-        "{sel:?}"
-    );
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| check::run(data));

@@ -1,45 +1,8 @@
-//! `parse_challenges` (the registry client's `WWW-Authenticate` parser) on arbitrary text: it
-//! must never panic, parameter names come out lowercase, and writing the parsed challenges back
-//! (quoted values, escapes) parses to the same challenges.
+//! cargo-fuzz target `www_authenticate`: the check in `fuzz/checks/www_authenticate.rs` (also replayed over the
+//! seeds by the host tests, `tests/tests/fuzz_checks.rs`).
 #![no_main]
 
-use lazyblk_registry::challenge::{parse_challenges, Challenge};
-use libfuzzer_sys::fuzz_target;
+#[path = "../checks/www_authenticate.rs"]
+mod check;
 
-fn write(cs: &[Challenge]) -> String {
-    let mut out = Vec::new();
-    for c in cs {
-        let mut s = c.scheme.clone();
-        let params: Vec<String> = c
-            .params
-            .iter()
-            .map(|(n, v)| {
-                if n.is_empty() {
-                    v.clone()
-                } else {
-                    format!("{n}=\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\""))
-                }
-            })
-            .collect();
-        if !params.is_empty() {
-            s.push(' ');
-            s.push_str(&params.join(", "));
-        }
-        out.push(s);
-    }
-    out.join(", ")
-}
-
-fuzz_target!(|data: &[u8]| {
-    let text = String::from_utf8_lossy(data);
-    let cs = parse_challenges(&text);
-    for c in &cs {
-        assert!(!c.scheme.is_empty(), "empty scheme from {text:?}");
-        for (n, _) in &c.params {
-            assert_eq!(n, &n.to_ascii_lowercase(), "parameter name not lowercased");
-        }
-        let _ = (c.is("bearer"), c.param("realm"));
-    }
-    let again = parse_challenges(&write(&cs));
-    assert_eq!(again, cs, "written back as {:?}", write(&cs));
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| check::run(data));

@@ -295,13 +295,20 @@ impl Client {
         } else {
             (got.digest, None)
         };
-        let mut lists = vec![(
-            manifest.clone(),
-            self.referrers(source, &manifest, Some(artifact_type))
-                .await?,
-        )];
-        if let Some(i) = &index {
-            let of_index = self.referrers(source, i, Some(artifact_type)).await?;
+        // Both lists at once: each is a request or two (the referrers API, then the tag
+        // schema where the registry has no API), one round trip saved at every attach.
+        let (of_manifest, of_index) = tokio::join!(
+            self.referrers(source, &manifest, Some(artifact_type)),
+            async {
+                match &index {
+                    Some(i) => Some(self.referrers(source, i, Some(artifact_type)).await),
+                    None => None,
+                }
+            }
+        );
+        let mut lists = vec![(manifest.clone(), of_manifest?)];
+        if let (Some(i), Some(of_index)) = (&index, of_index) {
+            let of_index = of_index?;
             lists.push((
                 i.clone(),
                 of_index

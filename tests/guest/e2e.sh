@@ -75,7 +75,7 @@ check "status shows the attach time per step" grep -q "^attach  *[0-9]* ms (.* m
 lazyblk status "${DEV1#/dev/ublkb}" --json | tr -d ' \n' > /tmp/status1.json
 aj() { sed -n "s/.*\"attach\":{[^}]*\"$1\":\([0-9]*\).*/\1/p" /tmp/status1.json; }
 sum=0
-for k in exec_ms manifest_ms cache_dir_ms probe_ms pack_probe_ms presence_ms start_ms device_ms; do
+for k in exec_ms lazy_ms setup_ms client_ms manifest_ms cache_dir_ms probe_ms pack_probe_ms presence_ms start_ms prepare_ms device_ms; do
     v=$(aj $k)
     [ -n "$v" ] || die "status --json has no attach.$k"
     sum=$((sum + v))

@@ -209,11 +209,37 @@ fn prepare_detach(id: u32, store: &ChunkStore, gate: &FetchGate) -> Result<()> {
 /// its start time (microseconds since the epoch), for the `exec` step of [`AttachTimes`].
 pub const T0_ENV: &str = "LAZYBLK_T0_US";
 
+/// The environment variable in which that command passes how long it spent looking up the lazy
+/// version of an ordinary image (milliseconds; the `lazy` step of [`AttachTimes`]).
+pub const LAZY_MS_ENV: &str = "LAZYBLK_LAZY_MS";
+
 static PROCESS_T0: std::sync::OnceLock<std::time::SystemTime> = std::sync::OnceLock::new();
+
+/// How long the spawning command looked for the lazy version ([`LAZY_MS_ENV`]; 0 if it did not).
+fn lazy_lookup_ms() -> u64 {
+    std::env::var(LAZY_MS_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
 
 /// Note when this process started (the first thing `main` does).
 pub fn mark_process_start() {
     let _ = PROCESS_T0.set(std::time::SystemTime::now());
+}
+
+/// When this process became a daemon by a fork of the command that started it
+/// ([`crate::spawn`]): its own start, for the attach times.
+static FORK_T0: std::sync::OnceLock<std::time::SystemTime> = std::sync::OnceLock::new();
+
+/// Note that this process is a fork that runs a daemon's command line (now).
+pub fn mark_fork() {
+    let _ = FORK_T0.set(std::time::SystemTime::now());
+}
+
+/// When this daemon's own work began: its fork, else its process start.
+fn own_start() -> Option<std::time::SystemTime> {
+    FORK_T0.get().or(PROCESS_T0.get()).copied()
 }
 
 /// This process's start, in microseconds since the epoch (for [`T0_ENV`]).
@@ -252,10 +278,16 @@ pub fn run(mut args: DaemonArgs) -> Result<()> {
 
 fn run_inner(args: &mut DaemonArgs) -> Result<()> {
     let origin = attach_origin();
-    let exec_ms = PROCESS_T0
-        .get()
+    let spawn_ms = own_start()
         .and_then(|t| t.duration_since(origin).ok())
         .map_or(0, |d| d.as_millis() as u64);
+    // The spawning command's time, less its lookup of the lazy version (a step of its own).
+    let lazy_ms = if spawn_ms > 0 {
+        lazy_lookup_ms().min(spawn_ms)
+    } else {
+        0
+    };
+    let exec_ms = spawn_ms - lazy_ms;
     lazyblk_ublk::check_kernel()?;
     if args.handover {
         crate::handover::check_options(args.cow.writable, args.store.cache_limit)?;
@@ -270,7 +302,11 @@ fn run_inner(args: &mut DaemonArgs) -> Result<()> {
     crate::metrics::ensure_state_dir(&args.state_dir)?;
     let sockets = args.sockets.clone();
     sockets.gid()?;
+    let setup_ms = own_start()
+        .and_then(|t| t.elapsed().ok())
+        .map_or(0, |d| d.as_millis() as u64);
     let store = open_store(args)?;
+    let t_prepare = std::time::Instant::now();
     let id = store.id();
     let cow_dir = args.cow.dir_for(&id.hex());
     let cow = open_cow(cow_dir.as_deref(), &store, &id)?;
@@ -303,6 +339,9 @@ fn run_inner(args: &mut DaemonArgs) -> Result<()> {
     }
     let mut times = store.open_report().times.clone();
     times.exec_ms = exec_ms;
+    times.lazy_ms = lazy_ms;
+    times.setup_ms = setup_ms;
+    times.prepare_ms = t_prepare.elapsed().as_millis() as u64;
     let t_device = std::time::Instant::now();
     let (st3, stop3, dev_size) = (
         Arc::downgrade(&store),

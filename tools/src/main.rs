@@ -11,17 +11,29 @@ mod handover;
 mod metrics;
 mod registry_args;
 mod signals;
+mod spawn;
 mod store_args;
 mod supervise;
 
 use anyhow::Result;
 use clap::Parser;
 use cli::{Cli, Cmd};
-use std::io::IsTerminal;
 
 fn main() {
     daemon::mark_process_start();
-    let cli = Cli::parse();
+    std::process::exit(run_argv(std::env::args().collect()));
+}
+
+/// The log's level filter, reloaded when a forked daemon takes over ([`spawn`]).
+type LogFilter =
+    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>;
+static LOG_FILTER: std::sync::OnceLock<LogFilter> = std::sync::OnceLock::new();
+
+/// Parse `argv` and run it; the exit status. A forked daemon ([`spawn`]) runs its command line
+/// here too, so the log is set up once and only its level changes.
+fn run_argv(argv: Vec<String>) -> i32 {
+    use tracing_subscriber::prelude::*;
+    let cli = Cli::parse_from(argv);
     let foreground_daemon = match &cli.cmd {
         Cmd::Add(a) => a.foreground,
         Cmd::Recover { foreground, .. } => *foreground,
@@ -29,17 +41,33 @@ fn main() {
         _ => false,
     };
     let default = if foreground_daemon { "info" } else { "warn" };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("LAZYBLK_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
-    if let Err(e) = run(cli) {
-        eprintln!("lazyblk: error: {e:#}");
-        std::process::exit(1);
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LAZYBLK_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    match LOG_FILTER.get() {
+        Some(h) => {
+            let _ = h.reload(filter);
+        }
+        None => {
+            let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+            // No ANSI colours: a forked daemon keeps this layer, and its standard error is its
+            // log file, whatever the command's was (the writer takes fd 2 at every event).
+            tracing_subscriber::registry()
+                .with(filter)
+                .with(
+                    tracing_subscriber::fmt::layer()
+                        .with_writer(std::io::stderr)
+                        .with_ansi(false),
+                )
+                .init();
+            let _ = LOG_FILTER.set(handle);
+        }
+    }
+    match run(cli) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("lazyblk: error: {e:#}");
+            1
+        }
     }
 }
 

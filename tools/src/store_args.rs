@@ -30,6 +30,14 @@ pub struct StoreArgs {
     /// Range requests in flight.
     #[arg(long, default_value_t = 8)]
     max_requests: usize,
+    /// Range requests in flight for the pack fetched at attach (the image's metadata pack or
+    /// a prefetch pack). It streams in block order: a few requests in order deliver its front
+    /// first.
+    #[arg(long, default_value_t = 3)]
+    pack_requests: usize,
+    /// Largest range request for that pack (e.g. 512K).
+    #[arg(long, value_parser = parse_size, default_value = "512K")]
+    pack_request_size: u64,
     /// Bytes read ahead after a miss (the first window, rounded up to whole chunks; e.g. 512K;
     /// 0: no readahead).
     #[arg(long, value_parser = parse_size, default_value = "512K")]
@@ -106,6 +114,10 @@ impl StoreArgs {
             self.io_deadline.to_string(),
             "--max-requests".into(),
             self.max_requests.to_string(),
+            "--pack-requests".into(),
+            self.pack_requests.to_string(),
+            "--pack-request-size".into(),
+            self.pack_request_size.to_string(),
             "--readahead".into(),
             self.readahead.to_string(),
             "--readahead-max".into(),
@@ -147,6 +159,8 @@ impl StoreArgs {
             },
             registry: self.registry.options(self.http_timeout),
             max_requests: self.max_requests,
+            pack_requests: self.pack_requests,
+            pack_request_bytes: self.pack_request_size,
             readahead_bytes: self.readahead,
             readahead_max_bytes: self.readahead_max,
             io_deadline: (self.io_deadline > 0).then(|| Duration::from_secs(self.io_deadline)),
@@ -194,6 +208,10 @@ mod tests {
             "8M",
             "--max-requests",
             "4",
+            "--pack-requests",
+            "2",
+            "--pack-request-size",
+            "1M",
             "--http-timeout",
             "9",
             "--io-deadline",
@@ -229,6 +247,7 @@ mod tests {
             (1 << 20, 8 << 20)
         );
         assert_eq!(b.max_requests, 4);
+        assert_eq!((b.pack_requests, b.pack_request_bytes), (2, 1 << 20));
         assert_eq!(b.registry.mirrors, ["http://m1:5000", "http://m2"]);
         assert!(b.registry.insecure && b.registry.plain_http == Some(true));
         assert!(

@@ -30,6 +30,7 @@ fn start(args: &[String], mut relay: Option<&mut File>) -> Result<(Child, Option
     if relay.is_none() {
         // A restart: its attach began now, not when `add` started the supervisor.
         cmd.env_remove(crate::daemon::T0_ENV);
+        cmd.env_remove(crate::daemon::LAZY_MS_ENV);
     }
     let mut child = cmd.spawn().context("starting the daemon")?;
     let out = child.stdout.take().context("daemon stdout")?;

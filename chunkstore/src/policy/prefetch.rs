@@ -94,16 +94,30 @@ impl Inner {
         let n = self.manifest.chunk_count();
         let units = self.manifest.unit_count();
         self.adopt_frames();
-        let order: Vec<u64> = order.into_iter().filter(|&c| c < units).collect();
-        if !order.is_empty() {
+        // The pack's frames first, streamed in order with a few requests of their own
+        // (`pack_requests`); then the chunk list, with the on-demand concurrency.
+        let (frames, chunks): (Vec<u64>, Vec<u64>) = order
+            .into_iter()
+            .filter(|&c| c < units)
+            .partition(|&u| u >= n);
+        if !frames.is_empty() {
+            let slots = self.opts.pack_requests.max(1);
+            let sem = Arc::new(tokio::sync::Semaphore::new(slots));
+            let max_run = self.opts.pack_request_bytes.max(1);
+            self.fetch_list(&frames, &sem, slots, max_run, None, false)
+                .await;
+        }
+        if !chunks.is_empty() {
             let slots = self.opts.max_requests.max(1);
-            self.fetch_list(&order, &self.prefetch_slots, slots, None, false)
+            let max_run = self.opts.max_request_bytes;
+            self.fetch_list(&chunks, &self.prefetch_slots, slots, max_run, None, false)
                 .await;
         }
         if hydrate && !self.shutdown.load(Ordering::Relaxed) {
             let all: Vec<u64> = (0..n).collect();
             let slots = opts_background(&self.opts);
-            self.fetch_list(&all, &self.background, slots, rate, true)
+            let max_run = self.opts.max_request_bytes;
+            self.fetch_list(&all, &self.background, slots, max_run, rate, true)
                 .await;
         }
         self.background_done.store(true, Ordering::SeqCst);
@@ -115,7 +129,8 @@ impl Inner {
     }
 
     /// Fetch the missing chunks of `list`, in list order a window at a time, with at most
-    /// `nslots` requests of `slots` in flight; returns when they have all finished.
+    /// `nslots` requests of `slots` in flight, each of at most `max_run` bytes; returns when
+    /// they have all finished.
     ///
     /// Within a window, chunks are fetched in chunk (= blob) order and holes of up to
     /// [`GAP_FILL_BYTES`] between two listed ones are fetched too: a few more bytes in
@@ -125,6 +140,7 @@ impl Inner {
         list: &[u64],
         slots: &Arc<tokio::sync::Semaphore>,
         nslots: usize,
+        max_run: u64,
         rate: Option<u64>,
         yield_to_misses: bool,
     ) {
@@ -189,7 +205,7 @@ impl Inner {
                 }
                 batch
             };
-            for run in self.make_runs(batch, false, true) {
+            for run in self.make_runs_of(batch, false, true, max_run) {
                 // Sealed meanwhile: the rest of the window is released, not fetched.
                 let permit = slots.clone().acquire_owned().await.ok();
                 let Some(permit) = permit.filter(|_| !self.sealed.load(Ordering::SeqCst)) else {

@@ -12,7 +12,6 @@ use lazyblk_remote::registry::{self, Serve};
 use lazyblk_remote::Location;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 /// `lazyblk add`.
 #[derive(Args)]
@@ -82,7 +81,12 @@ pub fn run(state: PathBuf, mut a: AddArgs) -> Result<()> {
     // Once, in the first process: the daemon, the supervisor's daemons and `recover` serve the
     // pinned lazy image it found.
     if a.recover_id.is_none() && a.lazy.is_none() {
+        let t = std::time::Instant::now();
         a.lazy = lazy_version(&a)?;
+        if a.lazy.is_some() {
+            // For the daemon's attach times (`lazy`), passed on by `spawn_daemon`.
+            let _ = LAZY_LOOKUP_MS.set(t.elapsed().as_millis() as u64);
+        }
     }
     if a.foreground && a.supervise {
         run_supervisor(&state, &a)
@@ -92,6 +96,9 @@ pub fn run(state: PathBuf, mut a: AddArgs) -> Result<()> {
         start_detached(&a)
     }
 }
+
+/// How long this process looked up the lazy version of an ordinary image, if it did.
+static LAZY_LOOKUP_MS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
 
 /// `add <ref>` of an ordinary container image: its lazy version, pinned, said on stderr
 /// (`lazyblk_remote::registry::lazy_version`). `None`: serve `manifest` as it is (a path, a
@@ -200,7 +207,6 @@ fn stdout_file() -> Result<std::fs::File> {
 
 /// Start a detached daemon and wait for its ready line.
 pub fn spawn_daemon(args: &[String], log: &Path) -> Result<(u32, String)> {
-    use std::os::unix::process::CommandExt;
     if let Some(d) = log.parent() {
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }
@@ -210,19 +216,14 @@ pub fn spawn_daemon(args: &[String], log: &Path) -> Result<(u32, String)> {
         .open(log)
         .with_context(|| format!("opening the log file {}", log.display()))?;
     let (reader, writer) = std::io::pipe()?;
-    let exe = std::env::current_exe()?;
-    let mut child = Command::new(exe)
-        .args(args)
-        .env(
-            crate::daemon::T0_ENV,
-            crate::daemon::process_start_us().to_string(),
-        )
-        .stdin(Stdio::null())
-        .stdout(writer)
-        .stderr(logf)
-        .process_group(0)
-        .spawn()
-        .context("starting the daemon")?;
+    let mut envs = vec![(
+        crate::daemon::T0_ENV,
+        crate::daemon::process_start_us().to_string(),
+    )];
+    if let Some(ms) = LAZY_LOOKUP_MS.get() {
+        envs.push((crate::daemon::LAZY_MS_ENV, ms.to_string()));
+    }
+    let child = crate::spawn::start_self(args, &envs, writer, logf)?;
     let mut reader = BufReader::new(reader);
     let mut line = String::new();
     loop {
@@ -240,7 +241,7 @@ pub fn spawn_daemon(args: &[String], log: &Path) -> Result<(u32, String)> {
         std::mem::forget(child);
         return Ok((id.parse()?, bdev.to_string()));
     }
-    let _ = child.wait();
+    child.wait();
     if let Some(msg) = line.strip_prefix("ERR ") {
         bail!("{msg}");
     }
