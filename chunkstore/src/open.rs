@@ -29,8 +29,34 @@ impl ChunkStore {
         report.times.client_ms = t_open.elapsed().as_millis() as u64;
         lap();
 
-        // 1. The manifest.
-        let bytes = read_manifest(&runtime, &connector, manifest, &opts)?;
+        // 1. The manifest; next to an unpinned one the prefetch list and pack are fetched in
+        // any case, so they go out with it (their round trip overlaps the manifest's).
+        let list_loc = manifest.sibling(PREFETCH_FILE);
+        let pack_loc = manifest.sibling(PACK_FILE);
+        let (bytes, early) = if opts.expected_id.is_none()
+            && (opts.use_prefetch_list || (opts.prefetch_pack && opts.expected_pack.is_none()))
+        {
+            let (b, list, pack) = runtime.block_on(async {
+                tokio::join!(
+                    fetch_manifest(&connector, manifest),
+                    async {
+                        match opts.use_prefetch_list {
+                            true => Some(connector.read_whole(&list_loc, EARLY_MAX).await),
+                            false => None,
+                        }
+                    },
+                    async {
+                        match opts.prefetch_pack && opts.expected_pack.is_none() {
+                            true => Some(connector.read_whole(&pack_loc, EARLY_MAX).await),
+                            false => None,
+                        }
+                    }
+                )
+            });
+            (b.map_err(manifest_error)?, Some(Early { list, pack }))
+        } else {
+            (read_manifest(&runtime, &connector, manifest, &opts)?, None)
+        };
         report.resolved = runtime.block_on(connector.resolved_digest(manifest));
         let id = ImageId::of(&bytes);
         let m = Manifest::decode(&bytes)?;
@@ -49,10 +75,14 @@ impl ChunkStore {
         let old_meta: Option<Meta> = std::fs::read(&meta_path)
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
-        let list_loc = manifest.sibling(PREFETCH_FILE);
-        let pack_loc = manifest.sibling(PACK_FILE);
         let c = runtime.block_on(fetch_companions(
-            &connector, &*remote, &m, &opts, &list_loc, &pack_loc, &old,
+            &connector,
+            &*remote,
+            &m,
+            &opts,
+            (&list_loc, &pack_loc),
+            &old,
+            early,
         ));
         let etag = check_blob(
             c.probed,
@@ -213,13 +243,7 @@ fn read_manifest(
         Some(b) => b,
         None => runtime
             .block_on(fetch_manifest(connector, manifest))
-            .map_err(|e| match e {
-                Error::Remote(r) => Error::Remote(RemoteError {
-                    message: format!("cannot read the manifest: {}", r.message),
-                    ..r
-                }),
-                other => other,
-            })?,
+            .map_err(manifest_error)?,
     };
     let id = ImageId::of(&bytes);
     if let Some(want) = opts.expected_id {
@@ -231,6 +255,55 @@ fn read_manifest(
         }
     }
     Ok(bytes)
+}
+
+/// A manifest that could not be read, said so.
+fn manifest_error(e: Error) -> Error {
+    match e {
+        Error::Remote(r) => Error::Remote(RemoteError {
+            message: format!("cannot read the manifest: {}", r.message),
+            ..r
+        }),
+        other => other,
+    }
+}
+
+/// The largest prefetch list or pack fetched together with the manifest, before its real limit
+/// is known (from the manifest: [`list_limit`], [`pack_limit`]); a bigger one is fetched again
+/// in step 3 when its own limit allows it.
+const EARLY_MAX: u64 = 64 << 20;
+
+/// The prefetch list and pack fetched together with the manifest (step 1), when fetched.
+pub(crate) struct Early {
+    list: Option<std::result::Result<Vec<u8>, RemoteError>>,
+    pack: Option<std::result::Result<Vec<u8>, RemoteError>>,
+}
+
+/// The largest prefetch list of image `m`.
+fn list_limit(m: &Manifest) -> u64 {
+    4 * m.chunk_count() + 64
+}
+
+/// The largest prefetch pack file of image `m`.
+fn pack_limit(m: &Manifest) -> u64 {
+    40 * m.block_count() + 4096
+}
+
+/// An early fetch of `loc` held to its real `limit`: `None` when it must be fetched again (it
+/// was cut at [`EARLY_MAX`] while the real limit is larger).
+fn held_to(
+    got: std::result::Result<Vec<u8>, RemoteError>,
+    loc: &Location,
+    limit: u64,
+) -> Option<std::result::Result<Vec<u8>, RemoteError>> {
+    match got {
+        Ok(b) if b.len() as u64 > limit => Some(Err(RemoteError::permanent(
+            loc.to_string(),
+            format!("larger than {limit} bytes"),
+        ))),
+        Err(_) if limit > EARLY_MAX => None,
+        other => Some(other),
+    }
 }
 
 /// Step 2: the cache directory of image `id` under `root`, created if need be and locked
@@ -275,10 +348,17 @@ async fn fetch_companions(
     remote: &dyn Remote,
     m: &Manifest,
     opts: &StoreOptions,
-    list_loc: &Location,
-    pack_loc: &Location,
+    (list_loc, pack_loc): (&Location, &Location),
     old: &CacheLayout,
+    early: Option<Early>,
 ) -> Companions {
+    let (early_list, early_pack) = match early {
+        Some(e) => (
+            e.list.and_then(|r| held_to(r, list_loc, list_limit(m))),
+            e.pack.and_then(|r| held_to(r, pack_loc, pack_limit(m))),
+        ),
+        None => (None, None),
+    };
     // The prefetch pack: pinned (and not already cached), or next to an unpinned manifest
     // when prefetching is on (without it, a copy the cache kept stays in use).
     let fetch_pack = match opts.expected_pack {
@@ -295,23 +375,19 @@ async fn fetch_companions(
         }
     };
     let list = async {
-        if opts.use_prefetch_list {
-            Some(
-                connector
-                    .read_whole(list_loc, 4 * m.chunk_count() + 64)
-                    .await,
-            )
+        if early_list.is_some() {
+            early_list
+        } else if opts.use_prefetch_list {
+            Some(connector.read_whole(list_loc, list_limit(m)).await)
         } else {
             None
         }
     };
     let pack = async {
-        if fetch_pack {
-            Some(
-                connector
-                    .read_whole(pack_loc, 40 * m.block_count() + 4096)
-                    .await,
-            )
+        if early_pack.is_some() {
+            early_pack
+        } else if fetch_pack {
+            Some(connector.read_whole(pack_loc, pack_limit(m)).await)
         } else {
             None
         }

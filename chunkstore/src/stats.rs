@@ -208,8 +208,8 @@ pub struct AttachTimes {
     pub manifest_ms: u64,
     /// Claiming the cache directory (its lock, its manifest copy).
     pub cache_dir_ms: u64,
-    /// One round trip for three requests: the blob's range probe, the prefetch list and the
-    /// prefetch pack.
+    /// The blob's range probe, with the prefetch list and the prefetch pack in the same round
+    /// trip when they did not go out with the manifest (a pinned manifest or pack).
     pub probe_ms: u64,
     /// The range probe of the prefetch pack's blob (0 without a pack).
     pub pack_probe_ms: u64,

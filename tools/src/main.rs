@@ -29,10 +29,20 @@ type LogFilter =
     tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>;
 static LOG_FILTER: std::sync::OnceLock<LogFilter> = std::sync::OnceLock::new();
 
+/// The command line this process runs: its own, or in a forked daemon the one it was given
+/// ([`spawn`]), which `std::env::args` does not show.
+static ARGV: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// The arguments of the command line this process runs, without the program name.
+fn args() -> Vec<String> {
+    ARGV.lock().expect("lock").iter().skip(1).cloned().collect()
+}
+
 /// Parse `argv` and run it; the exit status. A forked daemon ([`spawn`]) runs its command line
 /// here too, so the log is set up once and only its level changes.
 fn run_argv(argv: Vec<String>) -> i32 {
     use tracing_subscriber::prelude::*;
+    *ARGV.lock().expect("lock") = argv.clone();
     let cli = Cli::parse_from(argv);
     let foreground_daemon = match &cli.cmd {
         Cmd::Add(a) => a.foreground,

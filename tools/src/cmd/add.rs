@@ -142,8 +142,8 @@ fn with_lazy(mut args: Vec<String>, a: &AddArgs) -> Vec<String> {
 
 /// The supervisor: the same command line without --supervise is its daemon.
 fn run_supervisor(state: &Path, a: &AddArgs) -> Result<()> {
-    let args: Vec<String> = std::env::args()
-        .skip(1)
+    let args: Vec<String> = crate::args()
+        .into_iter()
         .filter(|a| a != "--supervise")
         .collect();
     let mut args = with_lazy(args, a);
@@ -187,7 +187,7 @@ fn ublk_options(a: &AddArgs) -> lazyblk_ublk::Options {
 /// it is live.
 fn start_detached(a: &AddArgs) -> Result<()> {
     lazyblk_ublk::check_kernel()?;
-    let mut args = with_lazy(std::env::args().skip(1).collect(), a);
+    let mut args = with_lazy(crate::args(), a);
     args.push("--foreground".into());
     let (id, bdev) = spawn_daemon(&args, &a.log_file)?;
     if a.recover_id.is_some() {
