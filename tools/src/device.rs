@@ -18,13 +18,18 @@ pub fn pid_alive(pid: u32) -> bool {
         .is_some_and(|st| !matches!(st, 'Z' | 'X' | 'x'))
 }
 
-/// The state letter of a `/proc/<pid>/stat` line: the field after the command name, which is in
-/// parentheses and may itself hold `) ` (so the last `)` ends it).
+/// The state letter of a `/proc/<pid>/stat` line (field 3).
 fn stat_state(stat: &str) -> Option<char> {
+    stat_field(stat, 3)?.chars().next()
+}
+
+/// Field `n` (from 1, as in proc(5); `n` >= 3) of a `/proc/<pid>/stat` line. The fields from 3
+/// on follow the command name, which is in parentheses and may itself hold `) `, so the last
+/// `)` ends it.
+pub fn stat_field(stat: &str, n: usize) -> Option<&str> {
     stat.get(stat.rfind(')')? + 1..)?
-        .trim_start()
-        .chars()
-        .next()
+        .split_whitespace()
+        .nth(n.checked_sub(3)?)
 }
 
 /// The record of device `id`: the state directory's, else the copy the kernel keeps.
@@ -45,6 +50,11 @@ mod tests {
         assert_eq!(stat_state("913 (a) Z (b)) X 1 2"), Some('X'));
         assert_eq!(stat_state("913 (lazyblk) Z 1"), Some('Z'));
         assert_eq!(stat_state("garbage"), None);
+        let fields: Vec<String> = (4..=21).map(|i| format!("f{i}")).collect();
+        let line = format!("913 (a) b) S {}", fields.join(" "));
+        assert_eq!(super::stat_field(&line, 20), Some("f20"));
+        assert_eq!(super::stat_field(&line, 3), Some("S"));
+        assert_eq!(super::stat_field(&line, 22), None);
         assert!(pid_alive(std::process::id()));
         assert!(!pid_alive(u32::MAX));
     }

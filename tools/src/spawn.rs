@@ -6,7 +6,8 @@
 //! `fork` that runs the new command line in the copy, without `exec`: under TCG a start of this
 //! 20 MB binary (loading, relocation, the page faults of its first run, clap and the log set-up)
 //! took 130-150 ms, a third of an attach (`docs/DESIGN.md`, "Attach"). With more threads (the
-//! snapshotter, a supervisor) a fork is not safe, and it is a `fork` + `exec` as before.
+//! snapshotter) a fork is not safe, and it is a `fork` + `exec` as before; so is a supervisor's
+//! start of its daemon (`supervise.rs`), which watches a `Child`.
 
 use anyhow::{Context, Result};
 use std::fs::File;
@@ -40,13 +41,9 @@ impl Started {
 
 /// Whether this process has exactly one thread (`/proc/self/stat`, field 20).
 fn single_threaded() -> bool {
-    let Ok(s) = std::fs::read_to_string("/proc/self/stat") else {
-        return false;
-    };
-    // The fields after the command name, which ends at the last ')': state is field 3.
-    s.rsplit_once(')')
-        .and_then(|(_, rest)| rest.split_whitespace().nth(17).map(str::to_string))
-        .is_some_and(|n| n == "1")
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .is_some_and(|s| crate::device::stat_field(&s, 20) == Some("1"))
 }
 
 /// Start `lazyblk <args>` with `envs` added to the environment, standard input `/dev/null`,
