@@ -23,7 +23,10 @@ pub mod push;
 mod tests;
 
 pub use error::{Error, Result};
-pub use image::{build_image, BuildOptions, BuildSummary, PackBlocks, MANIFEST_FILE};
+pub use image::{
+    build_image, build_parts, shared_blob_name, BuildOptions, BuildSummary, PackBlocks, Part,
+    MANIFEST_FILE,
+};
 pub use pack::{build_prefetch_pack, PackSummary};
 pub use publish::write_atomic;
 pub use push::{push, push_linked, push_pack, LinkedPush, PushSummary, SourceLink, Subject};

@@ -101,6 +101,11 @@ pub fn build_dir_files(dir: &Path) -> Result<(ImageId, Manifest, Vec<File>)> {
         file(dir, crate::MANIFEST_FILE, MEDIA_MANIFEST)?,
         file(dir, &m.blob_name, MEDIA_BLOB)?,
     ];
+    // A converted image's layers, each a blob of its own that other images share (the
+    // registry keeps one copy: the bytes, so the digest, are the same).
+    for b in &m.shared {
+        files.push(file(dir, &b.name, MEDIA_BLOB)?);
+    }
     if let Ok(b) = std::fs::read(dir.join(PREFETCH_FILE)) {
         PrefetchList::decode(&b, &id, m.chunk_count())
             .map_err(|e| Error::Invalid(format!("{}: {e}", dir.join(PREFETCH_FILE).display())))?;
@@ -480,6 +485,21 @@ pub async fn push_pack(
                 path: PathBuf::new(),
             });
         }
+    }
+    for b in &m.shared {
+        let l = layer(&b.name).ok_or_else(|| {
+            Error::Invalid(format!(
+                "{r}: the image has no layer {:?} (a shared blob)",
+                b.name
+            ))
+        })?;
+        files.push(File {
+            name: b.name.clone(),
+            media_type: MEDIA_BLOB,
+            digest: l.digest,
+            size: l.size,
+            path: PathBuf::new(),
+        });
     }
     files.extend(pack_files(pack, &id, &m)?);
     match link_of(client, r, &got.bytes).await? {

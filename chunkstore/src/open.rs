@@ -70,7 +70,7 @@ impl ChunkStore {
 
         // 3. The blob, probed together with the optional companions.
         let blob_loc = manifest.sibling(&m.blob_name);
-        let remote = connector.open_remote(&blob_loc);
+        let remote = open_blob(&connector, manifest, &m);
         let meta_path = dir.join("meta.json");
         let old_meta: Option<Meta> = std::fs::read(&meta_path)
             .ok()
@@ -685,4 +685,20 @@ pub(crate) fn load_prefetch(
             None
         }
     }
+}
+
+/// The image's stored blob: its own blob, or (a converted image with layers as shared blobs)
+/// the shared blobs and then the own blob, read as one.
+fn open_blob(connector: &Connector, manifest: &Location, m: &Manifest) -> Box<dyn Remote> {
+    let own = connector.open_remote(&manifest.sibling(&m.blob_name));
+    if m.shared.is_empty() {
+        return own;
+    }
+    let mut parts: Vec<(Box<dyn Remote>, u64)> = m
+        .shared
+        .iter()
+        .map(|b| (connector.open_remote(&manifest.sibling(&b.name)), b.size))
+        .collect();
+    parts.push((own, m.own_blob_size()));
+    Box::new(Concat::of(parts))
 }

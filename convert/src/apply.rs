@@ -16,7 +16,12 @@
 //!   since a chown clears it) and mtime (directories' at the end of the layer, after their
 //!   children were written). A hardlink shares its target's inode and metadata.
 //! * File data is written with runs of zero 4 KiB blocks left as holes (GNU sparse entries are
-//!   expanded by the tar reader and come out sparse again).
+//!   expanded by the tar reader and come out sparse again). A tree opened with
+//!   [`Tree::open_with_regions`] keeps no file data: each layer's goes to a *region* file of its
+//!   own, every file at the next 4 KiB boundary in the layer's stream order, and the tree's file
+//!   only gets its length; [`Regions`] says where each inode's data is (what
+//!   [`crate::erofs`] points the image's files at). A region depends on its layer's bytes
+//!   only, so it is the same in every image that has the layer.
 //!
 //! **Safety**: every path is split into plain components: an absolute path, a `..` component
 //! or a NUL is refused; `.` and empty components are dropped. Then the walk opens each parent
@@ -33,9 +38,11 @@
 use crate::at::{os, Dir, Kind, Name};
 use crate::error::{one_line, Error, Result};
 use crate::layer::{Counted, Meter};
-use std::collections::HashSet;
-use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::path::Path;
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
+use std::io::{self, Read};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use tar::EntryType;
 use tracing::{debug, warn};
@@ -129,10 +136,41 @@ fn key(comps: &[Name]) -> Vec<u8> {
     k
 }
 
+/// Where a regular file's data is: in the region of layer `layer`, at `offset` (a multiple
+/// of 4 KiB), `len` bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DataRef {
+    /// The layer (0: the base), which is its region's index.
+    pub layer: usize,
+    /// Offset in the region.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+/// The layers' file data, one region file per layer applied (`<dir>/<index>`).
+#[derive(Debug, Default)]
+pub struct Regions {
+    dir: PathBuf,
+    /// Each region's length (the last being written included).
+    pub lens: Vec<u64>,
+    /// The data of each regular file of the tree, by inode number.
+    pub files: HashMap<u64, DataRef>,
+    current: Option<std::fs::File>,
+}
+
+impl Regions {
+    /// The region file of layer `i`.
+    pub fn path(&self, i: usize) -> PathBuf {
+        self.dir.join(i.to_string())
+    }
+}
+
 /// A work tree that layers are applied onto.
 pub struct Tree {
     root: Dir,
     opts: ApplyOptions,
+    regions: Option<RefCell<Regions>>,
 }
 
 /// The state of one layer being applied.
@@ -151,11 +189,39 @@ impl Tree {
     /// The tree rooted at the existing directory `root`.
     pub fn open(root: &Path, opts: ApplyOptions) -> Result<Tree> {
         let d = Dir::open_root(root).map_err(|e| Error::io(root, e))?;
-        Ok(Tree { root: d, opts })
+        Ok(Tree {
+            root: d,
+            opts,
+            regions: None,
+        })
+    }
+
+    /// The tree rooted at `root`, whose layers' file data goes to region files in the new
+    /// directory `regions` (see the module docs).
+    pub fn open_with_regions(root: &Path, opts: ApplyOptions, regions: &Path) -> Result<Tree> {
+        let mut t = Tree::open(root, opts)?;
+        std::fs::create_dir(regions).map_err(|e| Error::io(regions, e))?;
+        t.regions = Some(RefCell::new(Regions {
+            dir: regions.to_path_buf(),
+            ..Regions::default()
+        }));
+        Ok(t)
+    }
+
+    /// The regions written so far (`None` for a tree that keeps its data).
+    pub fn into_regions(self) -> Option<Regions> {
+        self.regions.map(RefCell::into_inner)
     }
 
     /// Apply the tar stream `tar` (already decompressed) as the layer `label` (for messages).
     pub fn apply_layer(&self, label: &str, tar: impl Read) -> Result<LayerStats> {
+        if let Some(r) = &self.regions {
+            let mut r = r.borrow_mut();
+            let path = r.path(r.lens.len());
+            let f = std::fs::File::create_new(&path).map_err(|e| Error::io(&path, e))?;
+            r.current = Some(f);
+            r.lens.push(0);
+        }
         let meter = Rc::new(Meter::default());
         let counted = Counted::new(tar, self.opts.max_layer_bytes, meter.clone());
         let mut archive = tar::Archive::new(counted);
@@ -230,6 +296,13 @@ impl Tree {
             },
             Fail::Limit(what, limit, flag) => limit_err(what, limit, flag),
         })?;
+        if let Some(r) = &self.regions {
+            let mut r = r.borrow_mut();
+            let len = *r.lens.last().expect("a region per layer");
+            let f = r.current.take().expect("a region per layer");
+            let path = r.path(r.lens.len() - 1);
+            f.set_len(len).map_err(|e| Error::io(&path, e))?;
+        }
         let mut stats = l.stats;
         let counted = archive.into_inner();
         stats.diff_id = counted.finish().map_err(bad_tar)?;
@@ -320,8 +393,28 @@ impl Layer<'_> {
         match etype {
             EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
                 self.prepare(&dir, name, false)?;
-                let mut f = dir.create_file(name).map_err(io_err("create"))?;
-                let n = self.copy_sparse(e, &mut f)?;
+                let f = dir.create_file(name).map_err(io_err("create"))?;
+                let n = match &self.tree.regions {
+                    None => self.copy_sparse(e, &f, 0)?,
+                    Some(r) => {
+                        let mut r = r.borrow_mut();
+                        let layer = r.lens.len() - 1;
+                        let offset = r.lens[layer].div_ceil(4096) * 4096;
+                        let region = r.current.as_ref().expect("a region per layer");
+                        let n = self.copy_sparse(e, region, offset)?;
+                        r.lens[layer] = offset + n;
+                        let ino = f.metadata().map_err(io_err("stat"))?.ino();
+                        r.files.insert(
+                            ino,
+                            DataRef {
+                                layer,
+                                offset,
+                                len: n,
+                            },
+                        );
+                        n
+                    }
+                };
                 if n != e.size() {
                     return Err(Fail::Io(
                         format!("its data ends after {n} of {} bytes", e.size()),
@@ -495,12 +588,17 @@ impl Layer<'_> {
         Ok(())
     }
 
-    /// Copy an entry's data into `f`, leaving zero 4 KiB blocks as holes; the bytes copied.
-    fn copy_sparse<Rd: Read>(&mut self, e: &mut tar::Entry<Rd>, f: &mut std::fs::File) -> R<u64> {
+    /// Copy an entry's data into `f` at `base`, leaving zero 4 KiB blocks as holes; the bytes
+    /// copied.
+    fn copy_sparse<Rd: Read>(
+        &mut self,
+        e: &mut tar::Entry<Rd>,
+        f: &std::fs::File,
+        base: u64,
+    ) -> R<u64> {
         const BLOCK: usize = 4096;
         let mut buf = vec![0u8; 64 * BLOCK];
         let mut pos = 0u64;
-        let mut written_to = 0u64;
         let limit = self.tree.opts.max_layer_bytes;
         loop {
             // Fill the buffer (so blocks stay aligned to the file's offsets).
@@ -522,11 +620,7 @@ impl Layer<'_> {
             }
             for block in buf[..n].chunks(BLOCK) {
                 if block.iter().any(|b| *b != 0) {
-                    if written_to != pos {
-                        f.seek(SeekFrom::Start(pos)).map_err(io_err("seek"))?;
-                    }
-                    f.write_all(block).map_err(io_err("write"))?;
-                    written_to = pos + block.len() as u64;
+                    f.write_all_at(block, base + pos).map_err(io_err("write"))?;
                 }
                 pos += block.len() as u64;
             }

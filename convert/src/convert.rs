@@ -1,25 +1,25 @@
-//! The orchestration: open the source, apply its layers in order onto `work/rootfs`, make one
-//! erofs image of the tree (`mkfs.erofs`), chunk it into `work/out` with the builder, and keep
-//! the source image's config beside it as [`IMAGE_CONFIG_FILE`].
+//! The orchestration: open the source, apply its layers in order onto `work/rootfs` (file
+//! data to one region per layer, `work/regions/<i>`), write the merged erofs metadata of the
+//! tree pointing into the regions ([`crate::erofs`]), chunk metadata and regions into
+//! `work/out` with the builder, each region a shared blob of its own, and keep the source
+//! image's config beside it as [`IMAGE_CONFIG_FILE`].
 //!
 //! The work directory holds everything written: `layers/` (downloaded or extracted layers),
-//! `rootfs/` (the tree), `image.erofs`, `out/` (the build directory to push). The seam for
-//! shared per-layer data regions is [`Converted::layers`] (each layer's digest, `diff_id` and
-//! stats); [`Converted::source_link`] is what the pushed image links to (the source manifest
-//! as its OCI 1.1 `subject`, and the index it came from).
+//! `rootfs/` (the tree, without file data), `regions/`, `meta.erofs`, `out/` (the build
+//! directory to push). [`Converted::source_link`] is what the pushed image links to (the
+//! source manifest as its OCI 1.1 `subject`, and the index it came from).
 
 use crate::apply::{ApplyOptions, LayerStats, Tree};
 use crate::error::{Error, Result};
 use crate::layer;
 use crate::source::{Image, LayerDesc, ManifestDesc, SourceRef};
 use crate::Platform;
-use lazyblk_builder::{build_image, BuildOptions, BuildSummary, SourceLink, Subject};
+use lazyblk_builder::{build_parts, BuildOptions, BuildSummary, Part, SourceLink, Subject};
 use lazyblk_registry::Client;
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 /// The name of the source image's OCI config in a converted build directory (published by
 /// `lazyblk_builder::push` as a layer of that title, media type
@@ -66,8 +66,8 @@ pub enum Progress<'a> {
         /// What it did.
         stats: &'a LayerStats,
     },
-    /// Running `mkfs.erofs` on the tree.
-    Mkfs,
+    /// Writing the erofs metadata of the tree.
+    Metadata,
     /// Chunking the erofs image: bytes done of `total`.
     Build {
         /// Bytes done.
@@ -107,8 +107,10 @@ pub struct Converted {
     pub config: Vec<u8>,
     /// The flattened tree.
     pub tree: TreeStats,
-    /// The erofs image.
-    pub image: PathBuf,
+    /// The erofs metadata (the image's first stretch; the regions follow it).
+    pub meta: PathBuf,
+    /// Where the metadata and each layer's region lie in the image.
+    pub layout: crate::erofs::Layout,
     /// The build directory (`manifest`, `blob`, `image-config.json`).
     pub out_dir: PathBuf,
     /// What the builder did.
@@ -165,7 +167,8 @@ pub async fn convert(
     std::fs::create_dir_all(work).map_err(|e| Error::io(work, e))?;
     let rootfs = work.join("rootfs");
     let out_dir = work.join("out");
-    for p in [&rootfs, &out_dir] {
+    let regions_dir = work.join("regions");
+    for p in [&rootfs, &out_dir, &regions_dir] {
         if p.exists() {
             return Err(Error::Source(format!(
                 "{} already exists: give an empty work directory",
@@ -174,25 +177,33 @@ pub async fn convert(
         }
     }
     std::fs::create_dir(&rootfs).map_err(|e| Error::io(&rootfs, e))?;
-    let (img, layers) = unpack(
-        src,
-        client,
-        &opts.platform,
-        None,
-        &rootfs,
-        work,
-        &opts.apply,
-        progress,
-    )
-    .await?;
+    let tree = Tree::open_with_regions(&rootfs, opts.apply.clone(), &regions_dir)?;
+    let (img, tree, layers) =
+        apply_layers(src, client, &opts.platform, None, tree, work, progress).await?;
+    let regions = tree.into_regions().expect("opened with regions");
     let tree_stats = count_tree(&rootfs)?;
-    progress(Progress::Mkfs);
-    let image = work.join("image.erofs");
-    mkfs_erofs(&rootfs, &image)?;
-    let total = std::fs::metadata(&image)
-        .map_err(|e| Error::io(&image, e))?
-        .len();
-    let build = build_image(&image, &out_dir, &opts.build, |done| {
+    progress(Progress::Metadata);
+    let meta = work.join("meta.erofs");
+    let cs = u64::from(opts.build.chunk_size);
+    let layout = crate::erofs::write_image(&rootfs, &regions, cs, volume_uuid(&layers), &meta)?;
+    let mut parts = vec![Part {
+        path: meta.clone(),
+        offset: 0,
+        len: layout.meta_len,
+        shared: false,
+    }];
+    for (i, &len) in regions.lens.iter().enumerate() {
+        if len > 0 {
+            parts.push(Part {
+                path: regions.path(i),
+                offset: layout.region_offsets[i],
+                len: len.next_multiple_of(cs),
+                shared: true,
+            });
+        }
+    }
+    let total = layout.image_size;
+    let build = build_parts(&parts, &out_dir, &opts.build, |done| {
         progress(Progress::Build { done, total })
     })?;
     lazyblk_builder::write_atomic(&out_dir.join(IMAGE_CONFIG_FILE), &img.config)?;
@@ -202,30 +213,23 @@ pub async fn convert(
         layers,
         config: img.config.clone(),
         tree: tree_stats,
-        image,
+        meta,
+        layout,
         out_dir,
         build,
     })
 }
 
-/// `mkfs.erofs` (erofs-utils) of `tree` at `image`: owners, modes, xattrs, hardlinks, devices
-/// and mtimes are kept as they are in the tree.
-pub fn mkfs_erofs(tree: &Path, image: &Path) -> Result<()> {
-    let out = Command::new("mkfs.erofs")
-        .arg("--quiet")
-        .arg(image)
-        .arg(tree)
-        .output()
-        .map_err(|e| Error::io("mkfs.erofs (install erofs-utils)", e))?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        return Err(Error::Source(format!(
-            "mkfs.erofs failed on {}: {}",
-            tree.display(),
-            err.lines().last().unwrap_or("").trim()
-        )));
+/// The volume UUID of an image made of these layers: from their `diff_id`s, so a conversion
+/// gives the same bytes again.
+fn volume_uuid(layers: &[(LayerDesc, LayerStats)]) -> [u8; 16] {
+    let mut h = blake3::Hasher::new();
+    for (_, s) in layers {
+        h.update(s.diff_id.as_bytes());
     }
-    Ok(())
+    let mut u = [0u8; 16];
+    u.copy_from_slice(&h.finalize().as_bytes()[..16]);
+    u
 }
 
 /// Count the tree under `root` (symlinks not followed).
@@ -277,6 +281,21 @@ pub async fn unpack(
     apply: &ApplyOptions,
     progress: &mut (dyn FnMut(Progress) + Send),
 ) -> Result<(Image, Vec<(LayerDesc, LayerStats)>)> {
+    let tree = Tree::open(rootfs, apply.clone())?;
+    let (img, _, layers) = apply_layers(src, client, platform, upto, tree, work, progress).await?;
+    Ok((img, layers))
+}
+
+/// [`unpack`] onto `tree`, given back with the image and each layer's statistics.
+async fn apply_layers(
+    src: &SourceRef,
+    client: Option<&Client>,
+    platform: &Platform,
+    upto: Option<&str>,
+    tree: Tree,
+    work: &Path,
+    progress: &mut (dyn FnMut(Progress) + Send),
+) -> Result<(Image, Tree, Vec<(LayerDesc, LayerStats)>)> {
     let img = Image::open(src, client, platform, work).await?;
     if !img.diff_ids.is_empty() && img.diff_ids.len() != img.layers.len() {
         return Err(Error::Source(format!(
@@ -298,7 +317,6 @@ pub async fn unpack(
                 .ok_or_else(|| Error::Source(format!("{src}: no layer {d}")))?
         }
     };
-    let tree = Tree::open(rootfs, apply.clone())?;
     let mut layers = Vec::new();
     for (i, l) in img.layers.iter().enumerate().take(count) {
         let label = format!("{}/{} ({})", i + 1, img.layers.len(), l.digest);
@@ -338,5 +356,5 @@ pub async fn unpack(
         });
         layers.push((l.clone(), stats));
     }
-    Ok((img, layers))
+    Ok((img, tree, layers))
 }

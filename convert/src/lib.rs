@@ -6,8 +6,10 @@
 //! manifests, configs, layers verified by digest); layer streams ([`layer`]: gzip, zstd or plain
 //! by media type and magic, byte limits, `diff_id`s); applying layers onto a work tree with the
 //! OCI image spec's change semantics, safely ([`apply`], over the directory-relative calls of
-//! [`at`]); and the orchestration ([`convert()`]): layers → tree → `mkfs.erofs` → the builder's
-//! chunked image, with the source config kept as `image-config.json` beside it.
+//! [`at`]); the merged erofs metadata over per-layer data regions ([`erofs`]); and the
+//! orchestration ([`convert()`]): layers → tree and regions → erofs metadata → the builder's
+//! chunked image, each layer's region a blob shared with every image that has the layer, with
+//! the source config kept as `image-config.json` beside it.
 //!
 //! **What it must not touch**: anything outside the work directory it is given (a layer can
 //! never make it write elsewhere: see [`apply`]); caches, devices, the lazyblk format (that is
@@ -20,6 +22,7 @@
 pub mod apply;
 pub mod at;
 pub mod convert;
+pub mod erofs;
 pub mod error;
 pub mod layer;
 pub mod source;

@@ -25,9 +25,9 @@ pub use error::{Error, Result};
 pub use id::ImageId;
 pub use lists::{BlockList, PrefetchList, BLOCK_LIST_MAGIC, PREFETCH_FILE, PREFETCH_MAGIC};
 pub use manifest::{
-    valid_blob_name, ChunkRef, Encoding, Entry, Manifest, DEFAULT_CHUNK_SIZE,
+    valid_blob_name, ChunkRef, Encoding, Entry, Manifest, SharedBlob, DEFAULT_CHUNK_SIZE,
     DEFAULT_PACK_FRAME_BLOCKS, ENTRY_LEN, HEADER_LEN, MAGIC, MAX_CHUNK_SIZE, MAX_MANIFEST_BYTES,
-    MAX_PACK_FRAME_BLOCKS, MIN_CHUNK_SIZE, PACK_BLOCK, VERSION,
+    MAX_PACK_FRAME_BLOCKS, MAX_SHARED_BLOBS, MIN_CHUNK_SIZE, PACK_BLOCK, VERSION,
 };
 pub use metapack::MetaPack;
 pub use prefetch_pack::{PrefetchPack, PACK_FILE, PACK_MAGIC};

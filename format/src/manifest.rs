@@ -30,6 +30,12 @@ pub const DEFAULT_CHUNK_SIZE: u32 = 128 << 10;
 pub(crate) const COMPRESSION_ZSTD: u8 = 1;
 /// Header flag: a metadata pack section follows the entries.
 pub(crate) const FLAG_META_PACK: u32 = 1;
+/// Header flag: a shared-blob section follows the entries (before any pack section).
+pub(crate) const FLAG_SHARED_BLOBS: u32 = 2;
+/// Most shared blobs one manifest may name (one per source layer, at most).
+pub const MAX_SHARED_BLOBS: usize = 4096;
+/// Fixed part of one shared-blob record: `u64` size, `u16` name length, 6 zero bytes.
+const SHARED_RECORD_LEN: usize = 16;
 /// Size of one metadata pack block: the block size the store exposes to frontends, so every
 /// read of the device covers whole pack blocks.
 pub const PACK_BLOCK: u64 = 4096;
@@ -64,6 +70,17 @@ pub struct Entry {
     pub encoding: Encoding,
 }
 
+/// A blob of its own that holds part of an image's stored chunks, the same bytes in every
+/// image that names it: a converted image's data of one source layer (`lazyblk convert`), so
+/// a registry stores it once and a host fetches it once.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SharedBlob {
+    /// Its name, relative to the manifest's location (a content-derived name).
+    pub name: String,
+    /// Its size in bytes (more than 0).
+    pub size: u64,
+}
+
 /// Where chunk `i` of the image comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ChunkRef<'a> {
@@ -80,10 +97,14 @@ pub struct Manifest {
     pub image_size: u64,
     /// Chunk size in bytes (power of two).
     pub chunk_size: u32,
-    /// Size of the blob in bytes.
+    /// Size of the blob in bytes: the *stored* blob, that is the shared blobs (in order) and
+    /// then the image's own blob, read as one.
     pub blob_size: u64,
-    /// Name of the blob, relative to the manifest's location.
+    /// Name of the image's own blob, relative to the manifest's location.
     pub blob_name: String,
+    /// Blobs shared with other images, placed before the own blob in the stored blob (empty
+    /// for an image built in one blob). An entry never spans two of them.
+    pub shared: Vec<SharedBlob>,
     /// For each chunk: 0 for an all-zero chunk, `k` for `entries[k - 1]`.
     pub map: Vec<u32>,
     /// The unique stored chunks.
@@ -140,6 +161,32 @@ impl Manifest {
         }) && at == self.blob_size
     }
 
+    /// Where each blob lies in the stored blob: the shared ones in order, then the own blob
+    /// (name, offset, size).
+    pub fn blob_parts(&self) -> Vec<(&str, u64, u64)> {
+        let mut at = 0u64;
+        let mut v = Vec::with_capacity(self.shared.len() + 1);
+        for b in &self.shared {
+            v.push((b.name.as_str(), at, b.size));
+            at = at.saturating_add(b.size);
+        }
+        v.push((
+            self.blob_name.as_str(),
+            at,
+            self.blob_size.saturating_sub(at),
+        ));
+        v
+    }
+
+    /// Size of the image's own blob (the stored blob without the shared ones).
+    pub fn own_blob_size(&self) -> u64 {
+        self.blob_size.saturating_sub(
+            self.shared
+                .iter()
+                .fold(0u64, |a, b| a.saturating_add(b.size)),
+        )
+    }
+
     /// Sum of stored bytes of all unique chunks (without the metadata pack).
     pub fn stored_bytes(&self) -> u64 {
         self.entries.iter().map(|e| u64::from(e.stored_len)).sum()
@@ -170,17 +217,30 @@ impl Manifest {
         let name = self.blob_name.as_bytes();
         let map_at = pad8(HEADER_LEN + name.len());
         let entries_at = pad8(map_at + 4 * self.map.len());
-        let pack_at = pad8(entries_at + ENTRY_LEN * self.entries.len());
+        let entries_end = entries_at + ENTRY_LEN * self.entries.len();
+        let shared_at = pad8(entries_end);
+        let shared_end = match self.shared.is_empty() {
+            true => entries_end,
+            false => shared_section_end(shared_at, &self.shared),
+        };
+        let pack_at = pad8(shared_end);
         let total = match &self.pack {
             Some(p) => pack_at + pack_section_len(p),
-            None => entries_at + ENTRY_LEN * self.entries.len(),
+            None => shared_end,
         };
         let mut out = vec![0u8; total];
         out[0..8].copy_from_slice(MAGIC);
         out[8..12].copy_from_slice(&VERSION.to_le_bytes());
-        if self.pack.is_some() {
-            out[12..16].copy_from_slice(&FLAG_META_PACK.to_le_bytes());
-        }
+        let flags = if self.pack.is_some() {
+            FLAG_META_PACK
+        } else {
+            0
+        } | if self.shared.is_empty() {
+            0
+        } else {
+            FLAG_SHARED_BLOBS
+        };
+        out[12..16].copy_from_slice(&flags.to_le_bytes());
         out[16..20].copy_from_slice(&self.chunk_size.to_le_bytes());
         out[20] = COMPRESSION_ZSTD;
         out[21] = DIGEST_BLAKE3;
@@ -195,6 +255,18 @@ impl Manifest {
         }
         for (i, e) in self.entries.iter().enumerate() {
             put_entry(&mut out, entries_at + ENTRY_LEN * i, e);
+        }
+        if !self.shared.is_empty() {
+            out[shared_at..shared_at + 4]
+                .copy_from_slice(&(self.shared.len() as u32).to_le_bytes());
+            let mut at = shared_at + 8;
+            for b in &self.shared {
+                out[at..at + 8].copy_from_slice(&b.size.to_le_bytes());
+                out[at + 8..at + 10].copy_from_slice(&(b.name.len() as u16).to_le_bytes());
+                at += SHARED_RECORD_LEN;
+                out[at..at + b.name.len()].copy_from_slice(b.name.as_bytes());
+                at = pad8(at + b.name.len());
+            }
         }
         if let Some(p) = &self.pack {
             encode_pack_section(&mut out, pack_at, p);
@@ -218,10 +290,11 @@ impl Manifest {
             });
         }
         let flags = le_u32(b, 12);
-        if flags & !FLAG_META_PACK != 0 {
+        if flags & !(FLAG_META_PACK | FLAG_SHARED_BLOBS) != 0 {
             return Err(bad("unknown flags set"));
         }
         let has_pack = flags & FLAG_META_PACK != 0;
+        let has_shared = flags & FLAG_SHARED_BLOBS != 0;
         let chunk_size = le_u32(b, 16);
         if !chunk_size.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size)
         {
@@ -257,9 +330,15 @@ impl Manifest {
             _ => return Err(bad("size overflow")),
         };
         let mut total = entries_end;
+        let mut shared = Vec::new();
+        if has_shared {
+            let (blobs, end) = read_shared_section(b, entries_end.div_ceil(8) * 8)?;
+            shared = blobs;
+            total = end;
+        }
         let mut pack_layout = None;
         if has_pack {
-            let layout = PackLayout::read(b, entries_end.div_ceil(8) * 8, image_size)?;
+            let layout = PackLayout::read(b, total.div_ceil(8) * 8, image_size)?;
             total = layout.end;
             pack_layout = Some(layout);
         }
@@ -318,10 +397,11 @@ impl Manifest {
         let pack = match pack_layout {
             None => None,
             Some(layout) => {
-                if b[entries_end as usize..layout.pack_at]
-                    .iter()
-                    .any(|&x| x != 0)
-                {
+                let before = match has_shared {
+                    true => shared_section_end(pad8(entries_end as usize), &shared),
+                    false => entries_end as usize,
+                };
+                if b[before..layout.pack_at].iter().any(|&x| x != 0) {
                     return Err(bad("padding bytes are not zero"));
                 }
                 let p = layout.decode(b, image_size, blob_offset)?;
@@ -334,15 +414,20 @@ impl Manifest {
                 "entries add up to {blob_offset} blob bytes, the header says {blob_size}"
             )));
         }
+        if shared.iter().any(|s| s.name == blob_name) {
+            return Err(bad(format!("shared blob {blob_name:?} is the own blob")));
+        }
         let m = Manifest {
             image_size,
             chunk_size,
             blob_size,
             blob_name,
+            shared,
             map,
             entries,
             pack,
         };
+        m.check_blob_parts()?;
         // A raw entry's length must equal the length of every chunk that uses it.
         for i in 0..m.chunk_count() {
             if let ChunkRef::Stored(e) = m.chunk(i) {
@@ -353,6 +438,101 @@ impl Manifest {
         }
         Ok(m)
     }
+}
+
+impl Manifest {
+    /// The shared blobs lie inside the stored blob, no entry spans two blobs, and the pack's
+    /// frames are in the own blob.
+    fn check_blob_parts(&self) -> Result<()> {
+        if self.shared.is_empty() {
+            return Ok(());
+        }
+        let parts = self.blob_parts();
+        let shared_end = parts.last().expect("the own blob").1;
+        if shared_end > self.blob_size {
+            return Err(bad(format!(
+                "shared blobs add up to {shared_end} bytes, more than the blob's {}",
+                self.blob_size
+            )));
+        }
+        let mut part = 0;
+        for (i, e) in self.entries.iter().enumerate() {
+            while e.blob_offset >= parts[part].1 + parts[part].2 && part + 1 < parts.len() {
+                part += 1;
+            }
+            let (name, at, len) = parts[part];
+            if e.blob_offset + u64::from(e.stored_len) > at.saturating_add(len) {
+                return Err(bad(format!("entry {i} spans the end of blob {name:?}")));
+            }
+        }
+        if let Some(p) = &self.pack {
+            if p.frames.first().is_some_and(|f| f.blob_offset < shared_end) {
+                return Err(bad("a pack frame lies in a shared blob"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// End of a shared-blob section at `at` holding `blobs`.
+fn shared_section_end(at: usize, blobs: &[SharedBlob]) -> usize {
+    blobs.iter().fold(at + 8, |end, b| {
+        pad8(end + SHARED_RECORD_LEN + b.name.len())
+    })
+}
+
+/// The shared-blob section at `at`: its blobs and where it ends. Every length is checked
+/// against the input before it is used.
+fn read_shared_section(b: &[u8], at: u64) -> Result<(Vec<SharedBlob>, u64)> {
+    let short = || bad("the shared-blob section is truncated");
+    let at = usize::try_from(at).map_err(|_| short())?;
+    if b.len() < at.saturating_add(8) {
+        return Err(short());
+    }
+    let count = le_u32(b, at) as usize;
+    if count == 0 || count > MAX_SHARED_BLOBS {
+        return Err(bad(format!("invalid shared blob count {count}")));
+    }
+    if le_u32(b, at + 4) != 0 {
+        return Err(bad("reserved shared-blob bytes are not zero"));
+    }
+    let mut blobs: Vec<SharedBlob> = Vec::with_capacity(count);
+    let mut pos = at + 8;
+    for i in 0..count {
+        if b.len() < pos + SHARED_RECORD_LEN {
+            return Err(short());
+        }
+        let size = le_u64(b, pos);
+        let name_len = usize::from(u16::from_le_bytes([b[pos + 8], b[pos + 9]]));
+        if b[pos + 10..pos + SHARED_RECORD_LEN].iter().any(|&x| x != 0) {
+            return Err(bad("reserved shared-blob bytes are not zero"));
+        }
+        let name_at = pos + SHARED_RECORD_LEN;
+        let end = pad8(name_at + name_len);
+        if b.len() < end {
+            return Err(short());
+        }
+        let name = std::str::from_utf8(&b[name_at..name_at + name_len])
+            .map_err(|_| bad(format!("shared blob {i}: name is not UTF-8")))?;
+        if !valid_blob_name(name) {
+            return Err(bad(format!("shared blob {i}: invalid name {name:?}")));
+        }
+        if size == 0 {
+            return Err(bad(format!("shared blob {name:?} is empty")));
+        }
+        if b[name_at + name_len..end].iter().any(|&x| x != 0) {
+            return Err(bad("padding bytes are not zero"));
+        }
+        if blobs.iter().any(|s| s.name == name) {
+            return Err(bad(format!("shared blob {name:?} is named twice")));
+        }
+        blobs.push(SharedBlob {
+            name: name.to_string(),
+            size,
+        });
+        pos = end;
+    }
+    Ok((blobs, pos as u64))
 }
 
 #[cfg(test)]
@@ -366,6 +546,7 @@ pub(crate) mod tests {
             chunk_size: 4096,
             blob_size: 300,
             blob_name: "blob".into(),
+            shared: Vec::new(),
             map: vec![1, 0, 1, 2],
             entries: vec![
                 Entry {
@@ -463,7 +644,7 @@ pub(crate) mod tests {
         reject(&bad, "0 blocks");
         // An unknown flag next to the pack flag.
         let mut v = b.clone();
-        v[12] |= 2;
+        v[12] |= 4;
         assert!(Manifest::decode(&v)
             .unwrap_err()
             .to_string()
@@ -477,6 +658,56 @@ pub(crate) mod tests {
             .unwrap_err()
             .to_string()
             .contains("shift"));
+    }
+
+    /// `sample` whose first entry is in a shared blob of its own.
+    fn sample_shared() -> Manifest {
+        let mut m = sample();
+        m.shared = vec![SharedBlob {
+            name: "data-1".into(),
+            size: 200,
+        }];
+        m
+    }
+
+    #[test]
+    fn shared_blobs_roundtrip_and_checks() {
+        let m = sample_shared();
+        let b = m.encode();
+        assert_eq!(Manifest::decode(&b).unwrap(), m);
+        assert_eq!(m.blob_parts(), vec![("data-1", 0, 200), ("blob", 200, 100)]);
+        assert_eq!(m.own_blob_size(), 100);
+        for n in 0..b.len() {
+            assert!(Manifest::decode(&b[..n]).is_err(), "truncated to {n}");
+        }
+        let reject = |m: &Manifest, what: &str| {
+            let e = Manifest::decode(&m.encode()).unwrap_err().to_string();
+            assert!(e.contains(what), "{e}");
+        };
+        let mut bad = sample_shared();
+        bad.shared[0].size = 150;
+        reject(&bad, "spans the end");
+        let mut bad = sample_shared();
+        bad.shared[0].size = 400;
+        reject(&bad, "add up to");
+        let mut bad = sample_shared();
+        bad.shared[0].name = "blob".into();
+        reject(&bad, "own blob");
+        let mut bad = sample_shared();
+        bad.shared.push(bad.shared[0].clone());
+        reject(&bad, "named twice");
+        let mut bad = sample_shared();
+        bad.shared[0].name = "a/b".into();
+        reject(&bad, "invalid name");
+        // With a pack: its frames must be in the own blob.
+        let mut m = sample_with_pack();
+        m.shared = vec![SharedBlob {
+            name: "data-1".into(),
+            size: 300,
+        }];
+        assert_eq!(Manifest::decode(&m.encode()).unwrap(), m);
+        m.shared[0].size = 350;
+        reject(&m, "pack frame");
     }
 
     #[test]

@@ -16,12 +16,15 @@
 //!   has no control characters;
 //! * an optional metadata pack: 1.. strictly ascending 4 KiB block numbers inside the image,
 //!   1..=1024 blocks per frame, one frame per group, stored after the entries with the same
-//!   length rules against the frame's raw length (its blocks, the image's last one maybe short).
+//!   length rules against the frame's raw length (its blocks, the image's last one maybe short);
+//! * optional shared blobs: the first entries cut at entry boundaries into 1.. non-empty
+//!   groups, each a blob of its own with a distinct valid name (not the own blob's), before
+//!   the own blob; the pack's frames are in the own blob.
 
 use arbitrary::{Arbitrary, Result, Unstructured};
 use lazyblk_format::{
-    Encoding, Entry, Manifest, MetaPack, MAX_CHUNK_SIZE, MAX_PACK_FRAME_BLOCKS, MIN_CHUNK_SIZE,
-    PACK_BLOCK,
+    Encoding, Entry, Manifest, MetaPack, SharedBlob, MAX_CHUNK_SIZE, MAX_PACK_FRAME_BLOCKS,
+    MIN_CHUNK_SIZE, PACK_BLOCK,
 };
 use std::collections::HashMap;
 
@@ -125,6 +128,26 @@ impl<'a> Arbitrary<'a> for ValidManifest {
             });
             blob_offset += u64::from(stored_len);
         }
+        // Optional shared blobs: groups of the first entries, cut at entry boundaries.
+        let mut shared = Vec::new();
+        if !entries.is_empty() && u.ratio(1, 3)? {
+            let mut at = 0usize;
+            while at < entries.len() && shared.len() < 4 {
+                let n = u.int_in_range(1..=entries.len() - at)?;
+                let size = entries[at..at + n]
+                    .iter()
+                    .map(|e| u64::from(e.stored_len))
+                    .sum();
+                shared.push(SharedBlob {
+                    name: format!("shared-{}", shared.len()),
+                    size,
+                });
+                at += n;
+                if u.arbitrary::<bool>()? {
+                    break;
+                }
+            }
+        }
         // An optional metadata pack: ascending blocks inside the image, frames after the
         // entries, raw frames exactly as long as their blocks.
         let image_blocks = image_size.div_ceil(PACK_BLOCK);
@@ -171,11 +194,16 @@ impl<'a> Arbitrary<'a> for ValidManifest {
             None
         };
         let blob_size = blob_offset;
+        let mut name = blob_name(u)?;
+        if name.starts_with("shared-") {
+            name = "blob".into();
+        }
         Ok(ValidManifest(Manifest {
             image_size,
             chunk_size,
             blob_size,
-            blob_name: blob_name(u)?,
+            blob_name: name,
+            shared,
             map,
             entries,
             pack,

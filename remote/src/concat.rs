@@ -1,16 +1,17 @@
-//! Two blobs read as one.
+//! Blobs read as one.
 
 use crate::{BlobInfo, BoxFuture, Remote, RemoteError};
 use bytes::Bytes;
 
-/// Two blobs read as one: offsets below `split` from the first (the image's blob), the rest
-/// from the second at `offset - split` (a prefetch pack's blob, whose frames the store places
-/// after the image's). A range across the seam is read from both, in order.
+/// Blobs read as one, in order: an image's shared blobs and its own blob (a converted image's
+/// per-layer data), and a prefetch pack's blob after them (whose frames the store places
+/// after the image's). A range across a seam is read from each blob in turn.
 pub struct Concat {
-    first: Box<dyn Remote>,
-    split: u64,
-    second: Box<dyn Remote>,
-    second_size: u64,
+    /// Each blob and where it starts.
+    parts: Vec<(Box<dyn Remote>, u64)>,
+    /// The expected size of each blob but the first (the first is checked by its caller
+    /// against the whole: `probe` returns the sum).
+    sizes: Vec<u64>,
 }
 
 impl Concat {
@@ -21,45 +22,63 @@ impl Concat {
         second: Box<dyn Remote>,
         second_size: u64,
     ) -> Self {
-        Concat {
-            first,
-            split,
-            second,
-            second_size,
+        Concat::of(vec![(first, split), (second, second_size)])
+    }
+
+    /// The blobs `parts` (each with its size) one after the other. At least one.
+    pub fn of(parts: Vec<(Box<dyn Remote>, u64)>) -> Self {
+        assert!(!parts.is_empty(), "Concat of no blob");
+        let mut at = 0;
+        let mut v = Vec::with_capacity(parts.len());
+        let mut sizes = Vec::with_capacity(parts.len());
+        for (r, size) in parts {
+            v.push((r, at));
+            sizes.push(size);
+            at += size;
         }
+        Concat { parts: v, sizes }
     }
 }
 
 impl Remote for Concat {
     fn location(&self) -> String {
-        format!("{} + {}", self.first.location(), self.second.location())
+        let v: Vec<String> = self.parts.iter().map(|(r, _)| r.location()).collect();
+        v.join(" + ")
     }
 
     fn probe(&self) -> BoxFuture<'_, Result<BlobInfo, RemoteError>> {
         Box::pin(async move {
-            let (a, b) = tokio::join!(self.first.probe(), self.second.probe());
-            let (a, b) = (a?, b?);
-            if b.size != self.second_size {
-                return Err(RemoteError::permanent(
-                    self.second.location(),
-                    format!("size is {} bytes, expected {}", b.size, self.second_size),
-                ));
+            let all =
+                futures_util::future::join_all(self.parts.iter().map(|(r, _)| r.probe())).await;
+            let mut size = 0;
+            let mut etag = None;
+            for (i, got) in all.into_iter().enumerate() {
+                let b = got?;
+                if i == 0 {
+                    etag = b.etag;
+                } else if b.size != self.sizes[i] {
+                    return Err(RemoteError::permanent(
+                        self.parts[i].0.location(),
+                        format!("size is {} bytes, expected {}", b.size, self.sizes[i]),
+                    ));
+                }
+                size += b.size;
             }
-            Ok(BlobInfo {
-                size: a.size + b.size,
-                etag: a.etag,
-            })
+            Ok(BlobInfo { size, etag })
         })
     }
 
     fn report_corrupt(&self) {
-        self.first.report_corrupt();
-        self.second.report_corrupt();
+        for (r, _) in &self.parts {
+            r.report_corrupt();
+        }
     }
 
     fn served(&self) -> Vec<crate::ServedBytes> {
-        let mut v = self.first.served();
-        crate::merge_served(&mut v, self.second.served());
+        let mut v = Vec::new();
+        for (r, _) in &self.parts {
+            crate::merge_served(&mut v, r.served());
+        }
         v
     }
 
@@ -71,15 +90,17 @@ impl Remote for Concat {
     ) -> BoxFuture<'a, Result<(), RemoteError>> {
         Box::pin(async move {
             let end = offset + len;
-            if offset < self.split {
-                let head = end.min(self.split) - offset;
-                self.first.read_range_with(offset, head, sink).await?;
-            }
-            if end > self.split {
-                let from = offset.max(self.split);
-                self.second
-                    .read_range_with(from - self.split, end - from, sink)
-                    .await?;
+            let last = self.parts.len() - 1;
+            for (i, (r, start)) in self.parts.iter().enumerate() {
+                // The last blob takes whatever lies past the others (and fails past its end).
+                let stop = match i == last {
+                    true => end,
+                    false => self.parts[i + 1].1,
+                };
+                let (from, to) = (offset.max(*start), end.min(stop));
+                if from < to {
+                    r.read_range_with(from - start, to - from, sink).await?;
+                }
             }
             Ok(())
         })
@@ -121,6 +142,17 @@ mod tests {
             );
             let e = short.probe().await.unwrap_err();
             assert!(e.to_string().contains("expected 7"), "{e}");
+            // Three blobs: a range over all of them, in order.
+            let three = Concat::of(vec![
+                (Box::new(LocalRemote::new(dir.join("b"))), 6),
+                (Box::new(LocalRemote::new(dir.join("a"))), 10),
+                (Box::new(LocalRemote::new(dir.join("b"))), 6),
+            ]);
+            assert_eq!(
+                &three.read_range(4, 14).await.unwrap()[..],
+                b"ef0123456789ab"
+            );
+            assert_eq!(three.probe().await.unwrap().size, 22);
         });
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -235,11 +235,21 @@ fn convert_and_read_back(client: &Client, src: &SourceRef, work: &Path, dst: &st
     let raw = work.join("read-back.erofs");
     s.export(&raw).unwrap();
     drop(s);
-    assert_eq!(
-        std::fs::read(&raw).unwrap(),
-        std::fs::read(&c.image).unwrap(),
+    // What was built: the metadata, then each layer's region at its offset.
+    let mut built = vec![0u8; c.layout.image_size as usize];
+    let meta = std::fs::read(&c.meta).unwrap();
+    built[..meta.len()].copy_from_slice(&meta);
+    for (i, at) in c.layout.region_offsets.iter().enumerate() {
+        let r = std::fs::read(work.join("regions").join(i.to_string())).unwrap();
+        built[*at as usize..*at as usize + r.len()].copy_from_slice(&r);
+    }
+    assert!(
+        std::fs::read(&raw).unwrap() == built,
         "read back through the registry, the image is the one built"
     );
+    // Every layer with file data is a shared blob of its own.
+    let with_data = c.build.shared.len();
+    assert!(with_data >= 2, "{:?}", c.build.shared);
     run(Command::new("fsck.erofs").arg(&raw));
     let mnt = work.join("mnt");
     std::fs::create_dir(&mnt).unwrap();
@@ -248,7 +258,10 @@ fn convert_and_read_back(client: &Client, src: &SourceRef, work: &Path, dst: &st
         .arg(&raw)
         .arg(&mnt));
     let _m = Mount(mnt.clone());
-    tree::digest(&mnt).unwrap()
+    tree::digest(&mnt).unwrap_or_else(|e| {
+        let _ = std::fs::copy(&raw, "/tmp/debug.erofs");
+        panic!("{e:#}")
+    })
 }
 
 #[test]
@@ -706,4 +719,174 @@ fn converted_images_link_to_their_source_and_are_found_from_it() {
         "{e}"
     );
     assert!(find(&format!("{host}/src/app:plain")).is_none());
+}
+
+/// A base image and an application image on it, made with umoci from Debian's python3.11 (its
+/// standard library, the interpreter, busybox) plus one application layer (new files, a
+/// changed and a deleted file of the base).
+const MAKE_PAIR: &str = r#"
+set -eux
+cd "$W"
+umoci init --layout L
+umoci new --image L:base
+umoci unpack --image L:base B
+R=B/rootfs
+mkdir -p $R/usr/lib $R/usr/bin $R/etc
+cp -a /usr/lib/python3.11 $R/usr/lib/
+cp "$(command -v busybox)" $R/usr/bin/busybox
+umoci repack --refresh-bundle --image L:base B
+cp -L /usr/bin/python3.11 $R/usr/bin/
+echo 'PRETTY_NAME="base"' > $R/etc/os-release
+umoci repack --image L:base B
+umoci unpack --image L:base A
+R=A/rootfs
+mkdir -p $R/app/vendor
+cp -a /usr/lib/python3.11/json /usr/lib/python3.11/email $R/app/vendor/
+head -c 1500000 /dev/urandom > $R/app/model.bin
+for i in $(seq 200); do echo "print($i)" > $R/app/mod$i.py; done
+echo 'PRETTY_NAME="app"' > $R/etc/os-release
+rm $R/usr/lib/python3.11/this.py
+umoci repack --image L:app A
+"#;
+
+/// The registry blobs (digest, size) of the lazyblk image at `r`.
+fn blobs_of(client: &Client, r: &str) -> Vec<(String, u64)> {
+    let got = rt()
+        .block_on(client.resolve(&Reference::parse(r).unwrap()))
+        .unwrap();
+    let Manifest::Image(m) = lazyblk_registry::parse_manifest(&got.media_type, &got.bytes).unwrap()
+    else {
+        panic!("an image manifest")
+    };
+    let mut v: Vec<(String, u64)> = m
+        .layers()
+        .iter()
+        .map(|l| (l.digest().to_string(), l.size()))
+        .collect();
+    v.push((m.config().digest().to_string(), m.config().size()));
+    v
+}
+
+#[test]
+fn a_shared_base_layer_is_stored_and_fetched_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = dir.path().join("src");
+    std::fs::create_dir(&w).unwrap();
+    run(Command::new("bash").arg("-c").arg(MAKE_PAIR).env("W", &w));
+    let reg = Registry::start(&dir.path().join("reg"), &RegistryAuth::None);
+    let host = reg.host();
+    let client = Client::new(ClientOptions::default()).unwrap();
+    let mut built = Vec::new();
+    for name in ["base", "app"] {
+        let layout = format!("oci:{}:{name}", w.join("L").display());
+        skopeo(&layout, &format!("docker://{host}/src/{name}:v1"), &[]);
+        let src = SourceRef::parse(&format!("{host}/src/{name}:v1")).unwrap();
+        let work = dir.path().join(format!("work-{name}"));
+        let c = rt()
+            .block_on(lazyblk_convert::convert(
+                &src,
+                Some(&client),
+                &work,
+                &ConvertOptions::default(),
+                &mut |_| {},
+            ))
+            .unwrap_or_else(|e| panic!("converting {src}: {e}"));
+        let dst = format!("{host}/lazy/{name}:v1");
+        rt().block_on(lazyblk_builder::push(
+            &client,
+            &c.out_dir,
+            &Reference::parse(&dst).unwrap(),
+            None,
+            &|_, _| {},
+        ))
+        .unwrap();
+        built.push((c, dst));
+    }
+    let (base, app) = (&built[0], &built[1]);
+    assert_eq!(base.0.build.shared.len(), 2, "one blob per layer with data");
+    assert_eq!(app.0.build.shared.len(), 3);
+    assert_eq!(
+        app.0.build.shared[..2],
+        base.0.build.shared[..],
+        "the base's layers are the same blobs in the application image"
+    );
+    // In the registry: what the application image adds beyond the base.
+    let base_blobs = blobs_of(&client, &base.1);
+    let app_blobs = blobs_of(&client, &app.1);
+    let added: u64 = app_blobs
+        .iter()
+        .filter(|b| !base_blobs.contains(b))
+        .map(|b| b.1)
+        .sum();
+    let own_layer = app.0.layers.last().unwrap().0.size;
+    let base_total: u64 = base_blobs.iter().map(|b| b.1).sum();
+    eprintln!(
+        "sharing: base {base_total} bytes in the registry; the application adds {added} \
+         bytes for its own layer of {own_layer} compressed bytes ({:.2}x)",
+        added as f64 / own_layer as f64
+    );
+    assert!(
+        added <= 2 * own_layer,
+        "the application image adds {added} registry bytes, more than 2x its layer's {own_layer}"
+    );
+    // On a host: the base read whole, then the application fetches only what it adds.
+    let cache = dir.path().join("cache");
+    let opts = || {
+        let mut o = StoreOptions {
+            cache_root: cache.clone(),
+            readahead_bytes: 0,
+            ..Default::default()
+        };
+        o.registry.credentials = CredentialSource::Anonymous;
+        o.registry.hosts_dir = Some(cache.join("no-hosts.d"));
+        o
+    };
+    let sb = ChunkStore::open(&Location::parse(&base.1), opts()).unwrap();
+    let raw_base = dir.path().join("base.erofs");
+    sb.export(&raw_base).unwrap();
+    sb.flush().unwrap();
+    let sa = ChunkStore::open(&Location::parse(&app.1), opts()).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while sa.host_index_peers() != Some(1) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the host index was not built"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let raw_app = dir.path().join("app.erofs");
+    sa.export(&raw_app).unwrap();
+    let s = sa.stats();
+    let new_blobs: u64 = app.0.build.own_blob_size + app.0.build.shared[2].size;
+    eprintln!(
+        "sharing: the application fetched {} bytes ({} chunks), copied {} chunks from the base's cache; its new blobs hold {new_blobs}",
+        s.bytes_fetched, s.chunks_fetched, s.local_copies
+    );
+    assert!(s.local_copies > 0, "{s:?}");
+    assert!(
+        s.bytes_fetched <= new_blobs,
+        "the application fetched {} bytes, more than its new blobs' {new_blobs}",
+        s.bytes_fetched
+    );
+    drop((sa, sb));
+    for raw in [&raw_base, &raw_app] {
+        run(Command::new("fsck.erofs").arg(raw));
+    }
+    // And the application's tree is the one umoci unpacks.
+    run(Command::new("umoci")
+        .args(["unpack", "--image"])
+        .arg(format!("{}:app", w.join("L").display()))
+        .arg(w.join("REF")));
+    let want = tree::digest(&w.join("REF/rootfs")).unwrap();
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    run(Command::new("mount")
+        .args(["-t", "erofs", "-o", "loop,ro"])
+        .arg(&raw_app)
+        .arg(&mnt));
+    let _m = Mount(mnt.clone());
+    assert!(
+        tree::digest(&mnt).unwrap() == want,
+        "the application's tree differs"
+    );
 }

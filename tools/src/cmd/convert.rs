@@ -124,7 +124,7 @@ impl Reporter {
                     s.file_bytes
                 );
             }
-            Progress::Mkfs => eprintln!("mkfs.erofs"),
+            Progress::Metadata => eprintln!("erofs metadata"),
             Progress::Build { done, total } => self.bar("chunking".into(), total, done),
         }
     }
