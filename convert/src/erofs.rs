@@ -36,8 +36,8 @@ use tracing::warn;
 
 /// The erofs block size written.
 pub const BLOCK: u64 = 4096;
-const MAGIC: u32 = 0xE0F5_E1E2;
-const SUPER_AT: usize = 1024;
+use lazyblk_format::erofs::{MAGIC, SUPERBLOCK_OFFSET};
+const SUPER_AT: usize = SUPERBLOCK_OFFSET as usize;
 const INODE_LEN: usize = 64;
 const XATTR_HEADER_LEN: usize = 12;
 const DIRENT_LEN: usize = 12;
