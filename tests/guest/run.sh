@@ -117,6 +117,7 @@ dense_suite() {
 rc=0
 for s in "${suites[@]}"; do
     echo "### guest suite: $s"
+    t0=$SECONDS
     if [[ $s == reliability ]]; then
         reliability && st=0 || st=$?
     elif [[ $s == containerd ]]; then
@@ -130,8 +131,10 @@ for s in "${suites[@]}"; do
         boot "$s.sh" --timeout 900 && st=0 || st=$?
     fi
     if [[ $st != 0 ]]; then
-        echo "### guest suite $s FAILED"
+        echo "### guest suite $s FAILED ($((SECONDS - t0)) s)"
         rc=1
+    else
+        echo "### guest suite $s: ok ($((SECONDS - t0)) s)"
     fi
 done
 exit $rc

@@ -79,6 +79,12 @@ fn bytes_per_origin_and_the_latency_histogram_count_every_request() {
     let store = ChunkStore::open(&Location::parse(&srv.url("manifest")), opts(&f)).unwrap();
     srv.push(Fault::Status(503));
     assert_eq!(read_all(&store, f.image.len()), f.image);
+    // A request's chunks complete as their bytes arrive, before its latency is recorded: the
+    // last one may still be finishing when the read returns.
+    wait_for("the last request's latency", || {
+        let s = store.stats();
+        s.fetch_latency.count == s.requests
+    });
     let s = store.stats();
     assert!(s.retries >= 1 && s.bytes_fetched > 0, "{s:?}");
     let origin = srv.url("").trim_end_matches('/').to_string();
