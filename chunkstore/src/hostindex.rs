@@ -16,8 +16,10 @@
 //!   *stale*: dropped (never tried from that peer again) and the chunk fetched from the network.
 //!   An unset bit is not stale (the peer may fetch it later): that copy is just not taken.
 //!
-//! The index is built on a thread of its own after open (attach is not slowed; until it is
-//! built every miss goes to the network) and refreshed with the cache directories added
+//! The index is built on a thread of its own after open (attach is not slowed). A miss that
+//! arrives before the first build has finished waits for it, at most [`FIRST_BUILD_WAIT`]: the
+//! build only reads local manifests and bitmaps (milliseconds), and a miss sent to the network
+//! meanwhile would fetch a chunk the host already holds. It is refreshed with the cache directories added
 //! since, when a lookup finds nothing and the cache root's mtime changed (checked at most
 //! every [`REFRESH_EVERY`]). Caches already indexed are not read again: a manifest never
 //! changes under its own digest.
@@ -29,6 +31,9 @@ use std::time::SystemTime;
 
 /// How often a lookup that finds nothing may look at the cache root for new caches.
 pub(crate) const REFRESH_EVERY: Duration = Duration::from_secs(2);
+
+/// The longest a miss waits for the first build of the index before it goes to the network.
+pub(crate) const FIRST_BUILD_WAIT: Duration = Duration::from_secs(2);
 
 /// Where a copy of one of this image's chunks may be: chunk `chunk` of the cache `peer`.
 #[derive(Clone, Copy, Debug)]
@@ -64,6 +69,8 @@ pub(crate) struct HostIndex {
     state: Mutex<State>,
     building: AtomicBool,
     last_check: Mutex<Option<Instant>>,
+    /// Becomes true when the first build has finished (misses wait for it).
+    built: tokio::sync::watch::Sender<bool>,
 }
 
 /// Why a peer's copy could not be used.
@@ -83,6 +90,7 @@ impl HostIndex {
             state: Mutex::new(State::default()),
             building: AtomicBool::new(false),
             last_check: Mutex::new(None),
+            built: tokio::sync::watch::Sender::new(false),
         }
     }
 
@@ -90,6 +98,17 @@ impl HostIndex {
     pub(crate) fn peers(&self) -> Option<usize> {
         let s = self.state.lock().expect("lock");
         s.built.then_some(s.peers.len())
+    }
+
+    /// Wait until the first build has finished, at most `limit`: whether it has.
+    pub(crate) async fn wait_first_build(&self, limit: Duration) -> bool {
+        if *self.built.borrow() {
+            return true;
+        }
+        let mut rx = self.built.subscribe();
+        tokio::time::timeout(limit, rx.wait_for(|b| *b))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 
     /// Whether the index has a copy of `digest` in some peer.
@@ -274,6 +293,7 @@ impl HostIndex {
         s.pending = pending;
         s.root_mtime = mtime;
         s.built = true;
+        self.built.send_replace(true);
         tracing::debug!(
             "host index of {}: {added} new caches with copies ({} pending before), {} of {} digests indexed, in {:?}",
             self.own.to_string_lossy(),
@@ -408,6 +428,9 @@ impl Inner {
         let Some(idx) = &self.host_index else {
             return vec![run];
         };
+        if !idx.wait_first_build(FIRST_BUILD_WAIT).await {
+            tracing::debug!("host index: not built after {FIRST_BUILD_WAIT:?}; fetching");
+        }
         let n = self.manifest.chunk_count();
         let candidate: Vec<bool> = run
             .parts
@@ -503,5 +526,48 @@ mod tests {
             .err()
             .expect("refused");
         assert!(err.starts_with("manifest:"), "{err}");
+    }
+
+    /// A miss waits for the first build (and no longer than the limit without one).
+    #[test]
+    fn a_miss_waits_for_the_first_build() {
+        let root = tempfile::tempdir().unwrap();
+        let own = root.path().join(ImageId([9; 32]).hex());
+        let idx = Arc::new(HostIndex::new(&own));
+        let m = Manifest {
+            image_size: 0,
+            chunk_size: 4096,
+            blob_size: 0,
+            blob_name: "blob".into(),
+            shared: Vec::new(),
+            map: Vec::new(),
+            entries: Vec::new(),
+            pack: None,
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let t0 = Instant::now();
+        assert!(!rt.block_on(idx.wait_first_build(Duration::from_millis(50))));
+        assert!(t0.elapsed() >= Duration::from_millis(50));
+        let builder = {
+            let idx = idx.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(100));
+                idx.build(&m, &AtomicBool::new(false));
+            })
+        };
+        let t0 = Instant::now();
+        assert!(rt.block_on(idx.wait_first_build(Duration::from_secs(60))));
+        assert!(
+            t0.elapsed() >= Duration::from_millis(90),
+            "{:?}",
+            t0.elapsed()
+        );
+        assert_eq!(idx.peers(), Some(0));
+        builder.join().unwrap();
+        // Built: no wait at all.
+        assert!(rt.block_on(idx.wait_first_build(Duration::ZERO)));
     }
 }

@@ -2,7 +2,7 @@
 set -eu
 PASS=0
 FAIL=0
-step() { echo "=== $*"; }
+step() { echo "=== $* [uptime $(cut -d" " -f1 /proc/uptime) s]"; }
 ok() { PASS=$((PASS + 1)); echo "ok - $*"; }
 die() {
     echo "not ok - $*"

@@ -23,7 +23,6 @@ mkdir -p $M /var/log/lazyblk
 
 # stats: one line per measurement, collected for docs/RELIABILITY.md
 stat() { echo "STAT $*"; }
-step() { echo "=== $* [uptime $(cut -d' ' -f1 /proc/uptime) s]"; }
 
 shape() { # shape NETEM-ARGS...: replace the qdisc of lo
     tc qdisc del dev lo root 2>/dev/null || true

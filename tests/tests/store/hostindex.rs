@@ -192,6 +192,30 @@ fn check_second(t: &Two, sb: &ChunkStore, expect_copies: u64) {
     assert_eq!(s.verify_failures, 0, "{s:?}");
 }
 
+/// A read right after open, before the index's first build has finished: its misses wait for
+/// the build instead of fetching chunks the host already holds (`lazyblk cat` and a mount read
+/// at once; before this, the first misses of a read went to the network).
+#[test]
+fn a_read_right_after_open_waits_for_the_index_and_fetches_no_shared_chunk() {
+    let t = shifted_pair(23);
+    let share = sharing(&t.ma, &t.mb);
+    let sa = t.open("a", true);
+    assert!(
+        read_all(&sa, t.a.len()) == t.a,
+        "the first image's bytes differ"
+    );
+    sa.flush().unwrap();
+    let sb = t.open("b", true);
+    let before = t.blob_bytes("b");
+    check_second(&t, &sb, share.shared_chunks);
+    let served = t.blob_bytes("b") - before;
+    assert!(
+        served <= share.new_bytes,
+        "served {served} bytes of the second blob, its new chunks store {}",
+        share.new_bytes
+    );
+}
+
 #[test]
 fn shared_chunks_are_copied_not_fetched_at_other_offsets() {
     let t = shifted_pair(21);
