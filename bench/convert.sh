@@ -215,5 +215,5 @@ Sharing (`lazyblk convert` of both from the registry, then `lazyblk cat` of both
 {verdict}"""
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(doc)), "..", "bench"))
 import doc_section
-doc_section.splice(doc, "CONVERT", "Convert throughput", body, "bench/convert.sh")
+doc_section.splice(doc, "CONVERT", "Convert throughput and layer sharing", body, "bench/convert.sh")
 PY

@@ -151,6 +151,26 @@ run_py c5 "$REG/python:plain" /tmp/c5.out || { cat /tmp/c5.out; die "python:plai
 check "the plain image still runs (its unpacked base needs no device)" grep -q '^lazyblk-plain-ok' /tmp/c5.out
 check "no image directory left under the snapshotter root" sh -c "[ -z \"\$(ls $SNAP_ROOT/images 2> /dev/null)\" ]"
 
+step "lazyblk add <src-ref> of a converted layered image (OCI, Docker schema 2): the tree umoci unpacks"
+# tests/images/layered.sh: whiteouts, an opaque directory, a file turned into a directory and
+# back, hardlinks across layers, owners, modes, xattrs, capabilities, device nodes, sparse.
+mkdir -p /mnt/layered
+for t in oci v2s2; do
+    DEV=$(lazyblk add "$REG/layered:$t" 2> /tmp/add-layered.err) || { cat /tmp/add-layered.err; die "lazyblk add $REG/layered:$t"; }
+    grep -q "layered:$t has a lazy version $REG/layered.*@sha256:[0-9a-f]\{64\}, using it" /tmp/add-layered.err ||
+        { cat /tmp/add-layered.err; die "add of layered:$t did not say it uses the lazy version"; }
+    ok "add of layered:$t says it uses the lazy version: $(cat /tmp/add-layered.err)"
+    mount -t erofs -o ro "$DEV" /mnt/layered || die "mount $DEV (layered:$t)"
+    lazyblk-testkit digest-tree /mnt/layered > /tmp/layered.txt
+    umount /mnt/layered
+    lazyblk del "${DEV#/dev/ublkb}" > /dev/null 2>&1 || die "lazyblk del $DEV"
+    if ! cmp -s /tmp/layered.txt /pyimg/layered-expected.txt; then
+        diff /pyimg/layered-expected.txt /tmp/layered.txt | head -20
+        die "layered:$t: the device's tree differs from umoci unpack of the source"
+    fi
+    ok "layered:$t through its source reference: $(wc -l < /tmp/layered.txt) entries equal umoci unpack's (content, modes, owners, xattrs, links)"
+done
+
 step "a converted image whose registry is down at pull: a clear error, never a hang"
 for p in $(pidof docker-registry); do kill "$p"; done
 wait_for 10 "the registry to stop" sh -c "! wget -q -O /dev/null http://$REG/v2/"

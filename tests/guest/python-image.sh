@@ -4,13 +4,16 @@
 # in three layers (base libraries + busybox; the standard library; the application, which also
 # deletes a file of a lower layer), copied with skopeo into a docker-registry whose storage is
 # REGDIR, then converted there with `lazyblk convert` (the lazy version links to its source).
-# A second image, `plain`, is never converted (the fallback). The guest serves REGDIR with its
+# A second image, `plain`, is never converted (the fallback); the layered test image of
+# tests/images/layered.sh is converted in OCI and Docker schema-2 form. The guest serves REGDIR with its
 # own docker-registry at the same address, so the references stay valid.
 #
 # usage: tests/guest/python-image.sh LAZYBLK_BIN WORK REGDIR ADDR
 #   ADDR: host:port of the registry (the same in the guest)
 set -euo pipefail
 lazyblk=$1 work=$2 regdir=$3 addr=$4
+here=$(cd "$(dirname "$0")" && pwd)
+testkit=$(dirname "$lazyblk")/lazyblk-testkit
 py=/usr/bin/python3.11
 [ -x $py ] && [ -d /usr/lib/python3.11 ] || { echo "python-image.sh: Debian's python3.11 is missing (scripts/setup installs python3)"; exit 1; }
 for t in umoci skopeo docker-registry busybox; do
@@ -114,5 +117,19 @@ echo "decoder-sha256 $(sha256sum /usr/lib/python3.11/json/decoder.py | cut -d' '
 # The lazy version of python:3.11, pushed beside it (the convert links it to its source).
 "$lazyblk" convert "$addr/python:3.11" "$addr/python:3.11-lazyblk" > convert.log 2>&1 ||
     { cat convert.log; echo "python-image.sh: lazyblk convert failed"; exit 1; }
+# The layered test image (tests/images/layered.sh) in OCI and Docker schema-2 form, each
+# converted into another repository: the guest adds it by its source reference and compares
+# the device's tree with `umoci unpack` of the source (layered-expected.txt).
+mkdir -p layered
+W=$work/layered bash "$here/../images/layered.sh" > layered/make.log 2>&1 ||
+    { tail -20 layered/make.log; echo "python-image.sh: making the layered image failed"; exit 1; }
+skopeo copy --quiet --dest-tls-verify=false oci:layered/L:img "docker://$addr/layered:oci"
+skopeo copy --quiet --dest-tls-verify=false --format v2s2 oci:layered/L:img "docker://$addr/layered:v2s2"
+for t in oci v2s2; do
+    "$lazyblk" convert "$addr/layered:$t" "$addr/layered-lazy:$t" >> convert.log 2>&1 ||
+        { cat convert.log; echo "python-image.sh: lazyblk convert of layered:$t failed"; exit 1; }
+done
+"$testkit" digest-tree layered/REF/rootfs > layered-expected.txt
+rm -rf layered
 du -sb "$regdir" | cut -f1 > regdir-bytes
 echo "python-image.sh: python:3.11, python:plain and python:3.11-lazyblk in $regdir"
