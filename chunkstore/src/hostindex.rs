@@ -73,6 +73,13 @@ pub(crate) struct HostIndex {
     built: tokio::sync::watch::Sender<bool>,
 }
 
+/// A peer's verified copy of a chunk: its bytes, and where they are (for a reflink).
+pub(crate) struct PeerCopy {
+    pub(crate) bytes: Vec<u8>,
+    pub(crate) file: File,
+    pub(crate) offset: u64,
+}
+
 /// Why a peer's copy could not be used.
 pub(crate) enum Miss {
     /// No usable entry, or the peer does not hold the chunk (yet): fetch it.
@@ -142,7 +149,7 @@ impl HostIndex {
         &self,
         digest: &[u8; 32],
         len: usize,
-    ) -> std::result::Result<Vec<u8>, Miss> {
+    ) -> std::result::Result<PeerCopy, Miss> {
         let Some((e, dir)) = self.lookup(digest) else {
             return Err(Miss::Absent);
         };
@@ -163,8 +170,11 @@ impl HostIndex {
             Err(why) => return Err(stale(format!("bitmap: {why}"))),
         }
         let mut buf = vec![0u8; len];
-        let read = File::open(dir.join("data")).and_then(|f| f.read_exact_at(&mut buf, e.offset));
-        if let Err(err) = read {
+        let file = match File::open(dir.join("data")) {
+            Ok(f) => f,
+            Err(err) => return Err(stale(format!("data: {err}"))),
+        };
+        if let Err(err) = file.read_exact_at(&mut buf, e.offset) {
             return Err(stale(format!("data: {err}")));
         }
         let got = blake3::hash(&buf);
@@ -175,7 +185,11 @@ impl HostIndex {
                 got.to_hex()
             )));
         }
-        Ok(buf)
+        Ok(PeerCopy {
+            bytes: buf,
+            file,
+            offset: e.offset,
+        })
     }
 
     /// Whether a refresh is due: at most every [`REFRESH_EVERY`], when the cache root's mtime
@@ -384,8 +398,8 @@ impl Inner {
         let missing = self.missing_units(units);
         if let Some(&first) = missing.first() {
             let len = self.manifest.chunk_len(first) as usize;
-            let plain = match idx.read_copy(&e.digest, len) {
-                Ok(b) => b,
+            let copy = match idx.read_copy(&e.digest, len) {
+                Ok(c) => c,
                 Err(Miss::Absent) => return false,
                 Err(Miss::Stale(why)) => {
                     self.stats.local_copy_stale.fetch_add(1, Ordering::Relaxed);
@@ -394,10 +408,12 @@ impl Inner {
                 }
             };
             for &c in &missing {
-                if let Err(err) = self
-                    .data
-                    .write_all_at(&plain, self.manifest.chunk_offset(c))
-                {
+                let at = self.manifest.chunk_offset(c);
+                if self.reflink(&copy, at) {
+                    self.stats.local_reflinks.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                if let Err(err) = self.data.write_all_at(&copy.bytes, at) {
                     // The network path writes the same file and reports the error.
                     tracing::warn!(
                         "host index: writing chunk {c} to {}: {err}",
@@ -420,6 +436,49 @@ impl Inner {
         }
         self.complete_as(units, None, false);
         true
+    }
+
+    /// Put the verified `copy` at `at` in this cache's data file as a reflink of the peer's
+    /// extents (`FICLONERANGE`: XFS, btrfs), then read it back and compare, since the peer may
+    /// have evicted or rewritten the range since it was read. Whether it is there; `false`
+    /// (write the bytes instead) when the file system cannot (then never tried again by this
+    /// store), for a chunk that is not whole file-system blocks, or when the read-back differs.
+    fn reflink(&self, copy: &PeerCopy, at: u64) -> bool {
+        let len = copy.bytes.len() as u64;
+        let whole_blocks = len.is_multiple_of(u64::from(crate::store::BLOCK_SIZE));
+        if !self.reflinks.load(Ordering::Relaxed) || !whole_blocks {
+            return false;
+        }
+        if let Err(err) = clone_range(&copy.file, copy.offset, len, &self.data, at) {
+            if matches!(
+                err.raw_os_error(),
+                Some(libc::EOPNOTSUPP | libc::EXDEV | libc::ENOTTY | libc::EINVAL | libc::ENOSYS)
+            ) {
+                tracing::debug!(
+                    "host index: no reflinks into {} ({err}); copying",
+                    self.data_path.display()
+                );
+                self.reflinks.store(false, Ordering::Relaxed);
+            } else {
+                tracing::warn!(
+                    "host index: reflink into {}: {err}; copying",
+                    self.data_path.display()
+                );
+            }
+            return false;
+        }
+        let mut back = vec![0u8; copy.bytes.len()];
+        match self.data.read_exact_at(&mut back, at) {
+            Ok(()) if back == copy.bytes => true,
+            Ok(()) => {
+                tracing::warn!("host index: a reflinked chunk changed under it; copying");
+                false
+            }
+            Err(err) => {
+                tracing::warn!("host index: reading back a reflinked chunk: {err}; copying");
+                false
+            }
+        }
     }
 
     /// The parts of `run` that peer caches hold are copied (each on a blocking thread); the
@@ -492,6 +551,32 @@ impl ChunkStore {
     /// the index off ([`StoreOptions::host_index`]).
     pub fn host_index_peers(&self) -> Option<usize> {
         self.inner.host_index.as_ref().and_then(|i| i.peers())
+    }
+}
+
+/// `FICLONERANGE`: the `len` bytes at `src_off` of `src` become the bytes at `dst_off` of
+/// `dst`, sharing their extents (offsets and length in whole file-system blocks).
+fn clone_range(
+    src: &File,
+    src_off: u64,
+    len: u64,
+    dst: &File,
+    dst_off: u64,
+) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let arg = libc::file_clone_range {
+        src_fd: i64::from(src.as_raw_fd()),
+        src_offset: src_off,
+        src_length: len,
+        dest_offset: dst_off,
+    };
+    // SAFETY: `dst` is an open file for the duration of the call, and `arg` is a valid
+    // `file_clone_range` the kernel only reads.
+    let r = unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONERANGE, &arg) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 

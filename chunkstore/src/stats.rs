@@ -85,6 +85,7 @@ pub(crate) struct Stats {
     pub(crate) local_copies: AtomicU64,
     pub(crate) local_copy_bytes: AtomicU64,
     pub(crate) local_copy_stale: AtomicU64,
+    pub(crate) local_reflinks: AtomicU64,
     pub(crate) fetch_latency: LatencyHistogram,
 }
 
@@ -157,6 +158,10 @@ pub struct StatsSnapshot {
     /// in `verify_failures`, which is about bytes from the network.
     #[serde(default)]
     pub local_copy_stale: u64,
+    /// Of the local copies, the chunks that share the other cache's extents (a reflink,
+    /// `FICLONERANGE`, on XFS or btrfs) instead of taking disk space of their own.
+    #[serde(default)]
+    pub local_reflinks: u64,
     /// How long the attach took, step by step (the daemon fills it in).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attach: Option<AttachTimes>,
@@ -314,6 +319,7 @@ impl ChunkStore {
             local_copies: s.local_copies.load(Ordering::Relaxed),
             local_copy_bytes: s.local_copy_bytes.load(Ordering::Relaxed),
             local_copy_stale: s.local_copy_stale.load(Ordering::Relaxed),
+            local_reflinks: s.local_reflinks.load(Ordering::Relaxed),
             attach: None,
         }
     }

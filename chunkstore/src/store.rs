@@ -71,6 +71,9 @@ pub(crate) struct Inner {
     pub(crate) touched: AtomicBits,
     /// Copies of this image's chunks in the other caches of the cache root (`None`: off).
     pub(crate) host_index: Option<HostIndex>,
+    /// Local copies are tried as reflinks first (cleared the first time the file system says
+    /// it cannot: ext4, tmpfs).
+    pub(crate) reflinks: AtomicBool,
 }
 
 impl Inner {
@@ -134,6 +137,7 @@ impl Inner {
             ra_trigger: AtomicBits::new(n),
             touched: AtomicBits::new(p.device_size / u64::from(BLOCK_SIZE)),
             host_index,
+            reflinks: AtomicBool::new(true),
         })
     }
 }

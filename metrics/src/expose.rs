@@ -156,6 +156,11 @@ const SCALARS: &[Scalar] = &[
         "Local copies that did not verify and were fetched instead",
         |s| s.local_copy_stale,
     ),
+    counter(
+        "local_reflinks",
+        "Local copies that share the other cache's extents (reflinks)",
+        |s| s.local_reflinks,
+    ),
     bytes(gauge(
         "cache",
         "Bytes of fetched chunks held in the cache",
@@ -649,6 +654,7 @@ mod tests {
         assert_eq!(v("lazyblk_local_copies_total"), Some(9.0));
         assert_eq!(v("lazyblk_local_copy_bytes_total"), Some(0.0));
         assert_eq!(v("lazyblk_local_copy_stale_total"), Some(0.0));
+        assert_eq!(v("lazyblk_local_reflinks_total"), Some(0.0));
         assert_eq!(v("lazyblk_fetch_duration_seconds_count"), Some(4.0));
         assert_eq!(v("lazyblk_fetch_duration_seconds_sum"), Some(1.5));
         for (name, ty) in [

@@ -216,6 +216,67 @@ fn a_read_right_after_open_waits_for_the_index_and_fetches_no_shared_chunk() {
     );
 }
 
+/// Unmounts on drop.
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// With the cache root on XFS (a file system in a file, mounted on a loop device), the local
+/// copies are reflinks: the second cache's chunks share the first's extents on disk, and
+/// still read back as the source's bytes.
+#[test]
+fn on_xfs_local_copies_are_reflinks_sharing_the_extents() {
+    let t = shifted_pair(25);
+    let share = sharing(&t.ma, &t.mb);
+    let img = t.root.join("xfs.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(320 << 20)
+        .unwrap();
+    let st = std::process::Command::new("mkfs.xfs")
+        .args(["-q", "-m", "reflink=1"])
+        .arg(&img)
+        .status()
+        .expect("run mkfs.xfs (xfsprogs; bash scripts/setup installs it)");
+    assert!(st.success(), "mkfs.xfs failed");
+    let cache = t.root.join("cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    let st = std::process::Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(&img)
+        .arg(&cache)
+        .status()
+        .expect("run mount");
+    assert!(st.success(), "mounting the XFS image failed (run as root)");
+    let _m = Unmount(cache.clone());
+    let (sa, sb) = first_read_then_second(&t, true);
+    check_second(&t, &sb, share.shared_chunks);
+    let s = sb.stats();
+    assert_eq!(s.local_reflinks, s.local_copies, "{s:?}");
+    sb.flush().unwrap();
+    // The file system's view: the second cache's data file has shared extents.
+    let out = std::process::Command::new("filefrag")
+        .arg("-v")
+        .arg(sb.data_path())
+        .output()
+        .expect("run filefrag");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("shared"), "no shared extent:\n{text}");
+    // And the bytes are the source's after a reopen.
+    drop((sa, sb));
+    let sb = reopen(&t, "b");
+    assert_eq!(sb.stats().present_chunks, t.mb.chunk_count());
+    assert!(
+        read_all(&sb, t.b.len()) == t.b,
+        "the reflinked cache's bytes differ"
+    );
+    drop(sb);
+}
+
 #[test]
 fn shared_chunks_are_copied_not_fetched_at_other_offsets() {
     let t = shifted_pair(21);

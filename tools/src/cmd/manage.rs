@@ -93,8 +93,8 @@ pub fn status(state: &Path, id: u32, json: bool) -> Result<()> {
     println!("bytes fetched  {}", s.bytes_fetched);
     println!("chunks fetched {}", s.chunks_fetched);
     println!(
-        "local copies   {} chunks, {} bytes ({} stale)",
-        s.local_copies, s.local_copy_bytes, s.local_copy_stale
+        "local copies   {} chunks, {} bytes ({} stale, {} reflinked)",
+        s.local_copies, s.local_copy_bytes, s.local_copy_stale, s.local_reflinks
     );
     println!("requests       {} ({} retries)", s.requests, s.retries);
     println!(
