@@ -141,13 +141,19 @@ fn a_shared_chunk(t: &Two) -> (u64, [u8; 32]) {
         .expect("a chunk shared once")
 }
 
-/// `a` read whole (and its bits durable), then `b` opened with the index built.
-fn first_read_then_second(t: &Two, host_index: bool) -> (ChunkStore, ChunkStore) {
+/// `a` opened (host index on) and read whole, its bytes checked.
+fn read_first(t: &Two) -> ChunkStore {
     let sa = t.open("a", true);
     assert!(
         read_all(&sa, t.a.len()) == t.a,
         "the first image's bytes differ"
     );
+    sa
+}
+
+/// `a` read whole (and its bits durable), then `b` opened with the index built.
+fn first_read_then_second(t: &Two, host_index: bool) -> (ChunkStore, ChunkStore) {
+    let sa = read_first(t);
     sa.flush().unwrap();
     let sb = t.open("b", host_index);
     if host_index {
@@ -199,11 +205,7 @@ fn check_second(t: &Two, sb: &ChunkStore, expect_copies: u64) {
 fn a_read_right_after_open_waits_for_the_index_and_fetches_no_shared_chunk() {
     let t = shifted_pair(23);
     let share = sharing(&t.ma, &t.mb);
-    let sa = t.open("a", true);
-    assert!(
-        read_all(&sa, t.a.len()) == t.a,
-        "the first image's bytes differ"
-    );
+    let sa = read_first(&t);
     sa.flush().unwrap();
     let sb = t.open("b", true);
     let before = t.blob_bytes("b");
@@ -359,11 +361,7 @@ fn a_stale_peer_copy_is_dropped_and_fetched() {
 fn a_peer_chunk_without_its_durable_bit_is_never_copied() {
     let t = shifted_pair(23);
     let share = sharing(&t.ma, &t.mb);
-    let sa = t.open("a", true);
-    assert!(
-        read_all(&sa, t.a.len()) == t.a,
-        "the first image's bytes differ"
-    );
+    let sa = read_first(&t);
     let dir = sa.cache_dir().to_path_buf();
     drop(sa);
     // The data file still has the chunk's bytes; its bitmap says absent.

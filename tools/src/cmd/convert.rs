@@ -147,13 +147,19 @@ fn summary(src: &str, c: &Converted, chunk_kib: u32) {
     );
     eprintln!("erofs      {} bytes", b.image_size);
     eprintln!(
-        "chunks     {} x {chunk_kib} KiB: {} zero, {} unique, {} shared",
+        "chunks     {} x {chunk_kib} KiB: {} zero, {} unique, {} duplicates (stored once)",
         b.chunks,
         b.zero_chunks,
         b.unique_chunks,
         nonzero - b.unique_chunks
     );
-    eprintln!("blob       {} bytes", b.blob_size);
+    let layer_bytes: u64 = b.shared.iter().map(|s| s.size).sum();
+    eprintln!(
+        "blobs      {} bytes: {} layer data blobs of {layer_bytes} bytes (the same in every image with the layer), the image's own {} bytes (metadata)",
+        b.blob_size,
+        b.shared.len(),
+        b.own_blob_size
+    );
 }
 
 /// Run `lazyblk convert`.
