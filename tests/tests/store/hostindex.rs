@@ -198,6 +198,19 @@ fn check_second(t: &Two, sb: &ChunkStore, expect_copies: u64) {
     assert_eq!(s.verify_failures, 0, "{s:?}");
 }
 
+/// `check_second`, every shared chunk copied, and the server sent no more of the second blob
+/// than its new chunks.
+fn check_only_new_fetched(t: &Two, sb: &ChunkStore, share: &Sharing) {
+    let before = t.blob_bytes("b");
+    check_second(t, sb, share.shared_chunks);
+    let served = t.blob_bytes("b") - before;
+    assert!(
+        served <= share.new_bytes,
+        "served {served} bytes of the second blob, its new chunks store {}",
+        share.new_bytes
+    );
+}
+
 /// A read right after open, before the index's first build has finished: its misses wait for
 /// the build instead of fetching chunks the host already holds (`lazyblk cat` and a mount read
 /// at once; before this, the first misses of a read went to the network).
@@ -208,14 +221,7 @@ fn a_read_right_after_open_waits_for_the_index_and_fetches_no_shared_chunk() {
     let sa = read_first(&t);
     sa.flush().unwrap();
     let sb = t.open("b", true);
-    let before = t.blob_bytes("b");
-    check_second(&t, &sb, share.shared_chunks);
-    let served = t.blob_bytes("b") - before;
-    assert!(
-        served <= share.new_bytes,
-        "served {served} bytes of the second blob, its new chunks store {}",
-        share.new_bytes
-    );
+    check_only_new_fetched(&t, &sb, &share);
 }
 
 /// Unmounts on drop.
@@ -256,7 +262,7 @@ fn on_xfs_local_copies_are_reflinks_sharing_the_extents() {
     assert!(st.success(), "mounting the XFS image failed (run as root)");
     let _m = Unmount(cache.clone());
     let (sa, sb) = first_read_then_second(&t, true);
-    check_second(&t, &sb, share.shared_chunks);
+    check_only_new_fetched(&t, &sb, &share);
     let s = sb.stats();
     assert_eq!(s.local_reflinks, s.local_copies, "{s:?}");
     sb.flush().unwrap();
@@ -290,14 +296,7 @@ fn shared_chunks_are_copied_not_fetched_at_other_offsets() {
         share.stored_chunks
     );
     let (_sa, sb) = first_read_then_second(&t, true);
-    let before = t.blob_bytes("b");
-    check_second(&t, &sb, share.shared_chunks);
-    let served = t.blob_bytes("b") - before;
-    assert!(
-        served <= share.new_bytes,
-        "served {served} bytes of the second blob, its new chunks store {}",
-        share.new_bytes
-    );
+    check_only_new_fetched(&t, &sb, &share);
     let s = sb.stats();
     assert_eq!(s.local_copy_stale, 0);
     let raw: u64 = (0..t.mb.chunk_count())
@@ -494,14 +493,7 @@ fn two_builds_of_similar_trees_fetch_only_their_new_chunks() {
         share.new_bytes
     );
     let (_sa, sb) = first_read_then_second(&t, true);
-    let before = t.blob_bytes("b");
-    check_second(&t, &sb, share.shared_chunks);
-    let served = t.blob_bytes("b") - before;
-    assert!(
-        served <= share.new_bytes,
-        "served {served} bytes of the second blob, its new chunks store {}",
-        share.new_bytes
-    );
+    check_only_new_fetched(&t, &sb, &share);
 }
 
 #[test]
