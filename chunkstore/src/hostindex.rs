@@ -19,8 +19,8 @@
 //! The index is built on a thread of its own after open (attach is not slowed). A miss that
 //! arrives before the first build has finished waits for it, at most [`FIRST_BUILD_WAIT`]: the
 //! build only reads local manifests and bitmaps (milliseconds), and a miss sent to the network
-//! meanwhile would fetch a chunk the host already holds. It is refreshed with the cache directories added
-//! since, when a lookup finds nothing and the cache root's mtime changed (checked at most
+//! meanwhile would fetch a chunk the host already holds. It is refreshed with the cache
+//! directories added since, when a lookup finds nothing and the cache root's mtime changed (checked at most
 //! every [`REFRESH_EVERY`]). Caches already indexed are not read again: a manifest never
 //! changes under its own digest.
 
@@ -58,8 +58,6 @@ struct State {
     entries: HashMap<[u8; 32], PeerChunk>,
     /// The cache root's mtime when it was last read.
     root_mtime: Option<SystemTime>,
-    /// At least one build has finished.
-    built: bool,
 }
 
 /// The index of one store (see the module doc).
@@ -69,7 +67,8 @@ pub(crate) struct HostIndex {
     state: Mutex<State>,
     building: AtomicBool,
     last_check: Mutex<Option<Instant>>,
-    /// Becomes true when the first build has finished (misses wait for it).
+    /// Becomes true when the first build has finished (set under the `state` lock, after the
+    /// entries; misses wait for it).
     built: tokio::sync::watch::Sender<bool>,
 }
 
@@ -104,7 +103,7 @@ impl HostIndex {
     /// The number of caches indexed, once the first build has finished.
     pub(crate) fn peers(&self) -> Option<usize> {
         let s = self.state.lock().expect("lock");
-        s.built.then_some(s.peers.len())
+        self.built.borrow().then_some(s.peers.len())
     }
 
     /// Wait until the first build has finished, at most `limit`: whether it has.
@@ -206,7 +205,7 @@ impl HostIndex {
             .and_then(|m| m.modified())
             .ok();
         let s = self.state.lock().expect("lock");
-        s.built && (mtime != s.root_mtime || !s.pending.is_empty())
+        *self.built.borrow() && (mtime != s.root_mtime || !s.pending.is_empty())
     }
 
     /// Index the caches under the root not indexed yet, for the stored chunks of `m`.
@@ -306,7 +305,6 @@ impl HostIndex {
         // now seen or gone is not.
         s.pending = pending;
         s.root_mtime = mtime;
-        s.built = true;
         self.built.send_replace(true);
         tracing::debug!(
             "host index of {}: {added} new caches with copies ({} pending before), {} of {} digests indexed, in {:?}",
@@ -563,7 +561,6 @@ fn clone_range(
     dst: &File,
     dst_off: u64,
 ) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
     let arg = libc::file_clone_range {
         src_fd: i64::from(src.as_raw_fd()),
         src_offset: src_off,
