@@ -176,6 +176,34 @@ pub fn punch_hole(file: &File, off: u64, len: u64) -> std::io::Result<()> {
     }
 }
 
+/// The file the loop device `dev` (`/dev/loopN` or `loopN`) serves, if it is bound (from
+/// `/sys/block/loopN/loop/backing_file`).
+pub fn loop_backing_file(dev: &str) -> Option<PathBuf> {
+    let n = dev.trim_start_matches("/dev/");
+    let s = std::fs::read_to_string(format!("/sys/block/{n}/loop/backing_file")).ok()?;
+    Some(PathBuf::from(s.trim_end_matches('\n')))
+}
+
+/// Every bound loop device serving `file` (compared by path), as `/dev/loopN`, sorted. A
+/// cache whose data file a loop device serves (handed over to the kernel) must never be
+/// punched or removed.
+pub fn loop_devices_serving(file: &Path) -> Vec<String> {
+    let want = std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf());
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir("/sys/block") {
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().to_string();
+            if n.starts_with("loop")
+                && loop_backing_file(&n).is_some_and(|b| b == want || b == file)
+            {
+                out.push(format!("/dev/{n}"));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
 /// Write `bytes` to `path` through a temporary file next to it (`<path>.tmp`), fsync it, rename
 /// it over `path` and fsync the directory: readers see the old file or the new one, never a
 /// part of either.

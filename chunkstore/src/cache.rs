@@ -12,6 +12,21 @@ pub(crate) struct Meta {
     pub(crate) etag: Option<String>,
 }
 
+/// [`lock_dir`] for a store opening its cache: a lock taken for a moment by `gc` or a host
+/// limit pass over this cache (which take it to know whether a store holds it, or while they
+/// evict from an idle cache) is waited for, at most `patience`.
+pub(crate) fn lock_dir_waiting(dir: &Path, patience: Duration) -> Result<File> {
+    let t0 = Instant::now();
+    loop {
+        match lock_dir(dir) {
+            Err(Error::Cache { .. }) if t0.elapsed() < patience => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            r => return r,
+        }
+    }
+}
+
 pub(crate) fn lock_dir(dir: &Path) -> Result<File> {
     let p = dir.join("lock");
     lazyblk_blocksource::fsutil::lock_exclusive(&p)

@@ -455,7 +455,9 @@ impl Inner {
             let n = self.manifest.chunk_count();
             let mut bytes = 0u64;
             let mut frames = 0;
+            let now = now_ms();
             for &c in chunks {
+                self.touch(c, now);
                 let was = self.present.test_and_set(c);
                 if c < n && self.opts.cache_limit.is_some() {
                     // A second chance on the clock: the read that waited for this chunk has

@@ -48,6 +48,7 @@ mod prelude {
     pub(crate) use crate::options::*;
     pub(crate) use crate::persist::*;
     pub(crate) use crate::policy::evict::*;
+    pub(crate) use crate::policy::hostlimit::*;
     pub(crate) use crate::policy::readahead::*;
     pub(crate) use crate::stats::*;
     pub(crate) use crate::store::*;

@@ -65,6 +65,9 @@ impl ChunkStore {
         // 2. The cache directory, and the layout it was written with (its own copy of the
         // prefetch pack it used, if any).
         let (dir, lock) = claim_cache_dir(&opts.cache_root, id, &bytes, &mut report)?;
+        if let Some(l) = opts.host_cache_limit {
+            set_host_limit(&opts.cache_root, (l > 0).then_some(l))?;
+        }
         let old = CacheLayout::of(&dir, id, &m);
         report.times.cache_dir_ms = lap();
 
@@ -184,6 +187,7 @@ impl ChunkStore {
         let bitmap = inner.bitmap.clone();
         // In the background: attach is not slowed by reading the other caches' manifests.
         inner.start_index_build();
+        inner.start_host_rounds();
         let maintenance = match inner.opts.cache_limit {
             None => None,
             Some(_) => {
@@ -317,7 +321,7 @@ pub(crate) fn claim_cache_dir(
     let dir = root.join(id.hex());
     report.fresh = !dir.join("manifest").exists();
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-    let lock = lock_dir(&dir)?;
+    let lock = lock_dir_waiting(&dir, Duration::from_secs(2))?;
     // The cached copy must be this image's manifest (a directory copied from another image
     // is repaired here; its bitmap and data are rejected later by the image id).
     let cached_ok = std::fs::read(dir.join("manifest")).is_ok_and(|b| b == bytes);

@@ -50,6 +50,14 @@ pub struct StoreOptions {
     /// Keep at most this many bytes of fetched chunks; cold chunks are evicted (they can be
     /// fetched again). `None`: no limit.
     pub cache_limit: Option<u64>,
+    /// Set the host cache limit of `cache_root` at open (`Some(0)` removes it): one limit for
+    /// every cache under the root, least recently used across images, a chunk several caches
+    /// hold counted once ([`crate::policy::hostlimit`]). A store honours the root's limit
+    /// whether or not it set it.
+    pub host_cache_limit: Option<u64>,
+    /// How often a store takes part in the host limit (publishes its chunks' last uses, runs
+    /// or applies a pass), while one is set.
+    pub host_limit_period: Duration,
     /// How long an evicted chunk's bytes stay readable before its space is reclaimed, so a read
     /// that located the chunk just before the eviction still reads valid data.
     pub evict_grace: Duration,
@@ -92,6 +100,8 @@ impl Default for StoreOptions {
             fetch_threads: 1,
             corrupt_attempts: 3,
             cache_limit: None,
+            host_cache_limit: None,
+            host_limit_period: Duration::from_secs(5),
             evict_grace: Duration::from_secs(10),
             background_requests: 2,
             use_prefetch_list: true,

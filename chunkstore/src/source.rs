@@ -28,7 +28,9 @@ impl Inner {
     /// read that reaches a trigger starts the stream's next window, whether the chunk is
     /// present or still in flight).
     pub(crate) fn note_access(self: &Arc<Self>, first: u64, last: u64) {
+        let now = now_ms();
         for i in first..=last {
+            self.touch(i, now);
             if !self.accessed.get(i) && !self.accessed.test_and_set(i) {
                 self.trace.lock().expect("lock").push(i as u32);
             }

@@ -81,6 +81,7 @@ pub(crate) struct Stats {
     pub(crate) fetch_micros_total: AtomicU64,
     pub(crate) fetch_micros_max: AtomicU64,
     pub(crate) evicted: AtomicU64,
+    pub(crate) host_evicted: AtomicU64,
     pub(crate) background_chunks: AtomicU64,
     pub(crate) local_copies: AtomicU64,
     pub(crate) local_copy_bytes: AtomicU64,
@@ -123,8 +124,11 @@ pub struct StatsSnapshot {
     pub cached_bytes: u64,
     /// The cache limit in bytes (0: none).
     pub cache_limit: u64,
-    /// Chunks evicted to stay under the limit.
+    /// Chunks evicted to stay under the limit (this store's or the host's).
     pub evicted_chunks: u64,
+    /// Of those, chunks evicted to keep the cache root under the host cache limit.
+    #[serde(default)]
+    pub host_evicted_chunks: u64,
     /// Chunks fetched by prefetch or hydration.
     pub background_chunks: u64,
     /// Background work (prefetch list, hydration) has finished.
@@ -296,6 +300,7 @@ impl ChunkStore {
             cached_bytes: self.inner.cached_bytes.load(Ordering::Relaxed),
             cache_limit: self.inner.opts.cache_limit.unwrap_or(0),
             evicted_chunks: s.evicted.load(Ordering::Relaxed),
+            host_evicted_chunks: s.host_evicted.load(Ordering::Relaxed),
             background_chunks: s.background_chunks.load(Ordering::Relaxed),
             background_done: self.inner.background_done.load(Ordering::Relaxed),
             pack_frames: self.inner.manifest.frame_count(),

@@ -71,6 +71,13 @@ pub(crate) struct Inner {
     pub(crate) touched: AtomicBits,
     /// Copies of this image's chunks in the other caches of the cache root (`None`: off).
     pub(crate) host_index: Option<HostIndex>,
+    /// When each chunk was last used (read or stored), in [`now_ms`] milliseconds: the order of
+    /// the host cache limit ([`crate::policy::hostlimit`]).
+    pub(crate) atime: Box<[AtomicU64]>,
+    /// A use was recorded since the atime file was last written.
+    pub(crate) atime_dirty: AtomicBool,
+    /// Evicted chunks waiting for their grace period before their bytes are punched.
+    pub(crate) doomed: Doomed,
     /// Local copies are tried as reflinks first (cleared the first time the file system says
     /// it cannot: ext4, tmpfs).
     pub(crate) reflinks: AtomicBool,
@@ -93,6 +100,11 @@ impl Inner {
     ) -> Result<Inner> {
         let n = m.chunk_count();
         let host_index = opts.host_index.then(|| HostIndex::new(&dir));
+        let atime = read_atimes(&dir, n)
+            .0
+            .into_iter()
+            .map(AtomicU64::new)
+            .collect();
         let bitmap = Arc::new(Mutex::new(Some(bitmap)));
         let data_path = p.data_path;
         // A second descriptor of the data file for the persister's `fdatasync`.
@@ -138,6 +150,9 @@ impl Inner {
             touched: AtomicBits::new(p.device_size / u64::from(BLOCK_SIZE)),
             host_index,
             reflinks: AtomicBool::new(true),
+            atime,
+            atime_dirty: AtomicBool::new(false),
+            doomed: Doomed::default(),
         })
     }
 }
@@ -292,6 +307,10 @@ impl Drop for ChunkStore {
         inner.shutdown.store(true, Ordering::SeqCst);
         if let Some(h) = self.maintenance.take() {
             let _ = h.join();
+        }
+        inner.punch_due();
+        if matches!(host_limit(inner.cache_root()), Ok(Some(_))) {
+            inner.publish_atimes(!inner.dir.join(ATIME_FILE).exists());
         }
         if let Some(rt) = self.runtime.take() {
             rt.shutdown_timeout(Duration::from_secs(2));

@@ -137,6 +137,11 @@ const SCALARS: &[Scalar] = &[
         |s| s.evicted_chunks,
     ),
     counter(
+        "cache_root_limit_evictions",
+        "Chunks evicted to keep the cache root under the host cache limit",
+        |s| s.host_evicted_chunks,
+    ),
+    counter(
         "background_chunks",
         "Chunks fetched by prefetch or hydration",
         |s| s.background_chunks,

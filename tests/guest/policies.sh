@@ -1,5 +1,5 @@
 # Guest: fetch policies and cache management: trace -> prefetch list, hydration (then no network
-# needed), export, a cache limit with eviction, gc.
+# needed), export, a cache limit with eviction, a host cache limit over two devices, gc.
 . /guest/lib.sh
 start_nginx /www 8080
 URL=http://127.0.0.1:8080/img1/manifest
@@ -168,6 +168,53 @@ check "the cache is under its limit" [ "$(field /tmp/s.json cached_bytes)" -le 4
 umount /mnt/p; lazyblk del "$ID" > /dev/null
 for d in /tmp/c-limit/*/; do lazyblk verify-cache "$d" || die "verify-cache after eviction"; done
 ok "every chunk still claimed after eviction is verified"
+
+step "a host cache limit: two devices keep their cache root under one limit, reads stay right"
+D1=$(lazyblk add "$URL" --cache-dir /tmp/c-host --readahead 0) || die "add img1"
+D2=$(lazyblk add http://127.0.0.1:8080/img2/manifest --cache-dir /tmp/c-host --readahead 0) || die "add img2"
+mkdir -p /mnt/p2
+mount -t erofs -o ro "$D1" /mnt/p || die "mount img1"
+mount -t erofs -o ro "$D2" /mnt/p2 || die "mount img2"
+read_both() {
+    lazyblk-testkit digest-tree /mnt/p > /tmp/got.txt
+    check "image 1 reads right $1" cmp -s /expected/img1.txt /tmp/got.txt
+    lazyblk-testkit digest-tree /mnt/p2 > /tmp/got2.txt
+    check "image 2 reads right $1" cmp -s /expected/img2.txt /tmp/got2.txt
+}
+read_both "before the limit"
+counted_once() { sed -n 's/.* held \([0-9]*\) bytes, \([0-9]*\) counted once.*/\2/p' "$1"; }
+lazyblk gc --cache-dir /tmp/c-host --host-cache-limit 1T | tee /tmp/hl.txt
+HELD=$(counted_once /tmp/hl.txt)
+check "gc reports the root's bytes counted once ($HELD)" test "${HELD:-0}" -gt 0
+LIMIT=$((HELD / 2))
+lazyblk gc --cache-dir /tmp/c-host --host-cache-limit "$LIMIT" | tee /tmp/hl.txt
+check "a pass over the limit drops something" grep -q "^dropped " /tmp/hl.txt
+i=0
+while :; do
+    lazyblk gc --cache-dir /tmp/c-host --host-cache-limit "$LIMIT" > /tmp/hl2.txt
+    NOW=$(counted_once /tmp/hl2.txt)
+    [ "$NOW" -le "$LIMIT" ] && break
+    [ $i -ge 60 ] && break
+    sleep 0.5; i=$((i + 1))
+done
+cat /tmp/hl2.txt
+check "the running devices brought the root under the host limit ($NOW <= $LIMIT)" [ "$NOW" -le "$LIMIT" ]
+E=0
+for d in "$D1" "$D2"; do
+    status_json "${d#/dev/ublkb}" > /tmp/s.json
+    E=$((E + $(field /tmp/s.json host_evicted_chunks)))
+done
+check "the devices evicted by the host limit ($E chunks)" [ "$E" -gt 0 ]
+umount /mnt/p; umount /mnt/p2
+mount -t erofs -o ro "$D1" /mnt/p || die "mount img1 again"
+mount -t erofs -o ro "$D2" /mnt/p2 || die "mount img2 again"
+read_both "after the evictions"
+umount /mnt/p; umount /mnt/p2
+lazyblk del "${D1#/dev/ublkb}" > /dev/null; lazyblk del "${D2#/dev/ublkb}" > /dev/null
+for d in /tmp/c-host/*/; do lazyblk verify-cache "$d" || die "verify-cache after host evictions"; done
+ok "every chunk still claimed after the host limit's evictions is verified"
+lazyblk gc --cache-dir /tmp/c-host --host-cache-limit 0 > /dev/null
+rm -rf /tmp/c-host
 
 step "gc removes the caches no daemon uses"
 mkdir -p /tmp/gc

@@ -140,7 +140,9 @@ pub enum Cmd {
     },
     /// Remove the caches of images that no running daemon uses; each line also says how many
     /// of the cache's chunks a cache that stays holds too (an image of a removed cache copies
-    /// those locally, not from the network).
+    /// those locally, not from the network). With `--host-cache-limit`, remove nothing whole:
+    /// set the cache root's limit and bring it under it now (least recently used chunks
+    /// first across every image, a chunk several caches hold counted once).
     Gc {
         /// Cache root.
         #[arg(long, env = "LAZYBLK_CACHE_DIR", default_value = "/var/cache/lazyblk")]
@@ -148,6 +150,10 @@ pub enum Cmd {
         /// Only list what would be removed.
         #[arg(long)]
         dry_run: bool,
+        /// Set the host cache limit of the cache root (e.g. 20G; 0 removes it) and enforce it
+        /// instead of removing caches.
+        #[arg(long, value_parser = crate::store_args::parse_size, conflicts_with = "dry_run")]
+        host_cache_limit: Option<u64>,
     },
     /// List lazyblk devices.
     List,

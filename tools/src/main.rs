@@ -139,7 +139,16 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Export { id, output } => cmd::export::run(&state, id, &output),
-        Cmd::Gc { cache_dir, dry_run } => cmd::gc::run(&state, &cache_dir, dry_run),
+        Cmd::Gc {
+            cache_dir,
+            dry_run,
+            host_cache_limit: None,
+        } => cmd::gc::run(&state, &cache_dir, dry_run),
+        Cmd::Gc {
+            cache_dir,
+            host_cache_limit: Some(limit),
+            ..
+        } => cmd::gc::host_limit(&state, &cache_dir, limit),
         Cmd::Status { id, json } => cmd::manage::status(&state, id, json),
         Cmd::Del { id, all } => cmd::manage::del(&state, id, all),
         Cmd::Recover {

@@ -54,6 +54,12 @@ pub struct StoreArgs {
     /// evicted and fetched again when needed.
     #[arg(long, value_parser = parse_size)]
     cache_limit: Option<u64>,
+    /// Set one cache limit for the whole cache root (e.g. 20G; 0 removes it): every device
+    /// under the root keeps the root under it together, least recently used chunks first
+    /// across images, a chunk several caches hold counted once. It stays set for the root
+    /// (`lazyblk gc --host-cache-limit` changes it); it is not part of the device record.
+    #[arg(long, value_parser = parse_size)]
+    host_cache_limit: Option<u64>,
     /// After the prefetch list, fetch every remaining chunk in the background (yielding to
     /// reads), so the image ends up needing no network.
     #[arg(long)]
@@ -76,7 +82,7 @@ pub struct StoreArgs {
 }
 
 /// Parse `123`, `64K`, `512M`, `2G` (powers of 1024).
-fn parse_size(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let (num, mult) = match s.char_indices().last() {
         Some((i, c)) if c.is_ascii_alphabetic() => {
@@ -165,6 +171,7 @@ impl StoreArgs {
             readahead_max_bytes: self.readahead_max,
             io_deadline: (self.io_deadline > 0).then(|| Duration::from_secs(self.io_deadline)),
             cache_limit: self.cache_limit,
+            host_cache_limit: self.host_cache_limit,
             hydrate: self.hydrate,
             hydrate_rate: self.hydrate_rate,
             use_prefetch_list: !self.no_prefetch,
@@ -239,6 +246,10 @@ mod tests {
         let (a, b) = (store.options().unwrap(), again.options().unwrap());
         assert_eq!(format!("{a:?}"), format!("{b:?}"));
         assert_eq!(b.cache_limit, Some(2 << 30));
+        // The host limit belongs to the cache root, not to the device record.
+        let host = store_of(&["lazyblk", "add", "m", "--host-cache-limit", "3G"]);
+        assert_eq!(host.options().unwrap().host_cache_limit, Some(3 << 30));
+        assert!(!host.to_args().iter().any(|a| a.contains("host")));
         assert_eq!(b.hydrate_rate, Some(20 << 20));
         assert!(b.hydrate && !b.use_prefetch_list && b.io_deadline.is_none());
         assert!(!b.host_index);

@@ -3,5 +3,6 @@
 //! ordering rules as the rest of the store).
 
 pub mod evict;
+pub mod hostlimit;
 pub mod prefetch;
 pub mod readahead;

@@ -7,14 +7,14 @@ use super::*;
 use std::collections::{BTreeSet, HashSet};
 
 /// Two images `a` and `b` built into `www/a` and `www/b`, one nginx over `www`.
-struct Two {
+pub(crate) struct Two {
     _dir: tempfile::TempDir,
-    root: PathBuf,
-    ng: Nginx,
-    a: Vec<u8>,
-    b: Vec<u8>,
-    ma: Manifest,
-    mb: Manifest,
+    pub(crate) root: PathBuf,
+    pub(crate) ng: Nginx,
+    pub(crate) a: Vec<u8>,
+    pub(crate) b: Vec<u8>,
+    pub(crate) ma: Manifest,
+    pub(crate) mb: Manifest,
 }
 
 fn two_images(a: Vec<u8>, b: Vec<u8>, build: &BuildOptions) -> Two {
@@ -45,7 +45,7 @@ fn two_images(a: Vec<u8>, b: Vec<u8>, build: &BuildOptions) -> Two {
 }
 
 impl Two {
-    fn opts(&self, host_index: bool) -> StoreOptions {
+    pub(crate) fn opts(&self, host_index: bool) -> StoreOptions {
         StoreOptions {
             cache_root: self.root.join("cache"),
             http: HttpOptions {
@@ -124,7 +124,7 @@ fn sharing(a: &Manifest, b: &Manifest) -> Sharing {
 }
 
 /// The chunks of `b` with digest `d`.
-fn chunks_with(m: &Manifest, d: &[u8; 32]) -> Vec<u64> {
+pub(crate) fn chunks_with(m: &Manifest, d: &[u8; 32]) -> Vec<u64> {
     (0..m.chunk_count())
         .filter(|&i| matches!(m.chunk(i), ChunkRef::Stored(e) if e.digest == *d))
         .collect()
@@ -166,7 +166,7 @@ fn first_read_then_second(t: &Two, host_index: bool) -> (ChunkStore, ChunkStore)
 
 /// 4 MiB in 64 KiB chunks; the second image: 3 new chunks in front, then the first's bytes
 /// shifted by them (same chunks at other offsets) with chunks 20..23 of it replaced.
-fn shifted_pair(seed: u64) -> Two {
+pub(crate) fn shifted_pair(seed: u64) -> Two {
     let cs = 64 << 10;
     let a = sample_image(4 << 20, seed);
     let mut b = sample_image(3 * cs, seed + 1000);

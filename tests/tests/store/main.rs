@@ -2,6 +2,7 @@
 
 mod fetch;
 mod hostindex;
+mod hostlimit;
 mod open;
 mod pack;
 mod pagecache;

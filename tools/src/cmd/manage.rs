@@ -107,8 +107,8 @@ pub fn status(state: &Path, id: u32, json: bool) -> Result<()> {
         println!("  from         {} bytes from {}{kind}", o.bytes, o.origin);
     }
     println!(
-        "cache bytes    {} ({} chunks evicted)",
-        s.cached_bytes, s.evicted_chunks
+        "cache bytes    {} ({} chunks evicted, {} of them by the host cache limit)",
+        s.cached_bytes, s.evicted_chunks, s.host_evicted_chunks
     );
     println!("verify fails   {}", s.verify_failures);
     println!("failed IOs     {}", s.failed_ios);

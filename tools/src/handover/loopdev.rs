@@ -240,25 +240,12 @@ pub fn detach(dev: &str) -> Result<()> {
 
 /// The file the loop device `dev` (`/dev/loopN` or `loopN`) serves, if it is bound.
 pub fn backing_file(dev: &str) -> Option<PathBuf> {
-    let n = dev.trim_start_matches("/dev/");
-    let s = std::fs::read_to_string(format!("/sys/block/{n}/loop/backing_file")).ok()?;
-    Some(PathBuf::from(s.trim_end_matches('\n')))
+    lazyblk_blocksource::fsutil::loop_backing_file(dev)
 }
 
 /// Every bound loop device serving `file` (compared by path), as `/dev/loopN`.
 pub fn serving(file: &Path) -> Vec<String> {
-    let want = std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf());
-    let mut out = Vec::new();
-    if let Ok(rd) = std::fs::read_dir("/sys/block") {
-        for e in rd.flatten() {
-            let n = e.file_name().to_string_lossy().to_string();
-            if n.starts_with("loop") && backing_file(&n).is_some_and(|b| b == want || b == file) {
-                out.push(format!("/dev/{n}"));
-            }
-        }
-    }
-    out.sort();
-    out
+    lazyblk_blocksource::fsutil::loop_devices_serving(file)
 }
 
 #[cfg(test)]
