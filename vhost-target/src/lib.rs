@@ -21,7 +21,7 @@
 //!   (capacity, `blk_size`, `VIRTIO_BLK_F_RO` for read-only sources, discard limits) and
 //!   `VIRTIO_BLK_F_FLUSH` are supported.
 
-use lazyblk_blocksource::{BlockError, BlockSource, Geometry};
+use lazyblk_blocksource::{BlockError, BlockSource, Geometry, FETCH_TRIES};
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
@@ -143,6 +143,8 @@ enum Parked {
         offset: u64,
         segs: Vec<(GuestAddress, usize)>,
         status: Option<GuestAddress>,
+        /// Fetches of the range so far.
+        tries: u32,
     },
     Flush {
         head: u16,
@@ -366,6 +368,7 @@ impl Backend {
                         offset,
                         segs: writable,
                         status,
+                        tries: 1,
                     },
                 );
                 let n = worker.notifier.clone();
@@ -512,8 +515,29 @@ impl Backend {
                     offset,
                     segs,
                     status,
+                    tries,
                 } => {
                     let len: usize = segs.iter().map(|s| s.1).sum();
+                    if r.is_ok()
+                        && tries < FETCH_TRIES
+                        && self.source.locate(offset, len as u64).is_none()
+                    {
+                        // Fetched, then evicted (a cache limit) before this read: fetch again.
+                        let token = self.park(
+                            worker,
+                            Parked::Read {
+                                head,
+                                offset,
+                                segs,
+                                status,
+                                tries: tries + 1,
+                            },
+                        );
+                        let n = worker.notifier.clone();
+                        self.source
+                            .fetch(offset, len as u64, Box::new(move |r| n.post(token, r)));
+                        continue;
+                    }
                     let r = r.and_then(|()| self.read_into(&mem, offset, &segs));
                     done.push(match r {
                         Ok(()) => Done {

@@ -15,6 +15,9 @@ struct GatedSource {
     file: FileSource,
     released: AtomicBool,
     waiting: Mutex<Vec<Completion>>,
+    /// Fetches that succeed while the range stays missing (fetched, then evicted at once).
+    lost: std::sync::atomic::AtomicU32,
+    fetches: AtomicUsize,
 }
 
 impl GatedSource {
@@ -40,7 +43,12 @@ impl BlockSource for GatedSource {
         if let Err(e) = check_range(self.geometry().size, offset, len) {
             return done(Err(e));
         }
+        self.fetches.fetch_add(1, Ordering::SeqCst);
         if self.locate(offset, len).is_some() {
+            return done(Ok(()));
+        }
+        if self.lost.load(Ordering::SeqCst) > 0 {
+            self.lost.fetch_sub(1, Ordering::SeqCst);
             return done(Ok(()));
         }
         self.waiting.lock().unwrap().push(done);
@@ -74,6 +82,8 @@ fn rig(writable: bool) -> (Rig, Arc<GatedSource>) {
         file: FileSource::open(&p, 4096, writable).unwrap(),
         released: AtomicBool::new(false),
         waiting: Mutex::new(Vec::new()),
+        lost: Default::default(),
+        fetches: AtomicUsize::new(0),
     });
     let mem: Mem = GuestMemoryAtomic::new(
         GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap(),
@@ -240,6 +250,38 @@ fn a_miss_does_not_stall_the_queue_and_completes_out_of_order() {
     assert_eq!(r.bytes(a_data, 8192), r.content[..8192]);
     assert_eq!(r.backend.workers[0].inflight.load(Ordering::SeqCst), 0);
     assert_eq!(r.backend.stats.read_misses.load(Ordering::SeqCst), 1);
+}
+
+/// A range evicted between its fetch and the read (a cache limit) is fetched again, at most
+/// `FETCH_TRIES` times in all; then the read fails instead of looping.
+#[test]
+fn a_range_evicted_after_its_fetch_is_fetched_again() {
+    let (mut r, src) = rig(false);
+    src.lost.store(1, Ordering::SeqCst);
+    let (a, a_data, a_status) = r.push(VIRTIO_BLK_T_IN, 0, &[0u8; 8192], true);
+    r.kick();
+    r.completions(); // the fetch "succeeded" but the range is gone: fetched again
+    assert_eq!(src.fetches.load(Ordering::SeqCst), 2);
+    assert_eq!(r.byte(a_status), 0xff, "not answered while the second fetch waits");
+    let s = src.clone();
+    std::thread::spawn(move || s.release()).join().unwrap();
+    r.completions();
+    assert_eq!(r.used(), vec![(u32::from(a), 8193)]);
+    assert_eq!(r.byte(a_status), 0);
+    assert_eq!(r.bytes(a_data, 8192), r.content[..8192]);
+
+    // Lost every time: FETCH_TRIES fetches, then an I/O error, and the queue goes on.
+    let (mut r, src) = rig(false);
+    src.lost.store(100, Ordering::SeqCst);
+    let (b, _, b_status) = r.push(VIRTIO_BLK_T_IN, 8, &[0u8; 4096], true);
+    r.kick();
+    for _ in 0..FETCH_TRIES {
+        r.completions();
+    }
+    assert_eq!(src.fetches.load(Ordering::SeqCst), FETCH_TRIES as usize);
+    assert_eq!(r.used(), vec![(u32::from(b), 1)]);
+    assert_eq!(r.byte(b_status), VIRTIO_BLK_S_IOERR as u8);
+    assert_eq!(r.backend.workers[0].inflight.load(Ordering::SeqCst), 0);
 }
 
 #[test]
