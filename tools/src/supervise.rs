@@ -92,56 +92,83 @@ pub fn run(state: &Path, first: &[String], mut ready: File) -> Result<()> {
             );
             return Ok(());
         }
-        if !still_there(id) {
-            return Ok(());
+        // The recovery's control commands run on a thread of its own: libublk's control ring
+        // is per thread, and the io-wq worker the kernel starts for a ring lives as long as
+        // the ring does. The supervisor then keeps no thread but its own while it waits.
+        let next = std::thread::scope(|s| {
+            std::thread::Builder::new()
+                .name("lazyblk-recover".into())
+                .spawn_scoped(s, || recover(state, id, pid, st, me, &mut deaths))
+                .context("starting the recovery thread")?
+                .join()
+                .map_err(|_| anyhow::anyhow!("supervisor: the recovery of device {id} panicked"))?
+        })?;
+        match next {
+            Some(c) => child = c,
+            None => return Ok(()),
         }
-        tracing::warn!("supervisor: the daemon of device {id} (pid {pid}) died ({st}); recovering");
-        loop {
-            if !still_there(id) {
-                return Ok(());
+    }
+}
+
+/// After the daemon `pid` of device `id` died (`st`): start a recovering daemon, retrying,
+/// and return it; `None` when there is nothing to recover (the device is gone or stopped, or a
+/// hand-over finished it).
+fn recover(
+    state: &Path,
+    id: u32,
+    pid: u32,
+    st: std::process::ExitStatus,
+    me: u32,
+    deaths: &mut Vec<Instant>,
+) -> Result<Option<Child>> {
+    if !still_there(id) {
+        return Ok(None);
+    }
+    tracing::warn!("supervisor: the daemon of device {id} (pid {pid}) died ({st}); recovering");
+    loop {
+        if !still_there(id) {
+            return Ok(None);
+        }
+        deaths.retain(|t| t.elapsed() < RESTART_WINDOW);
+        deaths.push(Instant::now());
+        if deaths.len() > MAX_RESTARTS {
+            bail!(
+                "supervisor: device {id} lost its daemon {} times within {} s; giving up (the device keeps its IO parked; `lazyblk recover {id}` retries)",
+                deaths.len(),
+                RESTART_WINDOW.as_secs()
+            );
+        }
+        // A daemon that died past the swap of a hand-over: finish it, no daemon needed.
+        match crate::cmd::handover::recover(state, id) {
+            Ok(Some(done)) => {
+                tracing::info!("supervisor: {done}");
+                return Ok(None);
             }
-            deaths.retain(|t| t.elapsed() < RESTART_WINDOW);
-            deaths.push(Instant::now());
-            if deaths.len() > MAX_RESTARTS {
-                bail!(
-                    "supervisor: device {id} lost its daemon {} times within {} s; giving up (the device keeps its IO parked; `lazyblk recover {id}` retries)",
-                    deaths.len(),
-                    RESTART_WINDOW.as_secs()
+            Ok(None) => {}
+            Err(e) => tracing::error!("supervisor: device {id}: {e:#}"),
+        }
+        let attempt = wait_recoverable(id, pid, QUIESCE_WAIT, false).and_then(|()| {
+            let mut args = recover_args(state, id)?;
+            args.extend([
+                "--foreground".into(),
+                "--supervised-by".into(),
+                me.to_string(),
+            ]);
+            start(&args, None)
+        });
+        match attempt {
+            Ok((c, Some(_))) => {
+                tracing::info!("supervisor: device {id} recovered by pid {}", c.id());
+                return Ok(Some(c));
+            }
+            Ok((mut c, None)) => {
+                let st = c.wait()?;
+                tracing::error!(
+                    "supervisor: the recovering daemon of device {id} did not start ({st})"
                 );
             }
-            // A daemon that died past the swap of a hand-over: finish it, no daemon needed.
-            match crate::cmd::handover::recover(state, id) {
-                Ok(Some(done)) => {
-                    tracing::info!("supervisor: {done}");
-                    return Ok(());
-                }
-                Ok(None) => {}
-                Err(e) => tracing::error!("supervisor: device {id}: {e:#}"),
-            }
-            let attempt = wait_recoverable(id, pid, QUIESCE_WAIT, false).and_then(|()| {
-                let mut args = recover_args(state, id)?;
-                args.extend([
-                    "--foreground".into(),
-                    "--supervised-by".into(),
-                    me.to_string(),
-                ]);
-                start(&args, None)
-            });
-            match attempt {
-                Ok((c, Some(_))) => {
-                    tracing::info!("supervisor: device {id} recovered by pid {}", c.id());
-                    child = c;
-                    break;
-                }
-                Ok((mut c, None)) => {
-                    let st = c.wait()?;
-                    tracing::error!(
-                        "supervisor: the recovering daemon of device {id} did not start ({st})"
-                    );
-                }
-                Err(e) => tracing::error!("supervisor: recovering device {id}: {e:#}"),
-            }
-            std::thread::sleep(Duration::from_secs(1));
+            Err(e) => tracing::error!("supervisor: recovering device {id}: {e:#}"),
         }
+        std::thread::sleep(Duration::from_secs(1));
     }
 }

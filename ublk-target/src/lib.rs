@@ -44,7 +44,7 @@ use notify::Notifier;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// Errors of the ublk frontend.
@@ -445,6 +445,9 @@ pub fn serve(
     let src = source.clone();
     let gate = opts.gate.clone();
     let stats = opts.stats.clone();
+    // Set when the device could not be started: the queue (serving on this thread) stops.
+    let abort = Arc::new(AtomicBool::new(false));
+    let q_abort = abort.clone();
     let q_fn = move |qid: u16, dev: &UblkDev| {
         queue_main(
             qid,
@@ -453,6 +456,7 @@ pub fn serve(
             gate.clone(),
             stats.clone(),
             fixed.clone(),
+            &q_abort,
         )
     };
     let wh = move |c: &UblkCtrl| {
@@ -463,8 +467,77 @@ pub fn serve(
             flags: info.flags,
         });
     };
-    ctrl.run_target(tgt_init, q_fn, wh).map_err(ublk_err)?;
+    if opts.queues.max(1) == 1 {
+        serve_one_queue_here(&ctrl, tgt_init, q_fn, wh, &abort).map_err(ublk_err)?;
+    } else {
+        ctrl.run_target(tgt_init, q_fn, wh).map_err(ublk_err)?;
+    }
     Ok(())
+}
+
+/// libublk's `run_target` for a device of one queue, with the queue served on the calling
+/// thread: `run_target` spawns a thread per queue and keeps the calling one waiting for them,
+/// a thread per device that only waits (a node runs hundreds of devices). Here a short-lived
+/// thread starts the device (`START_DEV` returns only once the queue has fetched its
+/// commands, and the kernel's partition scan reads through the queue) and runs `on_live`,
+/// then exits. Should the start fail, `abort` stops the queue and the error is returned.
+fn serve_one_queue_here<T, Q, W>(
+    ctrl: &UblkCtrl,
+    tgt_fn: T,
+    q_fn: Q,
+    on_live: W,
+    abort: &AtomicBool,
+) -> Result<(), UblkError>
+where
+    T: FnOnce(&mut UblkDev) -> Result<(), UblkError>,
+    Q: FnOnce(u16, &UblkDev),
+    W: FnOnce(&UblkCtrl) + Send,
+{
+    let dev = UblkDev::new(ctrl.get_name(), tgt_fn, ctrl)?;
+    let tid = UblkCtrl::init_queue_thread();
+    libublk::io::set_io_thread_idx(0);
+    ctrl.set_thread_affinity(0, tid);
+    ctrl.configure_queue(&dev, 0, tid)?;
+    let started = std::thread::scope(|s| {
+        let starter = std::thread::Builder::new()
+            .name("lazyblk-start".into())
+            .spawn_scoped(s, || {
+                // The queue stops unless the device started and `on_live` returned (a panic
+                // here must not leave the queue serving a device nobody started).
+                struct StopUnlessLive<'a>(&'a AtomicBool, bool);
+                impl Drop for StopUnlessLive<'_> {
+                    fn drop(&mut self) {
+                        if !self.1 {
+                            self.0.store(true, Ordering::SeqCst);
+                        }
+                    }
+                }
+                let mut guard = StopUnlessLive(abort, false);
+                // libublk's control ring is per thread: this one needs its own.
+                libublk::ctrl::ublk_init_ctrl_task_ring(|ring| {
+                    if ring.is_none() {
+                        *ring = Some(
+                            io_uring::IoUring::<io_uring::squeue::Entry128>::builder()
+                                .build(16)
+                                .map_err(UblkError::IOError)?,
+                        );
+                    }
+                    Ok(())
+                })?;
+                ctrl.start_dev(&dev)?;
+                on_live(ctrl);
+                guard.1 = true;
+                Ok(())
+            })
+            .map_err(|e| UblkError::OtherError(-e.raw_os_error().unwrap_or(libc::EAGAIN)))?;
+        q_fn(0, &dev);
+        starter
+            .join()
+            .unwrap_or(Err(UblkError::OtherError(-libc::EIO)))
+    });
+    // The device may be deleted from another context: a failure here is normal.
+    let _ = ctrl.stop_dev();
+    started
 }
 
 fn queue_main(
@@ -474,6 +547,7 @@ fn queue_main(
     gate: Arc<FetchGate>,
     stats: Arc<IoStats>,
     fixed: Arc<Vec<SourceFile>>,
+    abort: &AtomicBool,
 ) {
     let depth = dev.dev_info.queue_depth;
     let q = match UblkQueue::new(qid, dev) {
@@ -515,7 +589,7 @@ fn queue_main(
     }
     smol::block_on(exe.run(async {
         let run_ops = || while exe.try_tick() {};
-        let done = || tasks.iter().all(|t| t.is_finished());
+        let done = || abort.load(Ordering::SeqCst) || tasks.iter().all(|t| t.is_finished());
         if let Err(e) = libublk::wait_and_handle_io_events(&q, Some(20), run_ops, done).await {
             if !matches!(e, UblkError::QueueIsDown) {
                 tracing::error!("queue {qid}: {e}");

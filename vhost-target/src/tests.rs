@@ -262,7 +262,11 @@ fn a_range_evicted_after_its_fetch_is_fetched_again() {
     r.kick();
     r.completions(); // the fetch "succeeded" but the range is gone: fetched again
     assert_eq!(src.fetches.load(Ordering::SeqCst), 2);
-    assert_eq!(r.byte(a_status), 0xff, "not answered while the second fetch waits");
+    assert_eq!(
+        r.byte(a_status),
+        0xff,
+        "not answered while the second fetch waits"
+    );
     let s = src.clone();
     std::thread::spawn(move || s.release()).join().unwrap();
     r.completions();

@@ -317,6 +317,20 @@ fn scan(root: &Path, keep: &[ImageId]) -> Vec<Scanned> {
     out
 }
 
+/// The bytes the data files of the caches under `root` occupy on disk.
+fn allocated_bytes(root: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(root)
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| ImageId::parse(&e.file_name().to_string_lossy()).is_ok())
+                .filter_map(|e| std::fs::metadata(e.path().join("data")).ok())
+                .map(|m| m.blocks() * 512)
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
 /// Each digest once: (tie, most recent use, length), sorted by tie.
 fn unique(caches: &[Scanned]) -> Vec<(u64, u64, u32)> {
     let mut all: Vec<(u64, u64, u32)> =
@@ -581,7 +595,9 @@ impl Inner {
                 .ok()
                 .and_then(|t| t.elapsed().ok())
                 .is_some_and(|e| e < self.opts.host_limit_period * 4 / 5);
-            if !recent {
+            // Cheap first: what the data files occupy (a reflinked extent counts in each) is
+            // at least what the caches hold counted once; under the limit, nothing to read.
+            if !recent && allocated_bytes(root) > limit {
                 if let Err(e) = enforce_locked(root, limit, &[]) {
                     tracing::warn!("host cache limit: {e}");
                 }
