@@ -15,6 +15,8 @@ mod bitmap;
 mod block_list;
 #[path = "../../fuzz/checks/erofs.rs"]
 mod erofs;
+#[path = "../../fuzz/checks/host_limit.rs"]
+mod host_limit;
 #[path = "../../fuzz/checks/manifest.rs"]
 mod manifest;
 #[path = "../../fuzz/checks/manifest_roundtrip.rs"]
@@ -212,6 +214,11 @@ fn every_target_has_a_check_here() {
 fn bitmap_replays() {
     replay("bitmap", bitmap::run);
 }
+#[test]
+fn host_limit_replays() {
+    replay("host_limit", host_limit::run);
+}
+
 #[test]
 fn block_list_replays() {
     replay("block_list", block_list::run);

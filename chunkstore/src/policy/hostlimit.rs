@@ -204,8 +204,8 @@ pub(crate) fn now_ms() -> u64 {
     ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
 }
 
-/// Encode an atime file.
-fn encode_atime(times: impl ExactSizeIterator<Item = u64>, pinned: bool) -> Vec<u8> {
+/// Encode an atime file (the inverse of [`decode_atime`]).
+pub fn encode_atime(times: impl ExactSizeIterator<Item = u64>, pinned: bool) -> Vec<u8> {
     let n = times.len();
     let mut b = Vec::with_capacity(ATIME_HEADER + 8 * n);
     b.extend_from_slice(ATIME_MAGIC);
