@@ -87,7 +87,14 @@ impl Persister {
                 }
                 (std::mem::take(&mut p.pending), p.queued)
             };
+            let t0 = Instant::now();
             let r = self.persist(&batch);
+            if let Some(inner) = self.owner.get().and_then(std::sync::Weak::upgrade) {
+                inner
+                    .stats
+                    .persist_micros
+                    .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+            }
             let mut p = self.state.lock().expect("lock");
             if let Err(e) = r {
                 tracing::error!("persisting presence bits failed (chunks will be fetched again after a restart): {e}");

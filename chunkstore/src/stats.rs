@@ -82,6 +82,8 @@ pub(crate) struct Stats {
     pub(crate) fetch_micros_max: AtomicU64,
     pub(crate) evicted: AtomicU64,
     pub(crate) host_evicted: AtomicU64,
+    pub(crate) verify_micros: AtomicU64,
+    pub(crate) persist_micros: AtomicU64,
     pub(crate) background_chunks: AtomicU64,
     pub(crate) local_copies: AtomicU64,
     pub(crate) local_copy_bytes: AtomicU64,
@@ -166,6 +168,20 @@ pub struct StatsSnapshot {
     /// `FICLONERANGE`, on XFS or btrfs) instead of taking disk space of their own.
     #[serde(default)]
     pub local_reflinks: u64,
+    /// Where the misses' time went: range requests, summed over requests (headers and
+    /// body; several run at once, so this can exceed the wall time), in microseconds.
+    #[serde(default)]
+    pub network_us_total: u64,
+    /// Decompressing, hashing and writing fetched chunks (the blocking pool, summed).
+    #[serde(default)]
+    pub verify_us_total: u64,
+    /// Making them durable: `fdatasync` of the data and of the bitmap (group commits).
+    #[serde(default)]
+    pub persist_us_total: u64,
+    /// What the reads that missed waited, summed over them (the frontend fills it in; 0 from
+    /// [`ChunkStore::stats`]).
+    #[serde(default)]
+    pub miss_wait_us_total: u64,
     /// How long the attach took, step by step (the daemon fills it in).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attach: Option<AttachTimes>,
@@ -301,6 +317,10 @@ impl ChunkStore {
             cache_limit: self.inner.opts.cache_limit.unwrap_or(0),
             evicted_chunks: s.evicted.load(Ordering::Relaxed),
             host_evicted_chunks: s.host_evicted.load(Ordering::Relaxed),
+            network_us_total: s.fetch_micros_total.load(Ordering::Relaxed),
+            verify_us_total: s.verify_micros.load(Ordering::Relaxed),
+            persist_us_total: s.persist_micros.load(Ordering::Relaxed),
+            miss_wait_us_total: 0,
             background_chunks: s.background_chunks.load(Ordering::Relaxed),
             background_done: self.inner.background_done.load(Ordering::Relaxed),
             pack_frames: self.inner.manifest.frame_count(),

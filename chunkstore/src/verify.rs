@@ -20,6 +20,7 @@ impl Inner {
         let (e, units) = &run.parts[i];
         let n = self.manifest.chunk_count();
         let missing = self.missing_units(units);
+        let t0 = Instant::now();
         if let Some(&first) = missing.first() {
             let (want, corrupt): (usize, Box<dyn Fn(String) -> Error>) = if first >= n {
                 let f = first - n;
@@ -66,6 +67,9 @@ impl Inner {
                 Ok(())
             })?;
         }
+        self.stats
+            .verify_micros
+            .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
         if run.background {
             let chunks = units.iter().filter(|&&u| u < n).count();
             self.stats

@@ -134,6 +134,8 @@ for off in 524288 1572864 2621440; do
     cold_misses=$((cold_misses + m1 - m0))
 done
 check "every read counted once (as a hit or a miss), $cold_misses of the 3 cold reads missed" [ $cold_misses -ge 1 ]
+lazyblk status "$ID3" | grep "^time " | tee /tmp/time.txt
+check "status splits the misses' time: the reads waited, the requests took time" test "$(st miss_wait_us_total)" -gt 0 -a "$(st network_us_total)" -gt 0
 lazyblk del "$ID3" > /dev/null
 
 step "errors are one clear line"

@@ -86,6 +86,7 @@ pub fn ensure_state_dir(state: &Path) -> Result<()> {
 pub fn device_status(store: &ChunkStore, io: &lazyblk_ublk::IoStats) -> StatsSnapshot {
     let mut stats = store.stats();
     stats.hits = io.reads().saturating_sub(io.read_misses());
+    stats.miss_wait_us_total = io.miss_wait_us();
     stats
 }
 

@@ -106,11 +106,17 @@ pub struct IoStats {
 struct QueueStats {
     reads: AtomicU64,
     read_misses: AtomicU64,
+    miss_wait_us: AtomicU64,
 }
 
 /// Add one to a counter that only the calling thread writes.
 fn bump(c: &AtomicU64) {
-    c.store(c.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
+    add(c, 1);
+}
+
+/// Add `n` to a counter that only the calling thread writes.
+fn add(c: &AtomicU64, n: u64) {
+    c.store(c.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
 }
 
 impl IoStats {
@@ -139,6 +145,14 @@ impl IoStats {
         self.queues
             .iter()
             .map(|q| q.read_misses.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// What those reads waited for their fetches, summed, in microseconds.
+    pub fn miss_wait_us(&self) -> u64 {
+        self.queues
+            .iter()
+            .map(|q| q.miss_wait_us.load(Ordering::Relaxed))
             .sum()
     }
 }
@@ -641,6 +655,7 @@ async fn handle_io(q: &UblkQueue<'_>, tag: u16, ctx: &IoCtx<'_>, buf: &mut [u8])
                         return std::future::pending().await;
                     };
                     tracing::debug!("tag {tag}: miss at {off}+{len}");
+                    let waited = std::time::Instant::now();
                     // With a cache limit, a range can be evicted between its fetch and this
                     // read: fetch it again, a few times, before failing the IO.
                     let mut tries = 0;
@@ -656,6 +671,7 @@ async fn handle_io(q: &UblkQueue<'_>, tag: u16, ctx: &IoCtx<'_>, buf: &mut [u8])
                             return -errno;
                         }
                         if let Some(loc) = source.locate(off, len as u64) {
+                            add(&ctx.stats.miss_wait_us, waited.elapsed().as_micros() as u64);
                             break loc;
                         }
                         tries += 1;

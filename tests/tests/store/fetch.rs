@@ -101,6 +101,13 @@ fn bytes_per_origin_and_the_latency_histogram_count_every_request() {
     assert_eq!(h.counts.iter().sum::<u64>(), h.count);
     assert_eq!(h.counts.len(), h.bounds_us.len() + 1);
     assert!(h.sum_us > 0);
+    // The time split of `status`: the requests' time is the histogram's sum; the chunks were
+    // verified and written, and made durable.
+    store.flush().unwrap();
+    let s = store.stats();
+    assert_eq!(s.network_us_total, s.fetch_latency.sum_us, "{s:?}");
+    assert!(s.verify_us_total > 0 && s.persist_us_total > 0, "{s:?}");
+    assert_eq!(s.miss_wait_us_total, 0, "the frontend's to fill in");
 }
 
 #[test]

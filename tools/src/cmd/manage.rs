@@ -110,6 +110,13 @@ pub fn status(state: &Path, id: u32, json: bool) -> Result<()> {
         "cache bytes    {} ({} chunks evicted, {} of them by the host cache limit)",
         s.cached_bytes, s.evicted_chunks, s.host_evicted_chunks
     );
+    println!(
+        "time           reads waited {} ms on misses; requests {} ms (summed), verify+write {} ms, fdatasync {} ms",
+        s.miss_wait_us_total / 1000,
+        s.network_us_total / 1000,
+        s.verify_us_total / 1000,
+        s.persist_us_total / 1000
+    );
     println!("verify fails   {}", s.verify_failures);
     println!("failed IOs     {}", s.failed_ios);
     Ok(())
