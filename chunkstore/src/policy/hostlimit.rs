@@ -31,7 +31,6 @@
 //! would count two chunks as one; every byte read is still verified against its own digest).
 
 use crate::prelude::*;
-use std::collections::VecDeque;
 
 /// The limit file in the cache root.
 pub const LIMIT_FILE: &str = "host-limit";
@@ -634,98 +633,6 @@ impl Inner {
         let n = self.evict(&mut bm, chosen);
         self.stats.host_evicted.fetch_add(n, Ordering::Relaxed);
     }
-
-    /// Take `chunks` out of the cache: the in-memory bit (a chunk in flight is skipped), the
-    /// durable bit (fsynced), and its bytes later ([`Inner::punch_due`]). `bm` is the bitmap,
-    /// locked by the caller for the whole eviction. Returns how many were evicted.
-    pub(crate) fn evict(&self, bm: &mut Option<BitmapFile>, chunks: Vec<u64>) -> u64 {
-        let mut cleared = Vec::with_capacity(chunks.len());
-        for c in chunks {
-            let inflight = self.inflight.lock().expect("lock");
-            if inflight.contains_key(&c) || !self.present.get(c) {
-                continue;
-            }
-            self.present.clear(c);
-            drop(inflight);
-            self.cached_bytes
-                .fetch_sub(u64::from(self.manifest.chunk_len(c)), Ordering::Relaxed);
-            cleared.push(c);
-        }
-        if cleared.is_empty() {
-            return 0;
-        }
-        self.stats
-            .evicted
-            .fetch_add(cleared.len() as u64, Ordering::Relaxed);
-        if let Some(b) = bm.as_mut() {
-            if let Err(e) = b.update(&[], &cleared) {
-                tracing::error!("recording evictions: {e}");
-            }
-        }
-        let now = Instant::now();
-        let n = cleared.len() as u64;
-        self.doomed
-            .lock()
-            .expect("lock")
-            .extend(cleared.into_iter().map(|c| (c, now)));
-        n
-    }
-
-    /// Punch the evicted chunks whose grace period is over (all of them at shutdown), unless
-    /// fetched again meanwhile.
-    pub(crate) fn punch_due(&self) {
-        loop {
-            let c = {
-                let mut d = self.doomed.lock().expect("lock");
-                match d.front() {
-                    Some(&(c, t))
-                        if t.elapsed() >= self.opts.evict_grace
-                            || self.shutdown.load(Ordering::Relaxed) =>
-                    {
-                        d.pop_front();
-                        c
-                    }
-                    _ => return,
-                }
-            };
-            let inflight = self.inflight.lock().expect("lock");
-            if self.present.get(c) || inflight.contains_key(&c) {
-                continue; // fetched again meanwhile: its bytes are live
-            }
-            for (off, len) in punchable(&self.manifest, c) {
-                if let Err(e) = lazyblk_blocksource::fsutil::punch_hole(&self.data, off, len) {
-                    tracing::warn!("punching evicted chunk {c}: {e}");
-                }
-            }
-        }
-    }
-}
-
-/// The doomed queue type of [`Inner`].
-pub(crate) type Doomed = Mutex<VecDeque<(u64, Instant)>>;
-
-/// The byte ranges of chunk `c` of `m` (the manifest as the store uses it) that eviction may
-/// punch out of the data file: all of it but the metadata pack's blocks, which stay (the pack
-/// is never evicted: it is small, and its frames' bits would otherwise have to follow every
-/// chunk they overlap).
-pub(crate) fn punchable(m: &Manifest, c: u64) -> Vec<(u64, u64)> {
-    let off = m.chunk_offset(c);
-    let end = off + u64::from(m.chunk_len(c));
-    let mut out = Vec::new();
-    let mut at = off;
-    if let Some(p) = &m.pack {
-        for &b in &p.blocks[p.within(off / PACK_BLOCK, (end - 1) / PACK_BLOCK)] {
-            let b_off = u64::from(b) * PACK_BLOCK;
-            if b_off > at {
-                out.push((at, b_off - at));
-            }
-            at = b_off + PACK_BLOCK;
-        }
-    }
-    if end > at {
-        out.push((at, end - at));
-    }
-    out
 }
 
 #[cfg(test)]
