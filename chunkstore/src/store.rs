@@ -100,10 +100,13 @@ impl Inner {
     ) -> Result<Inner> {
         let n = m.chunk_count();
         let host_index = opts.host_index.then(|| HostIndex::new(&dir));
+        // Present chunks were last used when the atime file (or the bitmap's mtime) says;
+        // absent ones never.
         let atime = read_atimes(&dir, n)
             .0
             .into_iter()
-            .map(AtomicU64::new)
+            .enumerate()
+            .map(|(i, t)| AtomicU64::new(if p.present.get(i as u64) { t } else { 0 }))
             .collect();
         let bitmap = Arc::new(Mutex::new(Some(bitmap)));
         let data_path = p.data_path;
