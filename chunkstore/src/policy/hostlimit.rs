@@ -462,9 +462,11 @@ fn evict_idle(dir: &Path, cutoff: &Cutoff) -> Result<(u64, u64)> {
     })?;
     let layout = CacheLayout::of(dir, id, &m);
     let used = &layout.manifest;
+    // Before the bitmap is opened, which changes its mtime (the fallback of a missing atime
+    // file).
+    let (times, _) = read_atimes(dir, used.chunk_count());
     let (mut bitmap, trust) =
         BitmapFile::open(&dir.join("bitmap"), layout.bitmap_id, used.unit_count())?;
-    let (times, _) = read_atimes(dir, used.chunk_count());
     let mut clear = Vec::new();
     let mut bytes = 0u64;
     for c in 0..used.chunk_count() {
