@@ -66,7 +66,9 @@ pub fn gc(cache_root: &Path, keep: &[ImageId], dry_run: bool) -> Result<Vec<GcEn
                 shared_bytes: 0,
             },
             stays: !goes,
-            held: held_chunks(&dir),
+            held: held_chunks(&dir)
+                .map(|(_, h)| h.into_iter().map(|(_, d, l)| (d, l)).collect())
+                .unwrap_or_default(),
             _lock: lock,
         });
     }
@@ -97,26 +99,31 @@ pub fn gc(cache_root: &Path, keep: &[ImageId], dry_run: bool) -> Result<Vec<GcEn
     Ok(out)
 }
 
-/// The stored chunks the cache in `dir` holds by its on-disk bitmap, as (digest, length);
-/// nothing when its manifest or bitmap cannot be read.
-fn held_chunks(dir: &Path) -> Vec<([u8; 32], u32)> {
+/// A chunk a cache holds: (chunk index, digest, raw length).
+pub(crate) type HeldChunk = (u64, [u8; 32], u32);
+
+/// The stored chunks the cache in `dir` holds by its on-disk bitmap, as (chunk index, digest,
+/// length), and the image's chunk count; `None` when its manifest or bitmap cannot be read.
+/// (`gc` and the host limit's passes read other caches this way.)
+pub(crate) fn held_chunks(dir: &Path) -> Option<(u64, Vec<HeldChunk>)> {
     let (Ok(mb), Ok(bb)) = (
         std::fs::read(dir.join("manifest")),
         std::fs::read(dir.join("bitmap")),
     ) else {
-        return Vec::new();
+        return None;
     };
     let (Ok(m), Ok(bits)) = (Manifest::decode(&mb), crate::bitmap::peek(&bb)) else {
-        tracing::debug!("gc: {}: manifest or bitmap unreadable", dir.display());
-        return Vec::new();
+        tracing::debug!("{}: manifest or bitmap unreadable", dir.display());
+        return None;
     };
-    (0..m.chunk_count().min(bits.len() as u64))
+    let held = (0..m.chunk_count().min(bits.len() as u64))
         .filter(|&i| bits[i as usize])
         .filter_map(|i| match m.chunk(i) {
-            ChunkRef::Stored(e) => Some((e.digest, m.chunk_len(i))),
+            ChunkRef::Stored(e) => Some((i, e.digest, m.chunk_len(i))),
             ChunkRef::Zero => None,
         })
-        .collect()
+        .collect();
+    Some((m.chunk_count(), held))
 }
 
 pub(crate) fn disk_usage(dir: &Path) -> u64 {

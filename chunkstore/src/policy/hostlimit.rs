@@ -276,34 +276,19 @@ fn scan(root: &Path, keep: &[ImageId]) -> Vec<Scanned> {
             continue;
         };
         let dir = e.path();
-        let (Ok(mb), Ok(bb)) = (
-            std::fs::read(dir.join("manifest")),
-            std::fs::read(dir.join("bitmap")),
-        ) else {
+        let Some((chunks, held)) = crate::gc::held_chunks(&dir) else {
             continue;
         };
-        let (Ok(m), Ok(bits)) = (Manifest::decode(&mb), crate::bitmap::peek(&bb)) else {
-            tracing::debug!(
-                "host limit: {}: manifest or bitmap unreadable",
-                dir.display()
-            );
-            continue;
-        };
-        let n = m.chunk_count().min(bits.len() as u64);
-        let (times, pinned) = read_atimes(&dir, m.chunk_count());
+        let (times, pinned) = read_atimes(&dir, chunks);
         let in_use = lock_dir(&dir).is_err();
         let protected = keep.contains(&id)
             || !lazyblk_blocksource::fsutil::loop_devices_serving(&dir.join("data")).is_empty();
         let fixed = protected || (pinned && in_use);
-        let held = (0..n)
-            .filter(|&i| bits[i as usize])
-            .filter_map(|i| match m.chunk(i) {
-                ChunkRef::Stored(e) => Some((
-                    tie(&e.digest),
-                    if fixed { u64::MAX } else { times[i as usize] },
-                    m.chunk_len(i),
-                )),
-                ChunkRef::Zero => None,
+        let held = held
+            .into_iter()
+            .map(|(i, d, len)| {
+                let t = if fixed { u64::MAX } else { times[i as usize] };
+                (tie(&d), t, len)
             })
             .collect();
         out.push(Scanned {
@@ -316,15 +301,13 @@ fn scan(root: &Path, keep: &[ImageId]) -> Vec<Scanned> {
     out
 }
 
-/// The bytes the data files of the caches under `root` occupy on disk.
+/// The bytes the caches under `root` occupy on disk.
 fn allocated_bytes(root: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
     std::fs::read_dir(root)
         .map(|rd| {
             rd.flatten()
                 .filter(|e| ImageId::parse(&e.file_name().to_string_lossy()).is_ok())
-                .filter_map(|e| std::fs::metadata(e.path().join("data")).ok())
-                .map(|m| m.blocks() * 512)
+                .map(|e| crate::gc::disk_usage(&e.path()))
                 .sum()
         })
         .unwrap_or(0)
