@@ -33,6 +33,7 @@ pub(crate) fn write_pack_frames(
         blocks,
         frame_blocks: DEFAULT_PACK_FRAME_BLOCKS,
         frames: Vec::new(),
+        merged: None,
     };
     let mut raw = Vec::with_capacity(DEFAULT_PACK_FRAME_BLOCKS as usize * PACK_BLOCK as usize);
     for f in 0..p.blocks.len().div_ceil(p.frame_blocks as usize) {
@@ -76,10 +77,15 @@ pub struct PackSummary {
 }
 
 /// Write a [prefetch pack](PrefetchPack) for the image `manifest` (id `image`) holding the
-/// 4 KiB blocks `blocks` (any order; duplicates and blocks beyond the image are dropped) plus
-/// the blocks of the manifest's own metadata pack, read with `read(offset, buf)` (from the
-/// raw image, or a device serving it). Writes `path` and its blob next to it, named after it
-/// with `.blob` appended. The blocks are not verified here: `read` must serve the image.
+/// 4 KiB blocks `blocks` (any order; duplicates and blocks beyond the image are dropped), read
+/// with `read(offset, buf)` (from the raw image, or a device serving it). Writes `path` and
+/// its blob next to it, named after it with `.blob` appended. The blocks are not verified
+/// here: `read` must serve the image.
+///
+/// When the image has a metadata pack, the prefetch pack [extends](PrefetchPack::extends) it:
+/// the metadata blocks are left out (they are fetched first, from the image's blob), so a
+/// metadata read never waits behind the workload's data blocks. Without one, every block is
+/// in the prefetch pack.
 pub fn build_prefetch_pack(
     image: ImageId,
     manifest: &Manifest,
@@ -100,20 +106,26 @@ pub fn build_prefetch_pack(
         )));
     }
     let image_blocks = manifest.block_count();
+    let in_meta = |b: u32| {
+        manifest
+            .pack
+            .as_ref()
+            .is_some_and(|p| p.covers(b.into(), b.into()).is_some())
+    };
     let mut all: Vec<u32> = blocks
         .iter()
         .copied()
         .filter(|&b| b < image_blocks && b <= u64::from(u32::MAX))
         .map(|b| b as u32)
-        .chain(manifest.pack.iter().flat_map(|p| p.blocks.iter().copied()))
+        .filter(|&b| !in_meta(b))
         .collect();
     all.sort_unstable();
     all.dedup();
     if all.is_empty() {
-        return Err(Error::Invalid(
-            "no blocks for a prefetch pack (nothing was read, and the image has no metadata pack)"
-                .into(),
-        ));
+        return Err(Error::Invalid(match manifest.pack {
+            Some(_) => "no blocks for a prefetch pack: every block read is in the image's metadata pack already".into(),
+            None => "no blocks for a prefetch pack: nothing was read".into(),
+        }));
     }
     let blob_path = path.with_file_name(&blob_name);
     let tmp_blob = path.with_file_name(format!(".{blob_name}.tmp"));
@@ -141,6 +153,7 @@ pub fn build_prefetch_pack(
         blob_name,
         blob_size: p.stored_bytes(),
         pack: p,
+        extends: manifest.pack.is_some(),
     };
     let bytes = pack.encode();
     write_atomic(path, &bytes)?;

@@ -99,7 +99,7 @@ pub fn frame_intact(m: &Manifest, data: &File, f: usize) -> bool {
     };
     let mut h = blake3::Hasher::new();
     let mut block = vec![0u8; PACK_BLOCK as usize];
-    for &b in &p.blocks[p.frame_positions(f)] {
+    for &b in p.frame_members(f) {
         let at = u64::from(b) * PACK_BLOCK;
         let len = (m.image_size - at).min(PACK_BLOCK) as usize;
         if data.read_exact_at(&mut block[..len], at).is_err() {
@@ -123,21 +123,21 @@ pub struct CacheLayout {
 
 impl CacheLayout {
     /// The layout of the cache in `dir` of the image `id` with manifest `m` (a pack copy that
-    /// does not decode for this image counts as none: the bitmap, bound to the pack's digest,
-    /// then no longer matches, and the store discards it).
+    /// does not decode or apply for this image counts as none: the bitmap, bound to the pack's
+    /// digest, then no longer matches, and the store discards it).
     pub fn of(dir: &Path, id: ImageId, m: &Manifest) -> CacheLayout {
         let pack = std::fs::read(dir.join(PACK_FILE)).ok();
-        let decoded = pack.as_deref().and_then(|b| {
-            PrefetchPack::decode(b, &id, m.image_size)
-                .ok()
-                .map(|p| (ImageId::of(b), p))
+        let applied = pack.as_deref().and_then(|b| {
+            let p = PrefetchPack::decode(b, &id, m.image_size).ok()?;
+            Some((ImageId::of(b), p.apply(m).ok()?))
         });
+        let (manifest, pack_id) = match applied {
+            Some((pid, applied)) => (applied, Some(pid)),
+            None => (m.clone(), None),
+        };
         CacheLayout {
-            manifest: match &decoded {
-                Some((_, p)) => p.apply(m),
-                None => m.clone(),
-            },
-            bitmap_id: cache_bitmap_id(id, decoded.map(|(pid, _)| pid)),
+            manifest,
+            bitmap_id: cache_bitmap_id(id, pack_id),
             pack,
         }
     }
@@ -176,10 +176,7 @@ pub(crate) fn carry_bits(
             })
     };
     for f in 0..p.frames.len() {
-        if p.blocks[p.frame_positions(f)]
-            .iter()
-            .all(|&b| block_present(b))
-        {
+        if p.frame_members(f).iter().all(|&b| block_present(b)) {
             bits.set(n + f, true);
         }
     }

@@ -131,7 +131,7 @@ impl ChunkStore {
             Some((_, p, pack_blob)) => (
                 Box::new(Concat::new(remote, m.blob_size, pack_blob, p.blob_size))
                     as Box<dyn Remote>,
-                p.apply(&m),
+                p.apply(&m)?,
             ),
             None => (remote, m),
         };
@@ -613,6 +613,8 @@ pub(crate) fn choose_pack(
 ) -> Result<Option<(Vec<u8>, PrefetchPack)>> {
     let accept = |b: &[u8]| -> std::result::Result<PrefetchPack, String> {
         let p = PrefetchPack::decode(b, &id, m.image_size).map_err(|e| e.to_string())?;
+        // An extending pack must fit the metadata pack (checked here: `apply` then holds).
+        p.apply(m).map_err(|e| e.to_string())?;
         match opts.expected_pack {
             Some(pin) if ImageId::of(b) != pin => Err(format!(
                 "its digest is {}, --pack-digest asks for {pin}",

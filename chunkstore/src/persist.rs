@@ -167,7 +167,7 @@ impl Inner {
                 .as_ref()
                 .filter(|p| ((u - n) as usize) < p.frames.len())
             {
-                for &b in &p.blocks[p.frame_positions((u - n) as usize)] {
+                for &b in p.frame_members((u - n) as usize) {
                     let at = u64::from(b) * PACK_BLOCK;
                     r.push((at, PACK_BLOCK.min(m.image_size.saturating_sub(at))));
                 }

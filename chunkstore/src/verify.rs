@@ -84,7 +84,7 @@ impl Inner {
     /// one write per run of adjacent blocks.
     pub(crate) fn write_frame(&self, f: u64, raw: &[u8]) -> Result<()> {
         let p = self.manifest.pack.as_ref().expect("a pack");
-        let blocks = &p.blocks[p.frame_positions(f as usize)];
+        let blocks = p.frame_members(f as usize);
         let size = self.manifest.image_size;
         let mut at = 0usize;
         let mut k = 0;

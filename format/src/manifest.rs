@@ -568,7 +568,7 @@ pub(crate) mod tests {
 
     /// `sample` with a pack of blocks 0, 2, 3 in frames of 2 blocks (the second frame raw: the
     /// last block is 100 bytes).
-    fn sample_with_pack() -> Manifest {
+    pub(crate) fn sample_with_pack() -> Manifest {
         let mut m = sample();
         m.pack = Some(MetaPack {
             blocks: vec![0, 2, 3],
@@ -587,6 +587,7 @@ pub(crate) mod tests {
                     encoding: Encoding::Raw,
                 },
             ],
+            merged: None,
         });
         m.blob_size = 450;
         m

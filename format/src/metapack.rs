@@ -15,32 +15,112 @@ pub struct MetaPack {
     /// Image block numbers (offset / [`PACK_BLOCK`]), strictly ascending.
     pub blocks: Vec<u32>,
     /// Blocks per frame: frame `f` holds the blocks at positions
-    /// `f * frame_blocks .. (f + 1) * frame_blocks` of `blocks`, back to back.
+    /// `f * frame_blocks .. (f + 1) * frame_blocks` of `blocks`, back to back (in a pack as
+    /// encoded; see `merged`).
     pub frame_blocks: u32,
     /// One stored frame per group of blocks, in blob order after the chunk entries; the digest
     /// is of the frame's raw (concatenated) blocks.
     pub frames: Vec<Entry>,
+    /// `None` in a pack as encoded. Two packs merged in memory ([`MetaPack::merge`]: the
+    /// metadata pack and a prefetch pack that extends it) keep every frame as it was, so a
+    /// frame's blocks are no longer consecutive positions of `blocks`: this says which are.
+    pub merged: Option<std::sync::Arc<MergedFrames>>,
+}
+
+/// The frames of a [merged](MetaPack::merge) pack: which blocks each holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MergedFrames {
+    /// The frame of each position of `blocks`.
+    frame_of: Vec<u32>,
+    /// The blocks of every frame, frame by frame (each frame's ascending).
+    members: Vec<u32>,
+    /// Where each frame's blocks start in `members` (one more entry than frames).
+    starts: Vec<u32>,
 }
 
 impl MetaPack {
-    /// Positions (in `blocks`) of the blocks of frame `f`.
+    /// Positions (in `blocks`) of the blocks of frame `f`, in a pack as encoded (not merged).
     pub fn frame_positions(&self, f: usize) -> std::ops::Range<usize> {
+        debug_assert!(self.merged.is_none(), "positions of a merged pack's frame");
         let fb = self.frame_blocks as usize;
         f * fb..((f + 1) * fb).min(self.blocks.len())
     }
 
+    /// The image blocks of frame `f`, ascending: its raw bytes are theirs, back to back.
+    pub fn frame_members(&self, f: usize) -> &[u32] {
+        match &self.merged {
+            None => &self.blocks[self.frame_positions(f)],
+            Some(m) => &m.members[m.starts[f] as usize..m.starts[f + 1] as usize],
+        }
+    }
+
     /// The frame holding the block at position `pos`.
     pub fn frame_of(&self, pos: usize) -> usize {
-        pos / self.frame_blocks as usize
+        match &self.merged {
+            None => pos / self.frame_blocks as usize,
+            Some(m) => m.frame_of[pos] as usize,
+        }
+    }
+
+    /// The frames holding the blocks at positions `pos` (ascending, each once).
+    pub fn frames_of(&self, pos: std::ops::Range<usize>) -> Vec<usize> {
+        if pos.is_empty() {
+            return Vec::new();
+        }
+        match &self.merged {
+            None => (self.frame_of(pos.start)..=self.frame_of(pos.end - 1)).collect(),
+            Some(m) => {
+                let mut f: Vec<usize> = m.frame_of[pos].iter().map(|&f| f as usize).collect();
+                f.sort_unstable();
+                f.dedup();
+                f
+            }
+        }
     }
 
     /// Length of the raw bytes of frame `f` of an image of `image_size` bytes (the image's
     /// last block may be short).
     pub fn frame_raw_len(&self, f: usize, image_size: u64) -> u64 {
-        self.blocks[self.frame_positions(f)]
+        self.frame_members(f)
             .iter()
             .map(|&b| (image_size - u64::from(b) * PACK_BLOCK).min(PACK_BLOCK))
             .sum()
+    }
+
+    /// `first`'s frames, then `then`'s, as one pack: a block is looked up in both, and each
+    /// frame keeps its blocks and its entry. The two must not share a block (`Err` names the
+    /// first one they share). Merged packs live in memory only: they are never encoded.
+    pub fn merge(first: &MetaPack, then: &MetaPack) -> std::result::Result<MetaPack, u32> {
+        let frames = first.frames.len() + then.frames.len();
+        let mut members = Vec::with_capacity(first.blocks.len() + then.blocks.len());
+        let mut starts = Vec::with_capacity(frames + 1);
+        for p in [first, then] {
+            for f in 0..p.frames.len() {
+                starts.push(members.len() as u32);
+                members.extend_from_slice(p.frame_members(f));
+            }
+        }
+        starts.push(members.len() as u32);
+        // Every block with its frame, in block order.
+        let mut all: Vec<(u32, u32)> = Vec::with_capacity(members.len());
+        for f in 0..frames {
+            let blocks = &members[starts[f] as usize..starts[f + 1] as usize];
+            all.extend(blocks.iter().map(|&b| (b, f as u32)));
+        }
+        all.sort_unstable();
+        if let Some(w) = all.windows(2).find(|w| w[0].0 == w[1].0) {
+            return Err(w[0].0);
+        }
+        Ok(MetaPack {
+            blocks: all.iter().map(|&(b, _)| b).collect(),
+            frame_blocks: first.frame_blocks.max(then.frame_blocks),
+            frames: first.frames.iter().chain(&then.frames).copied().collect(),
+            merged: Some(std::sync::Arc::new(MergedFrames {
+                frame_of: all.iter().map(|&(_, f)| f).collect(),
+                members,
+                starts,
+            })),
+        })
     }
 
     /// If every block of `first..=last` is in the pack, their positions in `blocks`.
@@ -76,6 +156,7 @@ pub(crate) fn pack_section_len(p: &MetaPack) -> usize {
 
 /// Write the pack section of `p` at `pack_at` (8-aligned) of `out` (zeroed, long enough).
 pub(crate) fn encode_pack_section(out: &mut [u8], pack_at: usize, p: &MetaPack) {
+    debug_assert!(p.merged.is_none(), "a merged pack is never encoded");
     out[pack_at..pack_at + 4].copy_from_slice(&PACK_BLOCK_SHIFT.to_le_bytes());
     out[pack_at + 4..pack_at + 8].copy_from_slice(&p.frame_blocks.to_le_bytes());
     out[pack_at + 8..pack_at + 16].copy_from_slice(&(p.blocks.len() as u64).to_le_bytes());
@@ -180,6 +261,7 @@ impl PackLayout {
             blocks,
             frame_blocks: self.frame_blocks,
             frames: Vec::with_capacity(self.frames),
+            merged: None,
         };
         for f in 0..self.frames {
             let (digest, stored_len, encoding) = read_entry(b, self.frames_at + ENTRY_LEN * f);

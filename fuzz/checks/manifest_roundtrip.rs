@@ -170,6 +170,7 @@ impl<'a> Arbitrary<'a> for ValidManifest {
                 blocks,
                 frame_blocks,
                 frames: Vec::new(),
+                merged: None,
             };
             for f in 0..p.blocks.len().div_ceil(frame_blocks as usize) {
                 let raw = p.frame_raw_len(f, image_size);

@@ -83,6 +83,7 @@ struct State {
     etag_override: Mutex<Option<String>>,
     in_flight: AtomicU64,
     max_in_flight: AtomicU64,
+    ranges: Mutex<Vec<(String, String)>>,
 }
 
 /// A running fault server; stops on drop.
@@ -168,6 +169,12 @@ impl FaultServer {
     /// Body bytes sent.
     pub fn bytes(&self) -> u64 {
         self.state.bytes.load(Ordering::SeqCst)
+    }
+
+    /// Every range request so far (any path, probes included), in the order they arrived:
+    /// the path and the `Range` header.
+    pub fn ranges(&self) -> Vec<(String, String)> {
+        self.state.ranges.lock().unwrap().clone()
     }
 }
 
@@ -256,6 +263,9 @@ fn serve(stream: TcpStream, st: &State) {
             continue;
         }
         let range = header("range");
+        if let Some(r) = &range {
+            st.ranges.lock().unwrap().push((path.clone(), r.clone()));
+        }
         let if_match = header("if-match");
         let is_target = path == st.target;
         let fault = if is_target {

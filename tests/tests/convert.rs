@@ -601,10 +601,16 @@ fn converted_images_link_to_their_source_and_are_found_from_it() {
             s2.read_at(at, buf)
                 .map_err(|e| std::io::Error::other(e.to_string()))
         };
+        // Three blocks outside the image's metadata pack (the pack extends it).
+        let data: Vec<u64> = (0..m2.block_count())
+            .filter(|&b| m2.pack.as_ref().is_none_or(|p| p.covers(b, b).is_none()))
+            .take(3)
+            .collect();
+        assert_eq!(data.len(), 3);
         lazyblk_builder::build_prefetch_pack(
             other.pushed.image,
             &m2,
-            &[0, 1, 2],
+            &data,
             &mut read,
             &pack_path,
             3,

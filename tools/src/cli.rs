@@ -116,8 +116,9 @@ pub enum Cmd {
         /// `lazyblk build --pack-blocks`: the rebuilt image stores them in its pack.
         #[arg(long, conflicts_with = "trace_only")]
         blocks: bool,
-        /// Write a prefetch pack: the 4 KiB blocks read since `add` plus the image's
-        /// metadata blocks, read back from the device and stored densely in `<OUTPUT>.blob`,
+        /// Write a prefetch pack: the 4 KiB blocks read since `add` that are not in the
+        /// image's metadata pack (fetched first, before the pack's own frames), read back
+        /// from the device and stored densely in `<OUTPUT>.blob`,
         /// described by `<OUTPUT>`. Publish both next to the manifest (`OUTPUT` named
         /// `prefetch.pack`). Prints the pack's digest for `add --pack-digest`. Not for a
         /// writable device (its blocks may not be the image's).

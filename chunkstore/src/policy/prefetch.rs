@@ -67,7 +67,7 @@ impl Inner {
         let adopt: Vec<u64> = (0..p.frames.len())
             .filter(|&f| {
                 !self.present.get(n + f as u64)
-                    && p.blocks[p.frame_positions(f)]
+                    && p.frame_members(f)
                         .iter()
                         .all(|&b| self.present.get(u64::from(b) * PACK_BLOCK / cs))
             })

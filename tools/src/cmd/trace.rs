@@ -117,9 +117,17 @@ fn trace_pack(state: &Path, id: u32, output: &Path) -> Result<()> {
         output,
         lazyblk_builder::BuildOptions::default().level,
     )?;
-    let meta = manifest.pack.as_ref().map_or(0, |p| p.blocks.len());
+    // An extending pack leaves out the metadata pack's blocks: a store fetches that pack first.
+    let after = match (&manifest.pack, s.pack.extends) {
+        (Some(m), true) => format!(
+            "; fetched after the image's metadata pack ({} blocks, {} bytes)",
+            m.blocks.len(),
+            m.stored_bytes()
+        ),
+        _ => String::new(),
+    };
     println!(
-        "{} blocks of 4 KiB ({} read since add, {meta} of the metadata pack) in {} frames, {} bytes, written to {} and {}",
+        "{} blocks of 4 KiB ({} read since add) in {} frames, {} bytes, written to {} and {}{after}",
         s.pack.pack.blocks.len(),
         blocks.len(),
         s.pack.pack.frames.len(),
