@@ -5,11 +5,12 @@ use crate::prelude::*;
 impl ChunkStore {
     /// Open (or create) the cache for the image whose manifest is at `manifest`.
     ///
-    /// The steps, each a function of this module: [`fetch_runtime`]; [`read_manifest`] (from
-    /// the cache when pinned, else the remote; the pin checked); [`claim_cache_dir`] (create,
-    /// lock, repair the manifest copy); [`fetch_companions`] (the blob probe, the prefetch list
-    /// and the prefetch pack in one round trip) and [`check_blob`]; [`choose_pack`] and
-    /// [`probe_pack_blob`]; [`open_presence`] (the data file and the bitmap: trusted,
+    /// The steps, each a function of this module: [`fetch_runtime`]; the manifest
+    /// ([`cached_manifest`] when pinned, else [`fetch_manifest`], with the companions that are
+    /// fetched in any case; [`check_pin`]); [`claim_cache_dir`] (create, lock, repair the
+    /// manifest copy); [`fetch_companions`] (the blob probe, the prefetch list and the prefetch
+    /// pack in one round trip, the pack blob's probe beside them when the pack is known) and
+    /// [`check_blob`]; [`choose_pack`] and [`check_pack_blob`]; [`open_presence`] (the data file and the bitmap: trusted,
     /// re-verified or rebuilt); then the shared state and the persister and maintenance
     /// threads ([`ChunkStore::start`]). Background fetching starts later, when the caller asks
     /// ([`ChunkStore::start_default_background`]).
@@ -29,12 +30,24 @@ impl ChunkStore {
         report.times.client_ms = t_open.elapsed().as_millis() as u64;
         lap();
 
-        // 1. The manifest; next to an unpinned one the prefetch list and pack are fetched in
-        // any case, so they go out with it (their round trip overlaps the manifest's).
+        // 1. The manifest. The prefetch list and pack that step 3 would fetch in any case go
+        // out with it (their round trip overlaps the manifest's): next to an unpinned
+        // manifest, or a pinned one that is not cached yet (the pack when the cache has no
+        // copy with its pin).
         let list_loc = manifest.sibling(PREFETCH_FILE);
         let pack_loc = manifest.sibling(PACK_FILE);
-        let (bytes, early) = if opts.expected_id.is_none()
-            && (opts.use_prefetch_list || (opts.prefetch_pack && opts.expected_pack.is_none()))
+        let cached_manifest = cached_manifest(&opts);
+        let early_pack = match (opts.expected_pack, opts.expected_id) {
+            (None, None) => opts.prefetch_pack,
+            (None, Some(_)) => false,
+            // Unpinned manifest: its cache (and so the pack's cached copy) is not known yet.
+            (Some(_), None) => false,
+            (Some(pin), Some(id)) => {
+                let copy = opts.cache_root.join(id.hex()).join(PACK_FILE);
+                std::fs::read(copy).ok().map(|b| ImageId::of(&b)) != Some(pin)
+            }
+        };
+        let (bytes, early) = if cached_manifest.is_none() && (opts.use_prefetch_list || early_pack)
         {
             let (b, list, pack) = runtime.block_on(async {
                 tokio::join!(
@@ -46,16 +59,23 @@ impl ChunkStore {
                         }
                     },
                     async {
-                        match opts.prefetch_pack && opts.expected_pack.is_none() {
+                        match early_pack {
                             true => Some(connector.read_whole(&pack_loc, EARLY_MAX).await),
                             false => None,
                         }
                     }
                 )
             });
-            (b.map_err(manifest_error)?, Some(Early { list, pack }))
+            let b = check_pin(b.map_err(manifest_error)?, &opts)?;
+            (b, Some(Early { list, pack }))
         } else {
-            (read_manifest(&runtime, &connector, manifest, &opts)?, None)
+            let b = match cached_manifest {
+                Some(b) => b,
+                None => runtime
+                    .block_on(fetch_manifest(&connector, manifest))
+                    .map_err(manifest_error)?,
+            };
+            (check_pin(b, &opts)?, None)
         };
         report.resolved = runtime.block_on(connector.resolved_digest(manifest));
         let id = ImageId::of(&bytes);
@@ -81,7 +101,7 @@ impl ChunkStore {
         let c = runtime.block_on(fetch_companions(
             &connector,
             &*remote,
-            &m,
+            (&m, id),
             &opts,
             (&list_loc, &pack_loc),
             &old,
@@ -114,9 +134,15 @@ impl ChunkStore {
         let chosen = match chosen {
             Some((bytes, p)) => {
                 let pack_blob = connector.open_remote(&pack_loc.sibling(&p.blob_name));
-                // Probed like the image's blob (not when offline: the cached copy serves).
-                let usable = report.offline.is_some()
-                    || runtime.block_on(probe_pack_blob(&*pack_blob, &p, &opts))?;
+                // Probed like the image's blob (not when offline: the cached copy serves),
+                // in step 3 already when the pack was known by then.
+                let usable = report.offline.is_some() || {
+                    let probed = match c.pack_blob {
+                        Some((name, probed)) if name == p.blob_name => probed,
+                        _ => runtime.block_on(pack_blob.probe()),
+                    };
+                    check_pack_blob(probed, &*pack_blob, &p, &opts)?
+                };
                 usable.then_some((bytes, p, pack_blob))
             }
             None => None,
@@ -231,24 +257,16 @@ fn fetch_runtime(opts: &StoreOptions) -> Result<tokio::runtime::Runtime> {
         .map_err(|e| Error::io("tokio runtime", e))
 }
 
-/// Step 1: the manifest bytes, from the cache when its digest is pinned and cached, else from
-/// the remote; with a pin, they must have its digest.
-fn read_manifest(
-    runtime: &tokio::runtime::Runtime,
-    connector: &Connector,
-    manifest: &Location,
-    opts: &StoreOptions,
-) -> Result<Vec<u8>> {
-    let cached = opts.expected_id.and_then(|id| {
-        let p = opts.cache_root.join(id.hex()).join("manifest");
-        std::fs::read(p).ok().filter(|b| ImageId::of(b) == id)
-    });
-    let bytes = match cached {
-        Some(b) => b,
-        None => runtime
-            .block_on(fetch_manifest(connector, manifest))
-            .map_err(manifest_error)?,
-    };
+/// Step 1: the cached manifest, when its digest is pinned and the cache has it (no round trip
+/// then).
+fn cached_manifest(opts: &StoreOptions) -> Option<Vec<u8>> {
+    let id = opts.expected_id?;
+    let p = opts.cache_root.join(id.hex()).join("manifest");
+    std::fs::read(p).ok().filter(|b| ImageId::of(b) == id)
+}
+
+/// The manifest `bytes`, if they are the ones `opts.expected_id` pins (or nothing is pinned).
+fn check_pin(bytes: Vec<u8>, opts: &StoreOptions) -> Result<Vec<u8>> {
     let id = ImageId::of(&bytes);
     if let Some(want) = opts.expected_id {
         if want != id {
@@ -343,14 +361,18 @@ pub(crate) struct Companions {
     pub(crate) probed: std::result::Result<BlobInfo, RemoteError>,
     pub(crate) list: Option<std::result::Result<Vec<u8>, RemoteError>>,
     pub(crate) pack: Option<std::result::Result<Vec<u8>, RemoteError>>,
+    /// The probe of the blob of the prefetch pack step 4 will likely choose (the one fetched,
+    /// else the cache's copy), with its blob name: when it was known in time.
+    pub(crate) pack_blob: Option<(String, std::result::Result<BlobInfo, RemoteError>)>,
 }
 
 /// Step 3: probe the blob and fetch the prefetch list and the prefetch pack at the same time
-/// (one round trip, not three).
+/// (one round trip, not three), and probe the prefetch pack's blob as soon as the pack is
+/// known (fetched with the manifest, or cached: then in the same round trip too).
 async fn fetch_companions(
     connector: &Connector,
     remote: &dyn Remote,
-    m: &Manifest,
+    (m, id): (&Manifest, ImageId),
     opts: &StoreOptions,
     (list_loc, pack_loc): (&Location, &Location),
     old: &CacheLayout,
@@ -388,16 +410,44 @@ async fn fetch_companions(
         }
     };
     let pack = async {
-        if early_pack.is_some() {
+        let fetched = if early_pack.is_some() {
             early_pack
         } else if fetch_pack {
             Some(connector.read_whole(pack_loc, pack_limit(m)).await)
         } else {
             None
+        };
+        // The pack step 4 will likely use (it decides; a probe of another is not used).
+        let usable = |b: &[u8]| {
+            let trusted = match opts.expected_pack {
+                Some(pin) => ImageId::of(b) == pin,
+                None => opts.expected_id.is_none(),
+            };
+            trusted
+                .then(|| PrefetchPack::decode(b, &id, m.image_size).ok())
+                .flatten()
+        };
+        let candidate = match &fetched {
+            Some(Ok(b)) => usable(b),
+            _ => None,
         }
+        .or_else(|| old.pack.as_deref().and_then(usable));
+        let pack_blob = match candidate {
+            Some(p) => {
+                let blob = connector.open_remote(&pack_loc.sibling(&p.blob_name));
+                Some((p.blob_name, blob.probe().await))
+            }
+            None => None,
+        };
+        (fetched, pack_blob)
     };
-    let (probed, list, pack) = tokio::join!(probe, list, pack);
-    Companions { probed, list, pack }
+    let (probed, list, (pack, pack_blob)) = tokio::join!(probe, list, pack);
+    Companions {
+        probed,
+        list,
+        pack,
+        pack_blob,
+    }
 }
 
 /// Step 3, checked: the blob must have the manifest's size; returns the ETag to keep. A blob
@@ -440,13 +490,15 @@ fn check_blob(
 }
 
 /// Step 4, checked: whether the blob of the chosen prefetch pack `p` is there with the size
-/// the pack gives. A pinned pack whose blob is wrong is an error; an unpinned one is skipped.
-async fn probe_pack_blob(
+/// the pack gives (`probed`). A pinned pack whose blob is wrong is an error; an unpinned one
+/// is skipped.
+fn check_pack_blob(
+    probed: std::result::Result<BlobInfo, RemoteError>,
     pack_blob: &dyn Remote,
     p: &PrefetchPack,
     opts: &StoreOptions,
 ) -> Result<bool> {
-    let why = match pack_blob.probe().await {
+    let why = match probed {
         Ok(info) if info.size == p.blob_size => None,
         Ok(info) => Some(format!(
             "{}: size is {} bytes, the pack says {}",

@@ -83,7 +83,20 @@ struct State {
     etag_override: Mutex<Option<String>>,
     in_flight: AtomicU64,
     max_in_flight: AtomicU64,
-    ranges: Mutex<Vec<(String, String)>>,
+    log: Mutex<Vec<Logged>>,
+    /// Requests for the target being answered (probes included).
+    target_busy: AtomicU64,
+}
+
+/// A request as the server received it ([`FaultServer::log`]).
+#[derive(Clone, Debug)]
+pub struct Logged {
+    /// The path asked for.
+    pub path: String,
+    /// The `Range` header, if any.
+    pub range: Option<String>,
+    /// Requests for the target (probes included) being answered when it arrived.
+    pub target_busy: u64,
 }
 
 /// A running fault server; stops on drop.
@@ -171,10 +184,9 @@ impl FaultServer {
         self.state.bytes.load(Ordering::SeqCst)
     }
 
-    /// Every range request so far (any path, probes included), in the order they arrived:
-    /// the path and the `Range` header.
-    pub fn ranges(&self) -> Vec<(String, String)> {
-        self.state.ranges.lock().unwrap().clone()
+    /// Every request so far (any path but the control endpoints), in the order they arrived.
+    pub fn log(&self) -> Vec<Logged> {
+        self.state.log.lock().unwrap().clone()
     }
 }
 
@@ -263,11 +275,17 @@ fn serve(stream: TcpStream, st: &State) {
             continue;
         }
         let range = header("range");
-        if let Some(r) = &range {
-            st.ranges.lock().unwrap().push((path.clone(), r.clone()));
-        }
+        st.log.lock().unwrap().push(Logged {
+            path: path.clone(),
+            range: range.clone(),
+            target_busy: st.target_busy.load(Ordering::SeqCst),
+        });
         let if_match = header("if-match");
         let is_target = path == st.target;
+        let _busy = is_target.then(|| {
+            st.target_busy.fetch_add(1, Ordering::SeqCst);
+            InFlight(&st.target_busy)
+        });
         let fault = if is_target {
             st.target_requests.fetch_add(1, Ordering::SeqCst);
             let always = st.always.lock().unwrap().clone();

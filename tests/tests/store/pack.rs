@@ -227,7 +227,7 @@ fn a_prefetch_pack_serves_the_traced_reads_without_chunks() {
     let store = ChunkStore::open(&Location::parse(&srv.url("manifest")), o).unwrap();
     assert_eq!(store.open_report().prefetch_pack, Some(pid.to_string()));
     assert_eq!(store.prefetch_list(), Some(&[0u32, 1, 4][..]));
-    let probed = srv.ranges().len();
+    let probed = srv.log().len();
     store.start_default_background();
     wait_for("the pack", || store.stats().background_done);
     let s = store.stats();
@@ -235,9 +235,9 @@ fn a_prefetch_pack_serves_the_traced_reads_without_chunks() {
     // blob, then the 7 traced blocks in 1 frame from the pack's blob. No chunk.
     assert_eq!((s.pack_frames, s.pack_frames_present), (3, 3), "{s:?}");
     assert_eq!(s.chunks_fetched, 0, "{s:?}");
-    let sent = srv.ranges()[probed..].to_vec();
-    let first_pack = sent.iter().position(|(p, _)| p == "/prefetch.pack.blob");
-    let from_image = sent.iter().filter(|(p, _)| p == "/blob").count();
+    let sent = srv.log()[probed..].to_vec();
+    let first_pack = sent.iter().position(|r| r.path == "/prefetch.pack.blob");
+    let from_image = sent.iter().filter(|r| r.path == "/blob").count();
     assert!(
         from_image > 0 && first_pack == Some(from_image),
         "the metadata frames come first, then the pack's: {sent:?}"
@@ -294,6 +294,51 @@ fn a_prefetch_pack_is_trusted_only_as_far_as_the_manifest() {
     let store = ChunkStore::open(&loc, o).unwrap();
     assert_eq!(store.open_report().prefetch_pack, None);
     assert_eq!(read_all(&store, f.image.len()), f.image);
+}
+
+#[test]
+fn a_pinned_pack_costs_no_round_trip_of_its_own_at_open() {
+    let (f, _) = fixture_with_pack(53);
+    let pid = publish_pack(&f, &[3, 4, 100]);
+    let mut o = opts(&f);
+    o.expected_id = Some(f.id);
+    o.expected_pack = Some(pid);
+    let loc = |srv: &FaultServer| Location::parse(&srv.url("manifest"));
+    let first = |srv: &FaultServer, path: &str| {
+        let log = srv.log();
+        let r = log.iter().find(|r| r.path == path).cloned();
+        r.unwrap_or_else(|| panic!("no request for {path}: {log:?}"))
+    };
+    // Cold, with every manifest request answered after 1 s: the pinned pack goes out
+    // together with the manifest (its arrival finds the manifest's request still open).
+    {
+        let srv = FaultServer::start(&f.serve, "manifest");
+        srv.set_always(Some(Fault::Delay(1000)));
+        let store = ChunkStore::open(&loc(&srv), o.clone()).unwrap();
+        assert_eq!(store.open_report().prefetch_pack, Some(pid.to_string()));
+        assert_eq!(
+            first(&srv, "/prefetch.pack").target_busy,
+            1,
+            "{:?}",
+            srv.log()
+        );
+    }
+    // Warm (manifest and pack cached), with every request for the image's blob answered after
+    // 1 s: the pack's blob is probed together with the image's, and neither the manifest nor
+    // the pack is fetched again.
+    let srv = FaultServer::start(&f.serve, "blob");
+    srv.set_always(Some(Fault::Delay(1000)));
+    let store = ChunkStore::open(&loc(&srv), o).unwrap();
+    assert_eq!(store.open_report().prefetch_pack, Some(pid.to_string()));
+    let probe = first(&srv, "/prefetch.pack.blob");
+    assert_eq!(probe.range.as_deref(), Some("bytes=0-0"));
+    assert_eq!(probe.target_busy, 1, "{:?}", srv.log());
+    let log = srv.log();
+    assert!(
+        log.iter()
+            .all(|r| r.path != "/manifest" && r.path != "/prefetch.pack"),
+        "{log:?}"
+    );
 }
 
 #[test]
