@@ -2,6 +2,8 @@
 # Small side-by-side probes in one qemu guest (TCG), outside bench/run.sh:
 #   bench/probe.sh attach [LAZYBLK]   attach times per step (`lazyblk status`), 3 adds without and
 #                                     with netem, and `lazyblk --version` (the binary's start)
+#   bench/probe.sh attach-ab OLD [NEW] attach per step of two binaries side by side (netem, 3
+#                                     rounds; img1 as is and with a pinned prefetch pack)
 #   bench/probe.sh w4-ab OLD NEW      W4's fio on a fully present device: binary OLD, NEW, and
 #                                     NEW without the fork, side by side, 2 rounds
 # LAZYBLK/NEW default to target/release/lazyblk. Prints the PROBE lines.
@@ -9,7 +11,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 top=$(cd "$here/.." && pwd)
 work=${LAZYBLK_PROBE_WORK:-$top/target/probe-work}
-what=${1:?usage: bench/probe.sh attach [LAZYBLK] | w4-ab OLD NEW}
+what=${1:?usage: bench/probe.sh attach [LAZYBLK] | attach-ab OLD [NEW] | w4-ab OLD NEW}
 cd "$top"
 cargo build --release --locked -p lazyblk-tools -p lazyblk-tests --bins
 kit=$top/target/release/lazyblk-testkit
@@ -26,6 +28,10 @@ case $what in
 attach)
     strip --strip-debug -o "$work/bin/lazyblk" "${2:-$top/target/release/lazyblk}"
     bins=(--bin "$work/bin/lazyblk") ;;
+attach-ab)
+    strip --strip-debug -o "$work/bin/lz-old" "${2:?attach-ab needs OLD}"
+    strip --strip-debug -o "$work/bin/lz-new" "${3:-$top/target/release/lazyblk}"
+    bins=(--bin "$work/bin/lz-old" --bin "$work/bin/lz-new") ;;
 w4-ab)
     strip --strip-debug -o "$work/bin/lz-old" "${2:?w4-ab needs OLD}"
     strip --strip-debug -o "$work/bin/lz-new" "${3:-$top/target/release/lazyblk}"
