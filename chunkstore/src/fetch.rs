@@ -54,17 +54,22 @@ pub(crate) fn backoff(attempt: u32) -> Duration {
 }
 
 impl Inner {
-    /// The pack frames (as units, ascending) that serve the part of the read
-    /// `offset..offset + len` that lies in chunk `c`, if that part lies wholly in metadata pack
-    /// blocks.
-    pub(crate) fn pack_units(&self, c: u64, offset: u64, len: u64) -> Option<Vec<u64>> {
+    /// The pack frames (as units, a frame once per block of it) that serve the part of the
+    /// read `offset..offset + len` that lies in chunk `c`, if that part lies wholly in
+    /// metadata pack blocks. No allocation: `locate` asks on the read path.
+    pub(crate) fn pack_units(
+        &self,
+        c: u64,
+        offset: u64,
+        len: u64,
+    ) -> Option<impl Iterator<Item = u64> + '_> {
         let p = self.manifest.pack.as_ref()?;
         let start = offset.max(self.manifest.chunk_offset(c));
         let end =
             (offset + len).min(self.manifest.chunk_offset(c) + u64::from(self.manifest.chunk_size));
         let pos = p.covers(start / PACK_BLOCK, (end - 1) / PACK_BLOCK)?;
         let n = self.manifest.chunk_count();
-        Some(p.frames_of(pos).into_iter().map(|f| n + f as u64).collect())
+        Some(pos.map(move |i| n + p.frame_of(i) as u64))
     }
 
     /// The stored entry behind a unit (`None` for an all-zero chunk).
@@ -116,7 +121,7 @@ impl Inner {
                 continue;
             }
             match frames.then(|| self.pack_units(i, offset, len)).flatten() {
-                Some(units) => need.extend(units.into_iter().filter(|&u| !self.present.get(u))),
+                Some(units) => need.extend(units.filter(|&u| !self.present.get(u))),
                 None => {
                     need.push(i);
                     chunk_miss = Some(chunk_miss.map_or((i, i), |(lo, _)| (lo, i)));

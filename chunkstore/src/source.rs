@@ -76,7 +76,7 @@ impl BlockSource for ChunkStore {
                     inner.present.get(i)
                         || inner
                             .pack_units(i, offset, len)
-                            .is_some_and(|f| f.iter().all(|&u| inner.present.get(u)))
+                            .is_some_and(|mut f| f.all(|u| inner.present.get(u)))
                 });
                 if !served {
                     return None;

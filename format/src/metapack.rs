@@ -62,22 +62,6 @@ impl MetaPack {
         }
     }
 
-    /// The frames holding the blocks at positions `pos` (ascending, each once).
-    pub fn frames_of(&self, pos: std::ops::Range<usize>) -> Vec<usize> {
-        if pos.is_empty() {
-            return Vec::new();
-        }
-        match &self.merged {
-            None => (self.frame_of(pos.start)..=self.frame_of(pos.end - 1)).collect(),
-            Some(m) => {
-                let mut f: Vec<usize> = m.frame_of[pos].iter().map(|&f| f as usize).collect();
-                f.sort_unstable();
-                f.dedup();
-                f
-            }
-        }
-    }
-
     /// Length of the raw bytes of frame `f` of an image of `image_size` bytes (the image's
     /// last block may be short).
     pub fn frame_raw_len(&self, f: usize, image_size: u64) -> u64 {

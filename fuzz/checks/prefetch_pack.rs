@@ -84,12 +84,6 @@ fn merge_of_a_split_is_the_pack(pack: &MetaPack, k: usize) {
             "the frame of position {pos}"
         );
     }
-    let all = 0..pack.blocks.len();
-    assert_eq!(
-        m.frames_of(all.clone()),
-        pack.frames_of(all),
-        "frames of every block"
-    );
     if let Some(&b) = pack.blocks.first() {
         assert_eq!(
             MetaPack::merge(pack, pack),

@@ -209,6 +209,33 @@ fn publish_pack(f: &Fixture, blocks: &[u64]) -> ImageId {
 }
 
 #[test]
+fn a_prefetch_pack_leaves_out_the_metadata_pack_blocks() {
+    use std::os::unix::fs::FileExt;
+    let (f, meta) = fixture_with_pack(54);
+    let m = Manifest::decode(&std::fs::read(f.serve.join("manifest")).unwrap()).unwrap();
+    let raw = std::fs::File::open(f.root.join("raw.img")).unwrap();
+    let mut read = |at: u64, buf: &mut [u8]| raw.read_exact_at(buf, at);
+    let out = f.root.join("pack").join(PACK_FILE);
+    std::fs::create_dir_all(out.parent().unwrap()).unwrap();
+    // Metadata blocks 0 and 7 read with blocks 3 and 300: the pack holds 3 and 300.
+    let s = build_prefetch_pack(f.id, &m, &[300, 0, 3, 7, 3], &mut read, &out, 3).unwrap();
+    assert!(s.pack.extends);
+    assert_eq!(s.pack.pack.blocks, vec![3, 300]);
+    let p =
+        lazyblk_format::PrefetchPack::decode(&std::fs::read(&out).unwrap(), &f.id, m.image_size)
+            .unwrap();
+    assert_eq!(p, s.pack);
+    // Nothing but metadata read: no pack, one line saying why.
+    let e = build_prefetch_pack(f.id, &m, &meta[..3], &mut read, &out, 3)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        e,
+        "no blocks for a prefetch pack: every block read is in the image's metadata pack already"
+    );
+}
+
+#[test]
 fn a_prefetch_pack_serves_the_traced_reads_without_chunks() {
     let (f, meta) = fixture_with_pack(50);
     // Blocks outside the metadata pack (every 7th block), spread over 4 chunks.
