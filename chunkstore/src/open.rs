@@ -10,10 +10,10 @@ impl ChunkStore {
     /// fetched in any case; [`check_pin`]); [`claim_cache_dir`] (create, lock, repair the
     /// manifest copy); [`fetch_companions`] (the blob probe, the prefetch list and the prefetch
     /// pack in one round trip, the pack blob's probe beside them when the pack is known) and
-    /// [`check_blob`]; [`choose_pack`] and [`check_pack_blob`]; [`open_presence`] (the data file and the bitmap: trusted,
-    /// re-verified or rebuilt); then the shared state and the persister and maintenance
-    /// threads ([`ChunkStore::start`]). Background fetching starts later, when the caller asks
-    /// ([`ChunkStore::start_default_background`]).
+    /// [`check_blob`]; [`choose_pack`] and [`check_pack_blob`]; [`open_presence`] (the data
+    /// file and the bitmap: trusted, re-verified or rebuilt); then the shared state and the
+    /// persister and maintenance threads ([`ChunkStore::start`]). Background fetching starts
+    /// later, when the caller asks ([`ChunkStore::start_default_background`]).
     pub fn open(manifest: &Location, opts: StoreOptions) -> Result<ChunkStore> {
         let t_open = std::time::Instant::now();
         let runtime = fetch_runtime(&opts)?;
@@ -39,9 +39,9 @@ impl ChunkStore {
         let cached_manifest = cached_manifest(&opts);
         let early_pack = match (opts.expected_pack, opts.expected_id) {
             (None, None) => opts.prefetch_pack,
-            (None, Some(_)) => false,
-            // Unpinned manifest: its cache (and so the pack's cached copy) is not known yet.
-            (Some(_), None) => false,
+            // An unpinned pack next to a pinned manifest is not used; next to an unpinned
+            // manifest a pinned pack may be cached, in a cache not known yet.
+            (None, Some(_)) | (Some(_), None) => false,
             (Some(pin), Some(id)) => {
                 let copy = opts.cache_root.join(id.hex()).join(PACK_FILE);
                 std::fs::read(copy).ok().map(|b| ImageId::of(&b)) != Some(pin)
