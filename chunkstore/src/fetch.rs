@@ -355,7 +355,7 @@ impl Inner {
                             let (inner, r, i) = (this.clone(), parts.clone(), next);
                             let job = this
                                 .handle
-                                .spawn_blocking(move || inner.store_part(&r, i, &bytes));
+                                .spawn_blocking(move || inner.store_part_ranked(&r, i, &bytes));
                             jobs.push((i, job));
                         }
                         next += 1;
