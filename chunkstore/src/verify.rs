@@ -17,7 +17,8 @@ impl Inner {
     /// [`Inner::store_part`], at a lower CPU priority when it is background work that no read
     /// waits for (a pack or list prefetch, hydration): on a busy host the workload's own
     /// processes run first (an `ls -lR` on 2 vCPUs lost a second to verifying data frames it
-    /// never read, issue 19). A read that waits gets the normal priority.
+    /// never read, issue 19). A part that a read waits for when its bytes are in keeps the
+    /// normal priority; one a read joins while it is being verified finishes at the lower one.
     pub(crate) fn store_part_ranked(&self, run: &Run, i: usize, stored: &[u8]) -> Result<()> {
         let nobody_waits = run.background && {
             let inflight = self.inflight.lock().expect("lock");
