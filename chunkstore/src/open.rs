@@ -418,15 +418,7 @@ async fn fetch_companions(
             None
         };
         // The pack step 4 will likely use (it decides; a probe of another is not used).
-        let usable = |b: &[u8]| {
-            let trusted = match opts.expected_pack {
-                Some(pin) => ImageId::of(b) == pin,
-                None => opts.expected_id.is_none(),
-            };
-            trusted
-                .then(|| PrefetchPack::decode(b, &id, m.image_size).ok())
-                .flatten()
-        };
+        let usable = |b: &[u8]| accept_pack(opts, m, id, b).ok();
         let candidate = match &fetched {
             Some(Ok(b)) => usable(b),
             _ => None,
@@ -663,21 +655,7 @@ pub(crate) fn choose_pack(
     fetched: Option<std::result::Result<Vec<u8>, RemoteError>>,
     cached: Option<Vec<u8>>,
 ) -> Result<Option<(Vec<u8>, PrefetchPack)>> {
-    let accept = |b: &[u8]| -> std::result::Result<PrefetchPack, String> {
-        let p = PrefetchPack::decode(b, &id, m.image_size).map_err(|e| e.to_string())?;
-        // An extending pack must fit the metadata pack (checked here: `apply` then holds).
-        p.apply(m).map_err(|e| e.to_string())?;
-        match opts.expected_pack {
-            Some(pin) if ImageId::of(b) != pin => Err(format!(
-                "its digest is {}, --pack-digest asks for {pin}",
-                ImageId::of(b)
-            )),
-            None if opts.expected_id.is_some() => {
-                Err("the manifest is pinned and the pack is not (give its digest)".into())
-            }
-            _ => Ok(p),
-        }
-    };
+    let accept = |b: &[u8]| accept_pack(opts, m, id, b);
     let mut why = None;
     match fetched {
         Some(Ok(b)) => match accept(&b) {
@@ -710,6 +688,30 @@ pub(crate) fn choose_pack(
             Ok(None)
         }
         (None, None) => Ok(None),
+    }
+}
+
+/// The prefetch pack file `b`, if it is one a store of image `id` (manifest `m`) may use: it
+/// decodes for this image, fits its metadata pack, and is trusted (it has the digest
+/// `opts.expected_pack` asks for; without one, only next to an unpinned manifest). Else why not.
+fn accept_pack(
+    opts: &StoreOptions,
+    m: &Manifest,
+    id: ImageId,
+    b: &[u8],
+) -> std::result::Result<PrefetchPack, String> {
+    let p = PrefetchPack::decode(b, &id, m.image_size).map_err(|e| e.to_string())?;
+    // An extending pack must fit the metadata pack (checked here: `apply` then holds).
+    p.apply(m).map_err(|e| e.to_string())?;
+    match opts.expected_pack {
+        Some(pin) if ImageId::of(b) != pin => Err(format!(
+            "its digest is {}, --pack-digest asks for {pin}",
+            ImageId::of(b)
+        )),
+        None if opts.expected_id.is_some() => {
+            Err("the manifest is pinned and the pack is not (give its digest)".into())
+        }
+        _ => Ok(p),
     }
 }
 

@@ -75,22 +75,20 @@ impl MetaPack {
     /// frame keeps its blocks and its entry. The two must not share a block (`Err` names the
     /// first one they share). Merged packs live in memory only: they are never encoded.
     pub fn merge(first: &MetaPack, then: &MetaPack) -> std::result::Result<MetaPack, u32> {
-        let frames = first.frames.len() + then.frames.len();
-        let mut members = Vec::with_capacity(first.blocks.len() + then.blocks.len());
-        let mut starts = Vec::with_capacity(frames + 1);
+        let blocks = first.blocks.len() + then.blocks.len();
+        let mut members = Vec::with_capacity(blocks);
+        let mut starts = Vec::with_capacity(first.frames.len() + then.frames.len() + 1);
+        // Every block with its frame, sorted into block order below.
+        let mut all: Vec<(u32, u32)> = Vec::with_capacity(blocks);
         for p in [first, then] {
             for f in 0..p.frames.len() {
+                let frame = starts.len() as u32;
                 starts.push(members.len() as u32);
                 members.extend_from_slice(p.frame_members(f));
+                all.extend(p.frame_members(f).iter().map(|&b| (b, frame)));
             }
         }
         starts.push(members.len() as u32);
-        // Every block with its frame, in block order.
-        let mut all: Vec<(u32, u32)> = Vec::with_capacity(members.len());
-        for f in 0..frames {
-            let blocks = &members[starts[f] as usize..starts[f + 1] as usize];
-            all.extend(blocks.iter().map(|&b| (b, f as u32)));
-        }
         all.sort_unstable();
         if let Some(w) = all.windows(2).find(|w| w[0].0 == w[1].0) {
             return Err(w[0].0);

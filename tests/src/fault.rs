@@ -84,8 +84,8 @@ struct State {
     in_flight: AtomicU64,
     max_in_flight: AtomicU64,
     log: Mutex<Vec<Logged>>,
-    /// Requests for the target being answered (probes included).
-    target_busy: AtomicU64,
+    /// Requests for the target answered so far (probes included).
+    target_answered: AtomicU64,
 }
 
 /// A request as the server received it ([`FaultServer::log`]).
@@ -95,8 +95,18 @@ pub struct Logged {
     pub path: String,
     /// The `Range` header, if any.
     pub range: Option<String>,
-    /// Requests for the target (probes included) being answered when it arrived.
-    pub target_busy: u64,
+    /// Requests for the target (probes included) answered before it arrived: 0 for a request
+    /// sent while the first one for the target was still being answered (or before it).
+    pub target_answered: u64,
+}
+
+/// Counts a request for the target as answered when its handling ends.
+struct Answered<'a>(&'a AtomicU64);
+
+impl Drop for Answered<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
 }
 
 /// A running fault server; stops on drop.
@@ -278,14 +288,11 @@ fn serve(stream: TcpStream, st: &State) {
         st.log.lock().unwrap().push(Logged {
             path: path.clone(),
             range: range.clone(),
-            target_busy: st.target_busy.load(Ordering::SeqCst),
+            target_answered: st.target_answered.load(Ordering::SeqCst),
         });
         let if_match = header("if-match");
         let is_target = path == st.target;
-        let _busy = is_target.then(|| {
-            st.target_busy.fetch_add(1, Ordering::SeqCst);
-            InFlight(&st.target_busy)
-        });
+        let _answered = is_target.then(|| Answered(&st.target_answered));
         let fault = if is_target {
             st.target_requests.fetch_add(1, Ordering::SeqCst);
             let always = st.always.lock().unwrap().clone();
